@@ -1,0 +1,95 @@
+"""The batched episode: the one object that flows from samplers to learners."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass
+class Episode:
+    """A meta-batch of ``T`` N-way K-shot tasks.
+
+    Inside a task, examples are grouped by class (class-major, shots fastest)
+    and labels ``0..N-1`` are assigned to the drawn classes in a random order.
+
+    Attributes:
+        support_x: float32 ``[T, N*K, C, H, W]`` in ``[0, 1]``.
+        support_y: int64 ``[T, N*K]`` in ``0..N-1``.
+        query_x: float32 ``[T, N*Q, C, H, W]``.
+        query_y: int64 ``[T, N*Q]``.
+        mode: int64 ``[T]``: index into ``mode_names`` of each task's mode.
+        classes: int64 ``[T, N]``: class index (within its mode's split store)
+            that label ``n`` stands for.
+        mode_names: names of the modes that ``mode`` indexes.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    mode: torch.Tensor
+    classes: torch.Tensor
+    mode_names: tuple[str, ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    @property
+    def ways(self) -> int:
+        return self.classes.shape[1]
+
+    @property
+    def shots(self) -> int:
+        return self.support_x.shape[1] // self.ways
+
+    @property
+    def queries(self) -> int:
+        return self.query_x.shape[1] // self.ways
+
+    @property
+    def device(self) -> torch.device:
+        return self.support_x.device
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> Episode:
+        """Move to ``device``; ``dtype`` (if given) applies to the images only."""
+        return replace(
+            self,
+            support_x=self.support_x.to(device, dtype),
+            support_y=self.support_y.to(device),
+            query_x=self.query_x.to(device, dtype),
+            query_y=self.query_y.to(device),
+            mode=self.mode.to(device),
+            classes=self.classes.to(device),
+        )
+
+    def select(self, tasks: slice | Sequence[int] | torch.Tensor) -> Episode:
+        """The sub-batch of the given tasks (used to split a meta-batch across ranks)."""
+        if not isinstance(tasks, slice):
+            tasks = torch.as_tensor(tasks, dtype=torch.int64, device=self.device)
+        return replace(
+            self,
+            support_x=self.support_x[tasks],
+            support_y=self.support_y[tasks],
+            query_x=self.query_x[tasks],
+            query_y=self.query_y[tasks],
+            mode=self.mode[tasks],
+            classes=self.classes[tasks],
+        )
+
+    @staticmethod
+    def concat(episodes: Sequence[Episode]) -> Episode:
+        """Join meta-batches that share ``mode_names`` and task shape along the task axis."""
+        first = episodes[0]
+        if any(e.mode_names != first.mode_names for e in episodes):
+            raise ValueError("episodes with different mode_names cannot be concatenated")
+        if len(episodes) == 1:
+            return first
+        return Episode(
+            *(torch.cat([getattr(e, name) for e in episodes]) for name in
+              ("support_x", "support_y", "query_x", "query_y", "mode", "classes")),
+            mode_names=first.mode_names,
+        )

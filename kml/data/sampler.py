@@ -1,0 +1,243 @@
+"""Episodic samplers that draw whole meta-batches with tensor indexing.
+
+The store's images stay where the store is (on the GPU when training there);
+classes and images are drawn with a seeded :class:`torch.Generator` on that
+device, and a meta-batch is one gather from the store, not T*N*(K+Q) Python
+calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from kml.data.episode import Episode
+from kml.data.store import ImageStore
+from kml.errors import KMLError
+
+MIXTURE_POLICIES = ("mixed", "random", "per-batch", "alternate")
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot tasks from one mode's store.
+
+    Args:
+        store: the mode's images for one split (conformed to the common size already).
+        ways, shots, queries: N, K and Q (query images per class).
+        meta_batch: tasks per :meth:`sample` call when ``num_tasks`` is not given.
+        rotate: rotate each class of a task by a random multiple of 90 degrees
+            (the published Omniglot augmentation: rotated characters act as new classes).
+        seed: seed of the sampler's own generator (on the store's device).
+        mode_index, mode_names: how the tasks' ``mode`` is recorded (a mixture sets these).
+    """
+
+    def __init__(
+        self,
+        store: ImageStore,
+        ways: int,
+        shots: int,
+        queries: int = 15,
+        meta_batch: int = 1,
+        rotate: bool = False,
+        seed: int = 0,
+        mode_index: int = 0,
+        mode_names: Sequence[str] | None = None,
+    ) -> None:
+        for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 0), ("meta_batch", meta_batch, 1)):
+            if int(value) < low:
+                raise KMLError(f"{name} must be at least {low}, got {value}")
+        where = f"mode {store.mode!r} split {store.split!r}"
+        if ways > store.num_classes:
+            raise KMLError(f"{where} has {store.num_classes} classes; {ways}-way tasks need at least {ways}")
+        sizes = store.class_sizes
+        smallest = int(sizes.argmin())
+        if int(sizes[smallest]) < shots + queries:
+            raise KMLError(
+                f"{where}: class {store.class_names[smallest]!r} has {int(sizes[smallest])} images, "
+                f"fewer than shots + queries = {shots} + {queries}"
+            )
+        if rotate and store.image_shape[1] != store.image_shape[2]:
+            raise KMLError(f"{where}: rotation needs square images, got {list(store.image_shape[1:])}")
+        self.store = store
+        self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
+        self.meta_batch = int(meta_batch)
+        self.rotate = rotate
+        self.mode_index = mode_index
+        self.mode_names = tuple(mode_names) if mode_names is not None else (store.mode,)
+        self.generator = _generator(seed, store.device)
+        self._class_sizes = sizes.to(store.device)
+        self._class_offsets = store.class_offsets.to(store.device)
+        self._max_class_size = int(sizes.max())
+
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+    def sample(self, num_tasks: int | None = None, generator: torch.Generator | None = None) -> Episode:
+        """Draw ``num_tasks`` (default ``meta_batch``) tasks as one :class:`Episode`."""
+        tasks = self.meta_batch if num_tasks is None else int(num_tasks)
+        generator = self.generator if generator is None else generator
+        device = self.device
+        ways, per_class = self.ways, self.shots + self.queries
+
+        # Random scores -> topk gives a uniformly random subset in a random order,
+        # so the label n of a task is a random one of its classes.
+        class_scores = torch.rand(tasks, self.store.num_classes, generator=generator, device=device)
+        classes = class_scores.topk(ways, dim=1).indices  # [T, N]
+        image_scores = torch.rand(tasks, ways, self._max_class_size, generator=generator, device=device)
+        sizes = self._class_sizes[classes]  # [T, N]
+        positions = torch.arange(self._max_class_size, device=device)
+        image_scores.masked_fill_(positions >= sizes.unsqueeze(-1), 2.0)  # never pick past a class's end
+        within = image_scores.topk(per_class, dim=2, largest=False).indices  # [T, N, K+Q]
+        rows = self._class_offsets[classes].unsqueeze(-1) + within
+        images = self.store.images[rows.reshape(-1)].view(tasks, ways, per_class, *self.store.image_shape)
+        if self.rotate:
+            turns = torch.randint(0, 4, (tasks, ways), generator=generator, device=device)
+            turns = turns.view(tasks, ways, 1, 1, 1, 1)
+            rotated = images
+            for quarter in (1, 2, 3):
+                rotated = torch.where(turns == quarter, torch.rot90(images, quarter, dims=(-2, -1)), rotated)
+            images = rotated
+        images = images.float().div_(255.0)
+
+        shape = self.store.image_shape
+        labels = torch.arange(ways, device=device).view(1, ways, 1)
+        support_x = images[:, :, : self.shots].reshape(tasks, ways * self.shots, *shape)
+        query_x = images[:, :, self.shots :].reshape(tasks, ways * self.queries, *shape)
+        support_y = labels.expand(tasks, ways, self.shots).reshape(tasks, -1)
+        query_y = labels.expand(tasks, ways, self.queries).reshape(tasks, -1)
+        mode = torch.full((tasks,), self.mode_index, dtype=torch.int64, device=device)
+        return Episode(support_x, support_y, query_x, query_y, mode, classes, self.mode_names)
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class MixtureSampler:
+    """Draws meta-batches whose tasks come from several modes.
+
+    Policies (``policy``):
+
+    - ``mixed`` (published default): the T tasks are spread over the modes
+      round robin from a random starting mode (5/5 for 2 modes, 4/3/3 for 3);
+      with ``weights``, counts follow the weights (largest remainder).
+    - ``random``: each task draws its mode independently (with ``weights``).
+    - ``per-batch``: all T tasks of a step share one mode, drawn with ``weights``.
+    - ``alternate``: all T tasks of a step share one mode, modes taken in turn.
+
+    Tasks of a meta-batch are ordered by mode; ``Episode.mode`` records each
+    task's mode as an index into ``mode_names``. The mode plan uses a CPU
+    generator and the image draws use the device generator, both seeded from
+    ``seed`` and both saved by :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[ImageStore],
+        ways: int,
+        shots: int,
+        queries: int = 15,
+        meta_batch: int = 10,
+        policy: str = "mixed",
+        weights: Sequence[float] | None = None,
+        rotate: Sequence[bool] | bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not stores:
+            raise KMLError("a mixture needs at least one mode")
+        if policy not in MIXTURE_POLICIES:
+            raise KMLError(f"unknown mixture policy {policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
+        shapes = {store.image_shape for store in stores}
+        if len(shapes) > 1:
+            raise KMLError(f"modes of a mixture must share one image shape (conform them first), got {sorted(shapes)}")
+        devices = {str(store.device) for store in stores}
+        if len(devices) > 1:
+            raise KMLError(f"modes of a mixture must be on one device, got {sorted(devices)}")
+        names = tuple(store.mode for store in stores)
+        if len(set(names)) != len(names):
+            raise KMLError(f"a mode appears twice in the mixture: {list(names)}")
+        if weights is not None:
+            if len(weights) != len(stores) or any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise KMLError(f"need one non-negative weight per mode ({len(stores)}), got {list(weights)}")
+        rotate = [rotate] * len(stores) if isinstance(rotate, bool) else list(rotate)
+        self.mode_names = names
+        self.meta_batch = int(meta_batch)
+        self.policy = policy
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(stores), dtype=torch.float64)
+        self.weights /= self.weights.sum()
+        self.weighted = weights is not None
+        self.samplers = [
+            EpisodeSampler(store, ways, shots, queries, meta_batch, flip, seed, index, names)
+            for index, (store, flip) in enumerate(zip(stores, rotate))
+        ]
+        self.generator = _generator(seed, stores[0].device)  # image draws, shared by all modes
+        self.plan_generator = _generator(seed + 1, torch.device("cpu"))  # which mode each task comes from
+        self.step = 0
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.samplers)
+
+    def mode_counts(self) -> list[int]:
+        """How many tasks of the next meta-batch each mode gets (advances the plan generator)."""
+        modes, tasks, g = self.num_modes, self.meta_batch, self.plan_generator
+        if self.policy == "mixed":
+            start = int(torch.randint(modes, (1,), generator=g))
+            if self.weighted:
+                exact = self.weights * tasks
+                counts = exact.floor().long()
+                remainder = tasks - int(counts.sum())
+                order = sorted(range(modes), key=lambda m: (-(exact[m] - counts[m]).item(), (m - start) % modes))
+                for m in order[:remainder]:
+                    counts[m] += 1
+                return counts.tolist()
+            counts = [0] * modes
+            for offset in range(tasks):
+                counts[(start + offset) % modes] += 1
+            return counts
+        if self.policy == "random":
+            picks = torch.multinomial(self.weights, tasks, replacement=True, generator=g)
+            return torch.bincount(picks, minlength=modes).tolist()
+        if self.policy == "per-batch":
+            chosen = int(torch.multinomial(self.weights, 1, generator=g))
+        else:  # alternate
+            chosen = self.step % modes
+        return [tasks if m == chosen else 0 for m in range(modes)]
+
+    def sample(self) -> Episode:
+        """Draw the next meta-batch of ``meta_batch`` tasks."""
+        counts = self.mode_counts()
+        self.step += 1
+        parts = [sampler.sample(count, self.generator) for sampler, count in zip(self.samplers, counts) if count]
+        return Episode.concat(parts)
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.get_state(),
+            "plan_generator": self.plan_generator.get_state(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.plan_generator.set_state(state["plan_generator"])
+        self.step = int(state["step"])

@@ -1,0 +1,241 @@
+"""Cached image store: the only thing the episode samplers read.
+
+One store holds the images of one mode and one split, converted once from
+the raw files. On disk a store is a folder::
+
+    <root>/cache/<mode>/<split>/
+        images.npy      uint8 [num_images, C, H, W], images grouped by class
+        manifest.json   format version, class names and offsets, source info
+
+The manifest is written last, so a folder without one is an interrupted
+conversion and is never mistaken for a complete cache. Loading is one memory
+map of ``images.npy``; resizing to the common side length and channel count
+of a mixture happens once, in :meth:`ImageStore.conformed`, never per episode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kml.errors import KMLError
+
+FORMAT_VERSION = 1
+IMAGES_FILE = "images.npy"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def cache_dir(root: str | os.PathLike, mode: str, split: str) -> Path:
+    """Folder of the cached store of ``mode``/``split`` under a data root."""
+    return Path(root) / "cache" / mode / split
+
+
+@dataclass
+class ImageStore:
+    """Images of one mode and split, grouped by class.
+
+    Attributes:
+        images: uint8 ``[num_images, C, H, W]``; class ``c`` owns rows
+            ``class_offsets[c]:class_offsets[c + 1]``.
+        class_offsets: int64 ``[num_classes + 1]``, on the same device as ``images``.
+        class_names: one name per class, in store order.
+        mode: canonical mode name (``omniglot``, ``glyphs``, ``folder:/data/x`` ...).
+        split: ``train``, ``val`` or ``test``.
+        info: free-form provenance written to the manifest (source, checksum, split rule).
+    """
+
+    images: torch.Tensor
+    class_offsets: torch.Tensor
+    class_names: list[str]
+    mode: str
+    split: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise KMLError(
+                f"store {self.mode}/{self.split}: images must be uint8 [N, C, H, W], "
+                f"got {self.images.dtype} {list(self.images.shape)}"
+            )
+        if len(self.class_names) + 1 != len(self.class_offsets):
+            raise KMLError(
+                f"store {self.mode}/{self.split}: {len(self.class_names)} class names "
+                f"but {len(self.class_offsets) - 1} class offsets"
+            )
+        if int(self.class_offsets[-1]) != len(self.images):
+            raise KMLError(
+                f"store {self.mode}/{self.split}: class offsets end at {int(self.class_offsets[-1])} "
+                f"but there are {len(self.images)} images"
+            )
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def from_class_arrays(
+        cls,
+        class_images: Sequence[np.ndarray | torch.Tensor],
+        class_names: Sequence[str],
+        mode: str,
+        split: str,
+        info: dict[str, Any] | None = None,
+    ) -> ImageStore:
+        """Build a store from one uint8 array per class, each ``[n_c, C, H, W]`` (or ``[n_c, H, W]`` grey)."""
+        if len(class_images) != len(class_names):
+            raise KMLError(f"store {mode}/{split}: {len(class_images)} image groups for {len(class_names)} classes")
+        if not class_images:
+            raise KMLError(f"store {mode}/{split}: no classes")
+        tensors = []
+        for name, images in zip(class_names, class_images):
+            images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+            if images.dim() == 3:
+                images = images.unsqueeze(1)
+            if images.dtype != torch.uint8:
+                raise KMLError(f"store {mode}/{split}: class {name!r} images are {images.dtype}, expected uint8")
+            if tensors and images.shape[1:] != tensors[0].shape[1:]:
+                raise KMLError(
+                    f"store {mode}/{split}: mismatched image sizes, class {name!r} has "
+                    f"{list(images.shape[1:])} but class {class_names[0]!r} has {list(tensors[0].shape[1:])}"
+                )
+            tensors.append(images)
+        sizes = torch.tensor([len(t) for t in tensors], dtype=torch.int64)
+        offsets = torch.zeros(len(tensors) + 1, dtype=torch.int64)
+        offsets[1:] = sizes.cumsum(0)
+        return cls(torch.cat(tensors), offsets, list(class_names), mode, split, dict(info or {}))
+
+    # ------------------------------------------------------------ properties
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_sizes(self) -> torch.Tensor:
+        """int64 ``[num_classes]``: images per class."""
+        return self.class_offsets[1:] - self.class_offsets[:-1]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """int64 ``[num_images]``: class index of every image."""
+        return torch.repeat_interleave(torch.arange(self.num_classes, device=self.images.device), self.class_sizes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def class_images(self, index: int) -> torch.Tensor:
+        """uint8 ``[n_c, C, H, W]``: the images of class ``index``."""
+        return self.images[int(self.class_offsets[index]) : int(self.class_offsets[index + 1])]
+
+    def to(self, device: str | torch.device) -> ImageStore:
+        return ImageStore(
+            self.images.to(device), self.class_offsets.to(device), self.class_names, self.mode, self.split, self.info
+        )
+
+    def conformed(self, side: int, channels: int, chunk: int = 2048) -> ImageStore:
+        """Return a copy at ``side`` x ``side`` pixels with ``channels`` channels (done once, at load).
+
+        Grey is tiled to RGB; RGB is averaged to grey. Resizing is antialiased bilinear.
+        """
+        if channels not in (1, 3):
+            raise KMLError(f"channels must be 1 or 3, got {channels}")
+        c, h, w = self.image_shape
+        if (h, w) == (side, side) and c == channels:
+            return self
+        out = torch.empty((len(self.images), channels, side, side), dtype=torch.uint8, device=self.device)
+        for start in range(0, len(self.images), chunk):
+            batch = self.images[start : start + chunk].to(self.device).float()
+            if (h, w) != (side, side):
+                batch = F.interpolate(batch, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            if c == 1 and channels == 3:
+                batch = batch.expand(-1, 3, -1, -1)
+            elif c == 3 and channels == 1:
+                batch = batch.mean(dim=1, keepdim=True)
+            out[start : start + chunk] = batch.round().clamp_(0, 255).to(torch.uint8)
+        return ImageStore(out, self.class_offsets, self.class_names, self.mode, self.split, self.info)
+
+    # ------------------------------------------------------------------ disk
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "mode": self.mode,
+            "split": self.split,
+            "image_shape": list(self.image_shape),
+            "num_images": len(self.images),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "class_offsets": self.class_offsets.tolist(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **{"info": self.info},
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the store atomically: into a temporary folder, renamed into place when complete."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            np.save(tmp / IMAGES_FILE, self.images.cpu().numpy())
+            (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=1))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise KMLError(f"could not write cache {directory}: {error.strerror or error}") from None
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> ImageStore:
+        """Load a store saved by :meth:`save` (a memory map of the images by default)."""
+        directory = Path(directory)
+        manifest_path = directory / MANIFEST_FILE
+        rebuild = f"delete {directory} and rebuild it (python download.py --force ...)"
+        if not manifest_path.is_file():
+            raise KMLError(f"no complete cache at {directory} (missing {MANIFEST_FILE}); {rebuild}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise KMLError(f"corrupt cache manifest {manifest_path} ({error}); {rebuild}") from None
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise KMLError(
+                f"cache {directory} has format version {version}, this kml reads version {FORMAT_VERSION}; {rebuild}"
+            )
+        images_path = directory / IMAGES_FILE
+        try:
+            array = np.load(images_path, mmap_mode="r" if mmap else None)
+        except (OSError, ValueError) as error:
+            raise KMLError(f"corrupt cache file {images_path} ({error}); {rebuild}") from None
+        expected = (manifest["num_images"], *manifest["image_shape"])
+        if array.shape != tuple(expected) or array.dtype != np.uint8:
+            raise KMLError(
+                f"corrupt cache file {images_path}: holds {array.dtype} {list(array.shape)}, "
+                f"manifest says uint8 {list(expected)}; {rebuild}"
+            )
+        with warnings.catch_warnings():  # a read-only memory map is fine: stores are never written in place
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(array)
+        return cls(
+            images,
+            torch.tensor(manifest["class_offsets"], dtype=torch.int64),
+            list(manifest["class_names"]),
+            manifest["mode"],
+            manifest["split"],
+            manifest.get("info", {}),
+        )
