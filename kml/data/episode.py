@@ -16,7 +16,8 @@ class Episode:
     and labels ``0..N-1`` are assigned to the drawn classes in a random order.
 
     Attributes:
-        support_x: float32 ``[T, N*K, C, H, W]`` in ``[0, 1]``.
+        support_x: float32 ``[T, N*K, C, H, W]`` in ``[0, 1]`` (uint8 0..255 when the
+            sampler was asked for raw images; see :meth:`to_float`).
         support_y: int64 ``[T, N*K]`` in ``0..N-1``.
         query_x: float32 ``[T, N*Q, C, H, W]``.
         query_y: int64 ``[T, N*Q]``.
@@ -65,6 +66,13 @@ class Episode:
             mode=self.mode.to(device),
             classes=self.classes.to(device),
         )
+
+    def to_float(self, dtype: torch.dtype = torch.float32) -> Episode:
+        """Images as ``dtype`` in [0, 1] (uint8 episodes are scaled by 1/255; float ones are cast)."""
+        def convert(x: torch.Tensor) -> torch.Tensor:
+            return x.to(dtype).mul_(1.0 / 255) if x.dtype == torch.uint8 else x.to(dtype)
+
+        return replace(self, support_x=convert(self.support_x), query_x=convert(self.query_x))
 
     def select(self, tasks: slice | Sequence[int] | torch.Tensor) -> Episode:
         """The sub-batch of the given tasks (used to split a meta-batch across ranks)."""

@@ -9,6 +9,7 @@ calls.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,6 +27,47 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
+def _gather(images: torch.Tensor, rows: torch.Tensor, turns: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Store rows ``[T, N, S]`` -> images ``[T, N*S, C, H, W]`` (float in [0, 1], or raw uint8)."""
+    tasks, ways, per_class = rows.shape
+    out = images.index_select(0, rows.reshape(-1)).view(tasks, ways * per_class, *images.shape[1:])
+    if turns is not None:
+        turns = turns.expand(tasks, ways, per_class).reshape(tasks, ways * per_class, 1, 1, 1)
+        rotated = out
+        for quarter in (1, 2, 3):
+            rotated = torch.where(turns == quarter, torch.rot90(out, quarter, dims=(-2, -1)), rotated)
+        out = rotated
+    return out if dtype == torch.uint8 else out.to(dtype).mul_(1.0 / 255)
+
+
+def assemble_episode(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    rows: torch.Tensor,
+    turns: torch.Tensor | None,
+    mode: torch.Tensor,
+    shots: int,
+    mode_names: tuple[str, ...],
+    dtype: torch.dtype = torch.float32,
+) -> Episode:
+    """Build an :class:`Episode` from drawn store rows with one gather each for support and query.
+
+    ``images`` uint8 ``[num_images, C, H, W]``; ``rows`` ``[T, N, K+Q]`` (support first);
+    ``turns`` ``[T, N, 1]`` quarter turns or None; ``mode`` ``[T]``.
+    """
+    tasks, ways, per_class = rows.shape
+    labels = torch.arange(ways, device=rows.device).view(1, ways, 1)
+    return Episode(
+        support_x=_gather(images, rows[:, :, :shots], turns, dtype),
+        support_y=labels.expand(tasks, ways, shots).reshape(tasks, -1),
+        query_x=_gather(images, rows[:, :, shots:], turns, dtype),
+        query_y=labels.expand(tasks, ways, per_class - shots).reshape(tasks, -1),
+        mode=mode,
+        classes=classes,
+        mode_names=mode_names,
+    )
+
+
 class EpisodeSampler:
     """Draws N-way K-shot tasks from one mode's store.
 
@@ -35,6 +77,9 @@ class EpisodeSampler:
         meta_batch: tasks per :meth:`sample` call when ``num_tasks`` is not given.
         rotate: rotate each class of a task by a random multiple of 90 degrees
             (the published Omniglot augmentation: rotated characters act as new classes).
+        dtype: image dtype of the episodes: float (scaled to [0, 1]) or ``torch.uint8``
+            (raw; call :meth:`Episode.to_float` next to the learner, which on a GPU
+            saves the memory traffic of float images between sampler and model).
         seed: seed of the sampler's own generator (on the store's device).
         mode_index, mode_names: how the tasks' ``mode`` is recorded (a mixture sets these).
     """
@@ -50,6 +95,7 @@ class EpisodeSampler:
         seed: int = 0,
         mode_index: int = 0,
         mode_names: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 0), ("meta_batch", meta_batch, 1)):
             if int(value) < low:
@@ -70,6 +116,7 @@ class EpisodeSampler:
         self.ways, self.shots, self.queries = int(ways), int(shots), int(queries)
         self.meta_batch = int(meta_batch)
         self.rotate = rotate
+        self.dtype = dtype
         self.mode_index = mode_index
         self.mode_names = tuple(mode_names) if mode_names is not None else (store.mode,)
         self.generator = _generator(seed, store.device)
@@ -84,38 +131,34 @@ class EpisodeSampler:
     def sample(self, num_tasks: int | None = None, generator: torch.Generator | None = None) -> Episode:
         """Draw ``num_tasks`` (default ``meta_batch``) tasks as one :class:`Episode`."""
         tasks = self.meta_batch if num_tasks is None else int(num_tasks)
-        generator = self.generator if generator is None else generator
-        device = self.device
-        ways, per_class = self.ways, self.shots + self.queries
+        classes, rows, turns = self.draw_rows(tasks, self.generator if generator is None else generator)
+        mode = torch.full((tasks,), self.mode_index, dtype=torch.int64, device=self.device)
+        return assemble_episode(self.store.images, classes, rows, turns, mode, self.shots, self.mode_names, self.dtype)
 
+    def draw_rows(
+        self, tasks: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Draw which classes and images make ``tasks`` tasks, without touching the images.
+
+        Returns ``classes [T, N]`` (class indices; label n stands for class ``classes[:, n]``),
+        ``rows [T, N, K+Q]`` (rows of ``store.images``, support first) and ``turns [T, N, 1]``
+        (quarter turns per class, or None when not rotating).
+        """
+        device = self.device
         # Random scores -> topk gives a uniformly random subset in a random order,
         # so the label n of a task is a random one of its classes.
         class_scores = torch.rand(tasks, self.store.num_classes, generator=generator, device=device)
-        classes = class_scores.topk(ways, dim=1).indices  # [T, N]
-        image_scores = torch.rand(tasks, ways, self._max_class_size, generator=generator, device=device)
+        classes = class_scores.topk(self.ways, dim=1).indices  # [T, N]
+        image_scores = torch.rand(tasks, self.ways, self._max_class_size, generator=generator, device=device)
         sizes = self._class_sizes[classes]  # [T, N]
         positions = torch.arange(self._max_class_size, device=device)
         image_scores.masked_fill_(positions >= sizes.unsqueeze(-1), 2.0)  # never pick past a class's end
-        within = image_scores.topk(per_class, dim=2, largest=False).indices  # [T, N, K+Q]
+        within = image_scores.topk(self.shots + self.queries, dim=2, largest=False).indices  # [T, N, K+Q]
         rows = self._class_offsets[classes].unsqueeze(-1) + within
-        images = self.store.images[rows.reshape(-1)].view(tasks, ways, per_class, *self.store.image_shape)
+        turns = None
         if self.rotate:
-            turns = torch.randint(0, 4, (tasks, ways), generator=generator, device=device)
-            turns = turns.view(tasks, ways, 1, 1, 1, 1)
-            rotated = images
-            for quarter in (1, 2, 3):
-                rotated = torch.where(turns == quarter, torch.rot90(images, quarter, dims=(-2, -1)), rotated)
-            images = rotated
-        images = images.float().div_(255.0)
-
-        shape = self.store.image_shape
-        labels = torch.arange(ways, device=device).view(1, ways, 1)
-        support_x = images[:, :, : self.shots].reshape(tasks, ways * self.shots, *shape)
-        query_x = images[:, :, self.shots :].reshape(tasks, ways * self.queries, *shape)
-        support_y = labels.expand(tasks, ways, self.shots).reshape(tasks, -1)
-        query_y = labels.expand(tasks, ways, self.queries).reshape(tasks, -1)
-        mode = torch.full((tasks,), self.mode_index, dtype=torch.int64, device=device)
-        return Episode(support_x, support_y, query_x, query_y, mode, classes, self.mode_names)
+            turns = torch.randint(0, 4, (tasks, self.ways, 1), generator=generator, device=device)
+        return classes, rows, turns
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
@@ -157,6 +200,7 @@ class MixtureSampler:
         weights: Sequence[float] | None = None,
         rotate: Sequence[bool] | bool = False,
         seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if not stores:
             raise KMLError("a mixture needs at least one mode")
@@ -182,9 +226,19 @@ class MixtureSampler:
         self.weights /= self.weights.sum()
         self.weighted = weights is not None
         self.samplers = [
-            EpisodeSampler(store, ways, shots, queries, meta_batch, flip, seed, index, names)
+            EpisodeSampler(store, ways, shots, queries, meta_batch, flip, seed, index, names, dtype)
             for index, (store, flip) in enumerate(zip(stores, rotate))
         ]
+        # All modes' images in one tensor, so a mixed meta-batch is still one gather;
+        # each mode's store becomes a view into it (no second copy is kept).
+        self.images = torch.cat([store.images for store in stores]) if len(stores) > 1 else stores[0].images
+        self.row_base = [0]
+        for sampler in self.samplers:
+            count = len(sampler.store.images)
+            sampler.store = replace(sampler.store, images=self.images[self.row_base[-1] : self.row_base[-1] + count])
+            self.row_base.append(self.row_base[-1] + count)
+        self.rotate_any = any(rotate)
+        self.shots, self.dtype = int(shots), dtype
         self.generator = _generator(seed, stores[0].device)  # image draws, shared by all modes
         self.plan_generator = _generator(seed + 1, torch.device("cpu"))  # which mode each task comes from
         self.step = 0
@@ -223,8 +277,26 @@ class MixtureSampler:
         """Draw the next meta-batch of ``meta_batch`` tasks."""
         counts = self.mode_counts()
         self.step += 1
-        parts = [sampler.sample(count, self.generator) for sampler, count in zip(self.samplers, counts) if count]
-        return Episode.concat(parts)
+        classes, rows, turns, modes = [], [], [], []
+        for index, (sampler, count) in enumerate(zip(self.samplers, counts)):
+            if not count:
+                continue
+            mode_classes, mode_rows, mode_turns = sampler.draw_rows(count, self.generator)
+            classes.append(mode_classes)
+            rows.append(mode_rows + self.row_base[index])
+            if self.rotate_any:
+                turns.append(mode_turns if mode_turns is not None else torch.zeros_like(mode_rows[:, :, :1]))
+            modes.append(torch.full((count,), index, dtype=torch.int64, device=mode_rows.device))
+        return assemble_episode(
+            self.images,
+            torch.cat(classes),
+            torch.cat(rows),
+            torch.cat(turns) if turns else None,
+            torch.cat(modes),
+            self.shots,
+            self.mode_names,
+            self.dtype,
+        )
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
