@@ -1,0 +1,58 @@
+"""Per-task heads: the MAML classifier loss and the prototypical loss (pure functions of features)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kml.models.encoder import one_hot
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of ``argmax(logits [B, N]) == labels [B]``, detached (a 0-d tensor, no host sync)."""
+    return (logits.detach().argmax(dim=-1) == labels).to(logits.dtype).mean()
+
+
+def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` x ``[N, D]`` -> ``[B, N]`` squared Euclidean distances."""
+    return (queries.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(dim=-1)
+
+
+def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means of support features ``[N*K, D]`` with labels ``[N*K]`` -> ``[N, D]``."""
+    assignment = one_hot(labels, ways, features.dtype)  # [N*K, N]
+    return (assignment.transpose(-1, -2) @ features) / assignment.sum(dim=-2).unsqueeze(-1)
+
+
+def refine_prototypes(
+    prototypes: torch.Tensor, support_features: torch.Tensor, support_y: torch.Tensor, query_features: torch.Tensor
+) -> torch.Tensor:
+    """One soft k-means step (Ren et al. 2018): every support image keeps its hard label, every query
+    image joins each class with its softmax weight under the current prototypes.
+
+    ``p_c = (sum_{s: y_s = c} f_s + sum_q w_qc f_q) / (K_c + sum_q w_qc)``.
+    Unlike the released KML code this uses all K support images of a class (it drops the last one,
+    so 1-shot ignores the support) and pairs support blocks with classes by their label, not order.
+    """
+    ways = prototypes.shape[-2]
+    hard = one_hot(support_y, ways, support_features.dtype)  # [N*K, N]
+    soft = torch.softmax(-squared_distances(query_features, prototypes), dim=-1)  # [N*Q, N]
+    total = hard.transpose(-1, -2) @ support_features + soft.transpose(-1, -2) @ query_features
+    count = hard.sum(dim=-2) + soft.sum(dim=-2)
+    return total / count.unsqueeze(-1)
+
+
+def prototypical_loss(
+    support_features: torch.Tensor,
+    support_y: torch.Tensor,
+    query_features: torch.Tensor,
+    query_y: torch.Tensor,
+    ways: int,
+    refine: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``-squared distance`` to (optionally refined) prototypes; returns (loss, accuracy)."""
+    centres = prototypes(support_features, support_y, ways)
+    if refine:
+        centres = refine_prototypes(centres, support_features, support_y, query_features)
+    logits = -squared_distances(query_features, centres)
+    return F.cross_entropy(logits, query_y), accuracy(logits, query_y)

@@ -1,0 +1,136 @@
+"""The learner's configuration: one dataclass that names the method.
+
+It is saved with every checkpoint (``to_dict``) so that a checkpoint rebuilds
+its own learner with :func:`kml.algorithms.build_learner`. How each paper
+method maps onto it:
+
+========================  =====================================================
+method                    settings
+========================  =====================================================
+MAML                      ``algorithm="maml", model="none"``
+Multi-MAML (oracle)       ``algorithm="maml", model="none", multi_maml=True``
+MMAML (FiLM)              ``algorithm="maml", model="film"``
+KML + MAML                ``algorithm="maml", model="kml"``
+ProtoNet                  ``algorithm="protonet", model="none"``
+Multi-ProtoNet            ``algorithm="protonet", model="none", multi_maml=True``
+MProtoNet (FiLM)          ``algorithm="protonet", model="film"``
+KML + ProtoNet (released) ``algorithm="protonet", model="kml", modulation="bare", factor_split="published"``
+========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kml.errors import KMLError
+
+ALGORITHMS = ("maml", "protonet")
+MODELS = ("kml", "film", "none")
+BACKBONES = ("published", "conv4")
+MODULATIONS = ("residual", "bare")
+FACTOR_SPLITS = ("plain", "published")
+
+
+@dataclass
+class LearnerConfig:
+    """Everything needed to build a meta-learner (see the module docstring for the method table).
+
+    Attributes:
+        algorithm: ``"maml"`` (inner loop + linear head) or ``"protonet"`` (prototypes, no inner loop).
+        model: task modulation: ``"kml"`` (Kernel ModuLation), ``"film"`` (MMAML) or ``"none"``.
+        multi_maml: one set of meta-parameters per mode, picked by ``episode.mode`` (oracle baseline).
+        num_modes: number of parameter sets when ``multi_maml`` (the modes of the run).
+        ways: N, the classes per task (size of the MAML head).
+        in_channels, image_size: input images ``[in_channels, image_size, image_size]``.
+        base_channels: C; the published backbone uses C, 2C, 4C, 8C, the ``conv4`` one C in every block.
+        backbone: ``"published"`` (3x3 stride-2 convs, no pooling) or ``"conv4"`` (stride 1 + 2x2 max-pool).
+        inner_steps, eval_inner_steps: MAML inner steps when ``learner.training`` is True / False.
+        inner_lr: MAML inner learning rate (initial value of the per-parameter rates with ``meta_sgd``).
+        first_order: drop second derivatives (the inner gradients are treated as constants).
+        meta_sgd: learn one inner learning rate per inner-loop parameter element (Meta-SGD).
+        inner_grad_clip: clip each task's inner gradient to this L2 norm (all inner parameters jointly).
+        modulation: ``"residual"``: ``W * (1 + outer(v, u))``; ``"bare"``: ``W * outer(v, u)`` (released code).
+        factor_split: ``"plain"``: ``outer`` is ``(out, in*k*k)``; ``"published"``: ``(k*out, k*in)``
+            for layers 2-4 and ``(out, in*k*k)`` for layer 1, as the released code splits.
+        encoder_channels: E; the task encoder has 4 conv blocks E, 2E, 4E, 8E.
+        encoder_uses_labels: feed one-hot support labels to the task encoder as extra channels.
+        proto_refine: ProtoNet's transductive soft k-means refinement of the prototypes (one step).
+        identity_init: initialise the modulation generators so that a fresh learner equals its plain
+            backbone (residual KML and FiLM: zero modulation; bare KML: ``outer(v, u) = 1``).
+    """
+
+    algorithm: str = "maml"
+    model: str = "kml"
+    multi_maml: bool = False
+    num_modes: int = 1
+    ways: int = 5
+    in_channels: int = 3
+    image_size: int = 84
+    base_channels: int = 32
+    backbone: str = "published"
+    inner_steps: int = 5
+    eval_inner_steps: int = 5
+    inner_lr: float = 0.05
+    first_order: bool = False
+    meta_sgd: bool = False
+    inner_grad_clip: float | None = None
+    modulation: str = "residual"
+    factor_split: str = "plain"
+    encoder_channels: int = 32
+    encoder_uses_labels: bool = False
+    proto_refine: bool = True
+    identity_init: bool = True
+
+    def __post_init__(self) -> None:
+        for name, choices in (
+            ("algorithm", ALGORITHMS),
+            ("model", MODELS),
+            ("backbone", BACKBONES),
+            ("modulation", MODULATIONS),
+            ("factor_split", FACTOR_SPLITS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise KMLError(f"invalid learner {name} {value!r}; choose one of {', '.join(choices)}")
+        for name, low in (
+            ("num_modes", 1), ("ways", 2), ("in_channels", 1), ("image_size", 1), ("base_channels", 1),
+            ("inner_steps", 0), ("eval_inner_steps", 0), ("encoder_channels", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise KMLError(f"invalid learner {name} {value!r}; must be an integer of at least {low}")
+        if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) or self.inner_lr < 0:
+            raise KMLError(f"invalid learner inner_lr {self.inner_lr!r}; must be a number >= 0")
+        self.inner_lr = float(self.inner_lr)
+        if self.inner_grad_clip is not None:
+            if isinstance(self.inner_grad_clip, bool) or not isinstance(self.inner_grad_clip, (int, float)) or self.inner_grad_clip <= 0:
+                raise KMLError(f"invalid learner inner_grad_clip {self.inner_grad_clip!r}; must be a positive number or None")
+            self.inner_grad_clip = float(self.inner_grad_clip)
+        for name in ("multi_maml", "first_order", "meta_sgd", "encoder_uses_labels", "proto_refine", "identity_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise KMLError(f"invalid learner {name} {getattr(self, name)!r}; must be true or false")
+        if self.image_size < 16:  # four halvings must leave at least one pixel
+            raise KMLError(f"invalid learner image_size {self.image_size}; the 4-block backbones need at least 16")
+
+    @property
+    def method(self) -> str:
+        """A short human name of the method, e.g. ``kml-maml`` or ``multi-protonet``."""
+        prefix = "multi-" if self.multi_maml else ""
+        model = "" if self.model == "none" else f"{self.model}-"
+        return f"{prefix}{model}{self.algorithm}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LearnerConfig:
+        """Rebuild from :meth:`to_dict` output; unknown keys or invalid values raise :class:`KMLError`."""
+        if not isinstance(values, dict):
+            raise KMLError(f"learner config must be a mapping, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise KMLError(f"unknown learner config fields {unknown}; known: {', '.join(known)}")
+        return cls(**values)

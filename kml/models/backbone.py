@@ -1,0 +1,116 @@
+"""The 4-block convolutional backbone, written with functional ops on its own parameters.
+
+Every tensor the forward pass uses is read from the module's attributes at call
+time, so :func:`torch.func.functional_call` can substitute per-task (adapted,
+batched, perturbed) parameters, and the same code runs per task under
+:func:`torch.func.vmap`, where per-task kernels become one grouped convolution.
+
+A block is ``conv3x3 -> BatchNorm (batch statistics) -> FiLM -> ReLU [-> max-pool]``.
+BatchNorm always normalises with the statistics of the images passed in (one
+task's support or query set): no running statistics are kept, as in MAML.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A modulation is a flat dict of tensors (a pytree, so it passes through vmap):
+#   "kernel{l}" [out, in, k, k] multiplies conv l's kernel (KML)
+#   "bias{l}"   [out]           is added to conv l's bias (KML)
+#   "scale{l}"  [out, 1, 1]     multiplies block l's normalised activations (FiLM)
+#   "shift{l}"  [out, 1, 1]     is added to them (FiLM)
+Modulation = dict[str, torch.Tensor]
+
+BN_EPS = 1e-5
+
+
+def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS) -> torch.Tensor:
+    """BatchNorm of ``x [B, C, H, W]`` with the batch's own statistics and an affine ``[C]`` transform.
+
+    Written with elementary ops instead of ``F.batch_norm``: in torch 2.14 the batching rule of
+    ``F.batch_norm``'s double backward under ``vmap`` gives wrong second-order meta-gradients for
+    the conv kernels below it (off by ~1e-3; tests/test_algorithms.py catches it).
+    """
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+
+
+def block_channels(base_channels: int, layout: str) -> list[int]:
+    """Output channels of the 4 blocks: ``C, 2C, 4C, 8C`` (published) or ``C`` x 4 (conv4)."""
+    if layout == "published":
+        return [base_channels * 2**i for i in range(4)]
+    return [base_channels] * 4
+
+
+def output_side(image_size: int, layout: str) -> int:
+    """Spatial side after the 4 blocks (stride-2 convs with padding 1, or 2x2 max-pools)."""
+    side = image_size
+    for _ in range(4):
+        side = (side + 1) // 2 if layout == "published" else side // 2
+    return side
+
+
+class Backbone(nn.Module):
+    """Four 3x3 conv blocks and an optional linear ``ways``-way head.
+
+    Args:
+        in_channels: image channels.
+        base_channels: C (see :func:`block_channels`).
+        image_size: image side, to size the head.
+        layout: ``"published"`` (stride 2, no pooling) or ``"conv4"`` (stride 1, 2x2 max-pool).
+        ways: size of the linear head; ``None`` for a feature extractor (ProtoNet).
+    """
+
+    def __init__(self, in_channels: int, base_channels: int, image_size: int, layout: str = "published", ways: int | None = None) -> None:
+        super().__init__()
+        self.layout = layout
+        self.stride = 2 if layout == "published" else 1
+        channels = block_channels(base_channels, layout)
+        previous = in_channels
+        for index, out in enumerate(channels, start=1):
+            conv = nn.Conv2d(previous, out, 3, padding=1)
+            nn.init.xavier_uniform_(conv.weight)  # as MMAML initialises its gated conv net
+            nn.init.zeros_(conv.bias)
+            self.add_module(f"conv{index}", conv)
+            # Holds the affine BatchNorm parameters only; statistics always come from the batch.
+            self.add_module(f"norm{index}", nn.BatchNorm2d(out, track_running_stats=False))
+            previous = out
+        self.channels = channels
+        self.feature_dim = channels[-1] * output_side(image_size, layout) ** 2
+        self.head: nn.Linear | None = None
+        if ways is not None:
+            self.head = nn.Linear(self.feature_dim, ways)
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @property
+    def conv_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Kernel shapes ``[out, in, k, k]`` of the 4 convs (what a KML generator modulates)."""
+        return [tuple(getattr(self, f"conv{i}").weight.shape) for i in range(1, 5)]  # type: ignore[misc]
+
+    def features(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> flattened features ``[B, feature_dim]``."""
+        for index in range(1, 5):
+            conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
+            weight, bias = conv.weight, conv.bias
+            if modulation is not None and f"kernel{index}" in modulation:
+                weight = weight * modulation[f"kernel{index}"]
+                bias = bias + modulation[f"bias{index}"]
+            x = F.conv2d(x, weight, bias, stride=self.stride, padding=1)
+            x = batch_norm(x, norm.weight, norm.bias)
+            if modulation is not None and f"scale{index}" in modulation:
+                x = x * modulation[f"scale{index}"] + modulation[f"shift{index}"]
+            x = F.relu(x)
+            if self.layout == "conv4":
+                x = F.max_pool2d(x, 2)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> logits ``[B, ways]`` (with a head) or features ``[B, feature_dim]``."""
+        features = self.features(x, modulation)
+        if self.head is None:
+            return features
+        return F.linear(features, self.head.weight, self.head.bias)

@@ -1,0 +1,56 @@
+"""The task encoder: a small conv net over a task's support set, pooled to one embedding.
+
+As in the published KML/MMAML code: 4 stride-2 conv blocks with batch-statistics
+BatchNorm, global average pooling per image, then the mean over the set (no RNN
+aggregation). Optionally the one-hot labels enter as extra constant channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kml.models.backbone import batch_norm
+
+
+def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B]`` int labels -> ``[B, ways]`` one-hot; unlike ``F.one_hot`` it works under vmap."""
+    return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
+
+
+class TaskEncoder(nn.Module):
+    """Support set ``[B, C, H, W]`` (+ labels ``[B]``) -> task embedding ``[embedding_dim]``.
+
+    Args:
+        in_channels: image channels.
+        channels: E; the blocks have E, 2E, 4E, 8E channels (``embedding_dim = 8E``).
+        label_ways: when given, one-hot labels of this many classes are appended as channels.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 32, label_ways: int | None = None) -> None:
+        super().__init__()
+        self.label_ways = label_ways
+        previous = in_channels + (label_ways or 0)
+        for index in range(1, 5):
+            out = channels * 2 ** (index - 1)
+            conv = nn.Conv2d(previous, out, 3, padding=1)
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+            self.add_module(f"conv{index}", conv)
+            self.add_module(f"norm{index}", nn.BatchNorm2d(out, track_running_stats=False))
+            previous = out
+        self.embedding_dim = previous
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = images
+        if self.label_ways is not None:
+            if labels is None:
+                raise ValueError("this task encoder reads labels; pass the support labels")
+            planes = one_hot(labels, self.label_ways, x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+            x = torch.cat([x, planes], dim=1)
+        for index in range(1, 5):
+            conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
+            x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
+            x = F.relu(batch_norm(x, norm.weight, norm.bias))
+        return x.mean(dim=(-2, -1)).mean(dim=0)  # average pool per image, then over the set

@@ -1,0 +1,56 @@
+"""The per-task model: task encoder -> modulation generator -> modulated backbone (-> head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kml.config import LearnerConfig
+from kml.models.backbone import Backbone, Modulation
+from kml.models.encoder import TaskEncoder
+from kml.models.modulation import FiLMGenerator, KMLGenerator
+
+
+def rate_key(name: str) -> str:
+    """Meta-SGD rate key of a backbone parameter name (``ParameterDict`` keys cannot hold dots)."""
+    return name.replace(".", "__")
+
+
+class TaskModel(nn.Module):
+    """Backbone (+ MAML head) with an optional task encoder and modulation generator.
+
+    Submodules: ``backbone`` (adapted in MAML's inner loop), ``encoder`` and
+    ``generator`` (``None`` for ``model="none"``; updated by the outer loop only),
+    ``inner_rates`` (Meta-SGD: one learned inner rate per backbone parameter element,
+    keyed by the parameter's name with ``.`` written ``__``; ``None`` otherwise).
+    """
+
+    def __init__(self, config: LearnerConfig) -> None:
+        super().__init__()
+        ways = config.ways if config.algorithm == "maml" else None
+        self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways)
+        self.encoder: TaskEncoder | None = None
+        self.generator: nn.Module | None = None
+        if config.model != "none":
+            self.encoder = TaskEncoder(config.in_channels, config.encoder_channels,
+                                       config.ways if config.encoder_uses_labels else None)
+            if config.model == "kml":
+                self.generator = KMLGenerator(self.encoder.embedding_dim, self.backbone.conv_shapes,
+                                              config.modulation, config.factor_split, config.identity_init)
+            else:
+                self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)
+        self.inner_rates: nn.ParameterDict | None = None
+        if config.meta_sgd and config.algorithm == "maml":
+            self.inner_rates = nn.ParameterDict({
+                rate_key(name): nn.Parameter(torch.full_like(p, config.inner_lr)) for name, p in self.backbone.named_parameters()
+            })
+
+    def modulation(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Modulation | None:
+        """One task's modulation from its support set ``[N*K, C, H, W]``, ``[N*K]`` (``None`` without one)."""
+        if self.encoder is None or self.generator is None:
+            return None
+        return self.generator(self.encoder(support_x, support_y))
+
+    def forward(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` -> logits ``[B, ways]`` (MAML) or features ``[B, D]`` (ProtoNet)."""
+        return self.backbone(x, modulation)
