@@ -1,0 +1,118 @@
+"""Omniglot: 1623 handwritten characters from 50 alphabets, 20 drawers each.
+
+Raw layout (the two archives torchvision downloads)::
+
+    images_background.zip -> images_background/<Alphabet>/<characterNN>/<id>_<drawer>.png  (30 alphabets, 964 chars)
+    images_evaluation.zip -> images_evaluation/<Alphabet>/<characterNN>/<id>_<drawer>.png  (20 alphabets, 659 chars)
+
+Splits (all on the 1623 character folders of both archives together, sorted by
+their path ``images_background/...`` then ``images_evaluation/...``):
+
+- ``published`` (default): the published MMAML/KML code takes the first 1100
+  folders of an *unsorted* glob as meta-train and the other 523 as meta-test,
+  so its split depends on the file system; kml sorts first. The published
+  code has no meta-val; kml carves it from the end of the published
+  meta-train: train = folders 1-1000, val = 1001-1100, test = 1101-1623 (the
+  published meta-test size and rule).
+- ``vinyals``: the common 1200 / 100 / 323 split (Vinyals et al. 2016) on the
+  same sorted order.
+
+Stored grey at 28 x 28 (Lanczos, as the published code), inverted so strokes
+are bright on black; the store tiles grey to 3 channels when modes are mixed.
+Reuses torchvision's / learn2learn's ``<root>/omniglot-py/`` when present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kml.data.sources.base import ConversionPlan, Context
+from kml.data.sources.fetch import Resource
+from kml.data.sources.images import ClassPlan, load_image
+from kml.errors import KMLError
+
+NAME = "omniglot"
+SIDE = 28
+SOURCE = (
+    "Omniglot (Lake et al. 2015), images_background.zip + images_evaluation.zip from github.com/brendenlake/omniglot"
+)
+LICENCE = "MIT licence (github.com/brendenlake/omniglot)"
+_BASES = (
+    "https://raw.githubusercontent.com/brendenlake/omniglot/master/python",
+    "https://github.com/brendenlake/omniglot/raw/master/python",
+)
+RESOURCES = (
+    Resource(
+        "images_background.zip",
+        tuple(f"{base}/images_background.zip" for base in _BASES),
+        "md5:68d2efa1b9178cc56df9314c21c6e718",  # torchvision's
+        9_500_000,
+    ),
+    Resource(
+        "images_evaluation.zip",
+        tuple(f"{base}/images_evaluation.zip" for base in _BASES),
+        "md5:6b91aef0f799c5bb55b94e3f2daec811",  # torchvision's
+        6_500_000,
+    ),
+)
+TOP_FOLDERS = ("images_background", "images_evaluation")
+NUM_CHARACTERS = 1623
+# variant -> (train, val, test) character counts on the sorted folder list
+VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323)}
+SPLIT_RULES = {
+    "published": "1623 character folders of both archives sorted by path; train = first 1000, val = next 100 "
+    "(the published meta-train is the first 1100), test = last 523 (the published meta-test)",
+    "vinyals": "1623 character folders of both archives sorted by path; "
+    "train = first 1200, val = next 100, test = last 323",
+}
+
+
+def _characters(folder: Path) -> list[str]:
+    """Relative paths ``images_*/<Alphabet>/<character>`` of every character folder, sorted."""
+    found = []
+    for top in TOP_FOLDERS:
+        for alphabet in sorted((folder / top).iterdir()):
+            if alphabet.is_dir() and not alphabet.name.startswith((".", "__")):
+                found += [
+                    f"{top}/{alphabet.name}/{c.name}"
+                    for c in alphabet.iterdir()
+                    if c.is_dir() and not c.name.startswith(".")
+                ]
+    return sorted(found)
+
+
+def build(ctx: Context) -> ConversionPlan:
+    folder = ctx.obtain(
+        RESOURCES,
+        expect=TOP_FOLDERS,
+        reuse=[(ctx.root / "omniglot-py", "torchvision/learn2learn Omniglot download")],
+        archive_dirs=[ctx.root / "omniglot-py"],
+    )
+    characters = _characters(folder)
+    if len(characters) != NUM_CHARACTERS:
+        raise KMLError(
+            f"omniglot: found {len(characters)} character folders under {folder}/images_*, expected {NUM_CHARACTERS}; "
+            f"the archives are incomplete (delete {folder} and rerun)"
+        )
+    n_train, n_val, _ = VARIANTS[ctx.variant]
+    cuts = {
+        "train": characters[:n_train],
+        "val": characters[n_train : n_train + n_val],
+        "test": characters[n_train + n_val :],
+    }
+    splits = {
+        split: [
+            ClassPlan(rel.split("/", 1)[1], sorted(p for p in (folder / rel).iterdir() if p.suffix.lower() == ".png"))
+            for rel in rels
+        ]
+        for split, rels in cuts.items()
+    }
+    return ConversionPlan(
+        splits,
+        decode=lambda path: load_image(path, SIDE, 1, invert=True),
+        describe=lambda path: str(Path(path).relative_to(folder)),
+        info={
+            "split_rule": SPLIT_RULES[ctx.variant],
+            "preprocessing": f"grey, Lanczos resize to {SIDE}x{SIDE}, inverted (255 - x) so strokes are bright",
+        },
+    )

@@ -1,0 +1,246 @@
+"""``prepare``: obtain, verify, extract and convert datasets into the cache (what ``download.py`` runs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from kml.data.modes import DATASET_MODES, canonical_mode
+from kml.data.sources import aircraft, cub, fc100, miniimagenet, omniglot
+from kml.data.sources.base import Context, human_size, mirrors_from_env
+from kml.data.sources.cache import folder_size, is_complete, locked, read_marker, write_dataset
+from kml.data.sources.images import ON_CORRUPT
+from kml.data.store import SPLITS
+from kml.errors import KMLError
+
+log = logging.getLogger("kml.data.sources")
+
+SOURCES: dict[str, ModuleType] = {
+    "omniglot": omniglot,
+    "miniimagenet": miniimagenet,
+    "fc100": fc100,
+    "cub": cub,
+    "aircraft": aircraft,
+}
+assert tuple(SOURCES) == DATASET_MODES
+
+
+@dataclass
+class SummaryRow:
+    """One line of the summary table."""
+
+    dataset: str
+    classes: dict[str, int] = field(default_factory=dict)
+    images: int = 0
+    cache_bytes: int = 0
+    seconds: float = 0.0
+    status: str = ""
+    variant: str = ""
+    error: str = ""
+
+    def cells(self) -> list[str]:
+        if self.error:
+            return [self.dataset, "-", "-", "-", f"{self.seconds:.1f} s", "failed (see below)"]
+        return [
+            self.dataset,
+            "/".join(str(self.classes.get(split, 0)) for split in SPLITS),
+            str(self.images),
+            human_size(self.cache_bytes),
+            f"{self.seconds:.1f} s",
+            f"{self.status} ({self.variant})" if self.variant else self.status,
+        ]
+
+
+def format_summary(rows: Sequence[SummaryRow]) -> str:
+    """The rows as an aligned text table."""
+    header = ["dataset", "classes train/val/test", "images", "cache size", "time", "status (split)"]
+    table = [header, *(row.cells() for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def resolve_datasets(names: Sequence[str]) -> list[str]:
+    """Canonical dataset names (aliases such as ``FC100``, ``bird`` work), without repeats."""
+    valid = ", ".join(DATASET_MODES)
+    out: list[str] = []
+    for name in names:
+        try:
+            canonical = canonical_mode(name)
+        except KMLError:
+            canonical = ""
+        if canonical not in DATASET_MODES:
+            raise KMLError(
+                f"unknown dataset {name!r}; choose from {valid} (aliases: FC100, bird, mini-imagenet, fgvc-aircraft)"
+            )
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise KMLError(f"no dataset given; choose from {valid}")
+    return out
+
+
+def resolve_variants(datasets: Sequence[str], split_variant: str | None) -> dict[str, str]:
+    """Split variant per dataset from ``"vinyals"`` or ``"omniglot=vinyals,cub=published"``."""
+    chosen = {name: next(iter(SOURCES[name].VARIANTS)) for name in datasets}
+    if not split_variant:
+        return chosen
+    offered = "; ".join(f"{n}: {', '.join(SOURCES[n].VARIANTS)}" for n in datasets)
+    for part in split_variant.replace(" ", "").split(","):
+        if "=" in part:
+            name, variant = part.split("=", 1)
+            name = resolve_datasets([name])[0]
+            if name not in chosen or variant not in SOURCES[name].VARIANTS:
+                raise KMLError(f"unknown split {part!r}; splits offered: {offered}")
+            chosen[name] = variant
+        else:
+            takers = [n for n in datasets if part in SOURCES[n].VARIANTS]
+            if not takers:
+                raise KMLError(f"no dataset offers split {part!r}; splits offered: {offered}")
+            chosen.update({n: part for n in takers})
+    return chosen
+
+
+def _row(name: str, directory: Path, status: str, seconds: float) -> SummaryRow:
+    marker = read_marker(directory) or {}
+    splits = marker.get("splits", {})
+    return SummaryRow(
+        name,
+        {s: v["classes"] for s, v in splits.items()},
+        sum(v["images"] for v in splits.values()),
+        folder_size(directory),
+        seconds,
+        status,
+        marker.get("options", {}).get("variant", ""),
+    )
+
+
+def _cleanup(raw_dir: Path) -> None:
+    """Delete what was extracted under ``raw_dir`` (the archives stay)."""
+    import json
+
+    for marker in raw_dir.glob(".extracted-*.json"):
+        try:
+            entries = json.loads(marker.read_text()).get("entries", [])
+        except (OSError, ValueError):
+            entries = []
+        for entry in entries:
+            target = raw_dir / entry
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            elif target.is_file():
+                target.unlink()
+        marker.unlink()
+
+
+def _prepare_one(
+    ctx: Context, options: dict, force: bool, on_corrupt: str, cleanup: bool, workers: int | None
+) -> SummaryRow:
+    """Convert one dataset unless a complete cache with the same options exists (under the cache lock)."""
+    started = time.time()
+    directory = ctx.root / "cache" / ctx.name
+    with locked(directory):
+        if not force and is_complete(directory, options):
+            log.info("%s: cache complete at %s", ctx.name, directory)
+            return _row(ctx.name, directory, "cached", time.time() - started)
+        module = SOURCES[ctx.name]
+        log.info("%s: preparing (split %s)", ctx.name, ctx.variant)
+        plan = module.build(ctx)
+        info = {
+            "dataset": ctx.name,
+            "source": module.SOURCE,
+            "sources": ctx.sources,
+            "split": ctx.variant,
+            "side": module.SIDE,
+            "licence": module.LICENCE,
+        }
+        write_dataset(directory, ctx.name, plan, info, options, on_corrupt, workers, ctx.progress)
+    if cleanup:
+        _cleanup(ctx.raw_dir)
+    return _row(ctx.name, directory, "converted", time.time() - started)
+
+
+def prepare(
+    datasets: Sequence[str],
+    root: str | os.PathLike = "data",
+    force: bool = False,
+    split_variant: str | None = None,
+    mirrors: Sequence[str] | None = None,
+    checksums: Mapping[str, str] | None = None,
+    on_corrupt: str = "stop",
+    crop: bool = True,
+    cleanup: bool = False,
+    progress: bool = True,
+    workers: int | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 60.0,
+    keep_going: bool = False,
+) -> list[SummaryRow]:
+    """Download (or find), verify, extract and convert ``datasets`` into ``<root>/cache/``.
+
+    Args:
+        datasets: names or aliases (``omniglot``, ``miniimagenet``, ``FC100``, ``bird``, ``aircraft``).
+        root: the data root (raw files under ``raw/``, stores under ``cache/``).
+        force: convert again even when a complete cache with the same options exists
+            (archives are re-verified and re-extracted; downloads are kept).
+        split_variant: ``"vinyals"`` (applies to every listed dataset that offers it) or
+            ``"omniglot=vinyals,..."``; default: each dataset's published split.
+        mirrors: base URLs that replace the built-in download locations, tried in order
+            (``<base>/<archive name>``); default from ``KML_MIRROR``.
+        checksums: ``{archive name: "md5:..."}`` overriding the built-in checksums
+            (for archives repackaged by a local mirror).
+        on_corrupt: ``"stop"`` (default) or ``"skip"`` for an image that cannot be decoded.
+        crop: crop aircraft photos to their bounding box.
+        cleanup: delete extracted folders after converting (archives are kept).
+        progress: tqdm bars.
+        workers: decoding threads (default: cores, at most 8).
+        retries, backoff, timeout: per URL: retries of transient failures, first wait in
+            seconds (doubling), socket timeout.
+        keep_going: on a dataset's :class:`KMLError`, record it in its row (status
+            ``failed``, message in ``error``) and go on with the next dataset.
+
+    Returns:
+        One :class:`SummaryRow` per dataset (status ``converted`` or ``cached``).
+    """
+    if on_corrupt not in ON_CORRUPT:
+        raise KMLError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+    names = resolve_datasets(datasets)
+    variants = resolve_variants(names, split_variant)
+    root = Path(root)
+    mirrors = list(mirrors) if mirrors is not None else mirrors_from_env()
+    rows = []
+    for name in names:
+        started = time.time()
+        options = {"variant": variants[name], **({"crop": bool(crop)} if name == "aircraft" else {})}
+        ctx = Context(
+            name,
+            root,
+            variants[name],
+            mirrors,
+            dict(checksums or {}),
+            {"crop": bool(crop)},
+            progress,
+            retries,
+            backoff,
+            timeout,
+            force,
+        )
+        try:
+            rows.append(_prepare_one(ctx, options, force, on_corrupt, cleanup, workers))
+        except KMLError as error:
+            if not keep_going:
+                raise
+            rows.append(
+                SummaryRow(
+                    name, seconds=time.time() - started, status="failed", variant=variants[name], error=str(error)
+                )
+            )
+    return rows
