@@ -1,0 +1,149 @@
+"""kml-train: meta-train a learner on one or several modes.
+
+    kml-train --modes synthetic                               # no-download demo (about 2 minutes on CPU)
+    kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
+    kml-train --modes omniglot miniimagenet --algorithm protonet --model film
+    torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from kml.cli.common import ArgumentParser, read_config_file
+from kml.config import LearnerConfig
+from kml.errors import KMLError, exit_on_kml_error
+
+RUN_FLAGS = {
+    # name: (type, help)  -- defaults come from RunConfig
+    "ways": (int, "classes per task (N)"),
+    "shots": (int, "labelled support images per class (K)"),
+    "queries": (int, "query images per class (Q)"),
+    "meta_batch": (int, "tasks per outer step (default 10; 4 for the synthetic demo)"),
+    "steps": (int, "outer steps (default 30000 as published; 150 for the synthetic demo)"),
+    "lr": (float, "outer (Adam) learning rate"),
+    "lr_halve_every": (int, "halve the outer learning rate every this many steps"),
+    "seed": (int, "seed of sampling and initialisation"),
+    "device": (str, "auto, cpu, cuda or cuda:N"),
+    "data_root": (str, "folder holding the dataset caches (see download.py)"),
+    "image_size": (int, "common side length of all modes (default: the largest stored side)"),
+    "train_dir": (str, "folder of run folders"),
+    "run_name": (str, "name of the run folder (default: method_modes_NwKs)"),
+    "val_every": (int, "validate on meta-val classes every this many steps"),
+    "val_episodes": (int, "validation episodes per mode"),
+    "checkpoint_every": (int, "save last.pt and a periodic checkpoint every this many steps"),
+    "log_every": (int, "write a metrics.csv row every this many steps"),
+    "grad_clip": (float, "clip the meta-gradient norm (off by default)"),
+    "transference_every": (int, "record task transference every this many steps (0: off)"),
+    "transference_batches": (int, "meta-batches analysed at each transference record"),
+}
+LEARNER_FLAGS = {
+    "inner_steps": (int, "MAML inner steps while training"),
+    "eval_inner_steps": (int, "MAML inner steps at validation and test"),
+    "inner_lr": (float, "MAML inner learning rate"),
+    "inner_grad_clip": (float, "clip inner-loop gradients to this norm"),
+    "base_channels": (int, "channels of the first conv block (C, 2C, 4C, 8C)"),
+    "encoder_channels": (int, "channels of the task encoder"),
+}
+CHOICES = {
+    "algorithm": (("maml", "protonet"), "meta-learner: MAML inner loop or prototypical head"),
+    "model": (("kml", "film", "none"), "task modulation: Kernel ModuLation, FiLM (MMAML) or none (plain)"),
+    "backbone": (("published", "conv4"), "published: stride-2 convs, no pooling; conv4: max-pool blocks"),
+    "modulation": (("residual", "bare"), "KML form: W*(1+M) (identity at start) or W*M (released code)"),
+    "factor_split": (("plain", "published"), "KML factors: (out, in*k*k) or the released code's split"),
+}
+SWITCHES = {
+    "multi_maml": ("learner", "one set of meta-parameters per mode, told the mode (oracle baseline)"),
+    "first_order": ("learner", "first-order MAML (no second derivatives)"),
+    "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
+    "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
+    "bf16": ("run", "bf16 autocast on CUDA"),
+    "compile": ("run", "torch.compile the learner on CUDA"),
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="kml-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--modes", nargs="+", metavar="MODE",
+                        help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH")
+    parser.add_argument("--policy", choices=("mixed", "random", "per-batch", "alternate"), help="how tasks of a meta-batch pick their mode")
+    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="mode weights for the mixture (one per mode)")
+    for name, (choices, text) in CHOICES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", choices=choices, help=text)
+    for name, (kind, text) in {**RUN_FLAGS, **LEARNER_FLAGS}.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
+    for name, (_, text) in SWITCHES.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
+    parser.add_argument("--no-rotate-omniglot", dest="rotate_omniglot", action="store_false",
+                        help="do not rotate Omniglot classes by random multiples of 90 degrees")
+    parser.add_argument("--no-proto-refine", dest="proto_refine", action="store_false",
+                        help="ProtoNet without the transductive prototype refinement")
+    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it")
+    parser.add_argument("--resume", action="store_true", help="continue the run named by --run-name from its last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def config_from_values(values: dict[str, Any]):
+    """Split flat flag values into a RunConfig with its LearnerConfig."""
+    from kml.training.run_config import RunConfig
+
+    learner_fields = {f.name for f in dataclasses.fields(LearnerConfig)}
+    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"learner"}
+    unknown = sorted(set(values) - learner_fields - run_fields)
+    if unknown:
+        raise KMLError(f"unknown settings {unknown}")
+    learner = LearnerConfig(**{k: v for k, v in values.items() if k in learner_fields})
+    return RunConfig(learner=learner, **{k: v for k, v in values.items() if k in run_fields})
+
+
+@exit_on_kml_error
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    resume, overwrite = args.pop("resume", False), args.pop("overwrite", False)
+    progress = args.pop("progress", True)
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+
+    from kml.training.distributed import init_distributed, shutdown
+    from kml.training.trainer import Trainer, run_directory
+
+    dist_info = init_distributed(values.get("device", "auto") if values.get("device", "auto") != "auto" else ("cuda" if _cuda() else "cpu"))
+    try:
+        if resume:
+            if "run_name" not in values:
+                raise KMLError("--resume needs --run-name of the run to continue")
+            from kml.training.run_config import RunConfig
+
+            run_dir = run_directory(RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"]))
+            trainer = Trainer.resume(run_dir, values, dist_info, progress)
+        else:
+            trainer = Trainer.create(config_from_values(values), overwrite, dist_info, progress)
+        if trainer.config.transference_every:
+            from kml.transference.recorder import TransferenceRecorder
+
+            trainer.callbacks.append(TransferenceRecorder.from_trainer(trainer))
+        path = trainer.fit()
+    finally:
+        shutdown(dist_info)
+    if dist_info.is_main:
+        print(f"{'interrupted; ' if trainer.interrupted else ''}checkpoint: {path}")
+        print(f"evaluate with: kml-eval --checkpoint {path}")
+    return 130 if trainer.interrupted else 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""kml-transference: task-level transference of a saved model, as a table and plots.
+
+    kml-transference --checkpoint train_dir/<run>/checkpoints/last.pt
+    kml-transference --checkpoint ... --batches 20 --parameters modulation
+    kml-transference --checkpoint ... --source-mode glyphs --source-split train \\
+                     --target-mode textures --target-split test --sources 200   # the paper's design
+
+Z(i->j) = 1 - L_j(Theta - rate * grad L_i(Theta)) / L_j(Theta): > 0 means a meta-update on task i
+helps task j. Writes transference_<checkpoint>.csv and PNG plots beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from kml.cli.common import ArgumentParser
+from kml.errors import KMLError, exit_on_kml_error
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="kml-transference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by kml-train")
+    parser.add_argument("--modes", nargs="+", help="modes mixed in the analysed meta-batches (default: the run's)")
+    parser.add_argument("--split", default="train", choices=("train", "val", "test"), help="classes of the analysed tasks")
+    parser.add_argument("--batches", type=int, default=10, help="meta-batches analysed (all ordered pairs in each)")
+    parser.add_argument("--meta-batch", type=int, help="tasks per analysed meta-batch (default: the run's)")
+    parser.add_argument("--rate", type=float, help="lookahead rate eta (default: the run's outer lr)")
+    parser.add_argument("--parameters", default="all", choices=("all", "backbone", "modulation"), help="meta-parameters that take the lookahead")
+    parser.add_argument("--source-mode", help="paper design: source tasks from this mode ...")
+    parser.add_argument("--source-split", default="train", choices=("train", "val", "test"), help="... and split")
+    parser.add_argument("--target-mode", help="... target tasks from this mode ...")
+    parser.add_argument("--target-split", default="test", choices=("train", "val", "test"), help="... and split")
+    parser.add_argument("--sources", type=int, default=100, help="paper design: source tasks per target task")
+    parser.add_argument("--targets", type=int, default=1, help="paper design: target tasks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the analysed episodes")
+    parser.add_argument("--data-root", help="dataset cache folder (default: the run's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--output", help="CSV output path (default: beside the checkpoint)")
+    return parser
+
+
+@exit_on_kml_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.source_mode is None) != (args.target_mode is None):
+        raise KMLError("--source-mode and --target-mode go together")
+    for name in ("batches", "sources", "targets"):
+        if getattr(args, name) < 1:
+            raise KMLError(f"--{name} must be at least 1")
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from kml.algorithms import build_learner
+    from kml.data.modes import ROTATED_BY_DEFAULT, canonical_mode, expand_modes, load_stores
+    from kml.data.sampler import MixtureSampler
+    from kml.training.checkpoint import load_checkpoint, load_model_state
+    from kml.training.distributed import DistInfo, resolve_device
+    from kml.training.run_config import RunConfig
+    from kml.transference.aggregate import mode_matrix
+    from kml.transference.analyzer import result_rows, task_transference
+    from kml.transference.plots import save_all
+
+    device = resolve_device(args.device, DistInfo())
+    state = load_checkpoint(args.checkpoint, device)
+    config = RunConfig.from_dict(state["config"])
+    learner = build_learner(config.learner).to(device)
+    load_model_state(learner, state["model"], args.checkpoint)
+    learner.train()  # the training inner loop, as during meta-training
+    rate = args.rate if args.rate is not None else config.lr
+    root = args.data_root or config.data_root
+
+    def sampler_for(modes: list[str], split: str, tasks: int, seed: int) -> MixtureSampler:
+        stores = load_stores(modes, split, root, config.image_size, 3, device)
+        rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
+        return MixtureSampler(stores, config.ways, config.shots, config.queries, tasks, "mixed", None, rotate, seed)
+
+    rows = []
+    if args.source_mode:
+        source_mode, target_mode = canonical_mode(args.source_mode), canonical_mode(args.target_mode)
+        sources = sampler_for([source_mode], args.source_split, min(args.sources, 10), args.seed)
+        targets = sampler_for([target_mode], args.target_split, args.targets, args.seed + 1).sample()
+        drawn = 0
+        with tqdm(total=args.sources, desc="source tasks") as bar:
+            while drawn < args.sources:
+                batch = sources.sample()
+                batch = batch.select(slice(0, min(batch.num_tasks, args.sources - drawn)))
+                result = task_transference(learner, batch, rate, targets=targets, parameters=args.parameters)
+                for row in result_rows(result, state["step"], batch=drawn):
+                    row["task_i"] += drawn
+                    rows.append(row)
+                drawn += batch.num_tasks
+                bar.update(batch.num_tasks)
+    else:
+        modes = expand_modes(args.modes) if args.modes else config.modes
+        sampler = sampler_for(modes, args.split, args.meta_batch or config.meta_batch, args.seed)
+        for batch in tqdm(range(args.batches), desc="meta-batches"):
+            result = task_transference(learner, sampler.sample(), rate, parameters=args.parameters)
+            rows += result_rows(result, state["step"], batch)
+    records = pd.DataFrame(rows)
+    checkpoint = Path(args.checkpoint)
+    output = Path(args.output) if args.output else checkpoint.with_name(f"transference_{checkpoint.stem}.csv")
+    records.to_csv(output, index=False)
+    plots = save_all(records, output.parent, prefix=output.stem)
+    print(f"mean Z (rows: source mode, columns: target mode), rate {rate:g}, parameters {args.parameters}:")
+    print(mode_matrix(records).to_string(float_format=lambda v: f"{v:+.4f}"))
+    print(f"written: {output}, {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Evaluation protocol: a fixed, seeded set of test episodes per mode, mean accuracy and 95% CI."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from kml.data.sampler import EpisodeSampler
+from kml.data.store import ImageStore
+
+
+@dataclass
+class ModeResult:
+    """Accuracy over the episodes of one mode (``accuracy`` and ``ci95`` in percent)."""
+
+    mode: str
+    accuracy: float
+    ci95: float
+    loss: float
+    episodes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def confidence_interval95(values: torch.Tensor) -> float:
+    """Half-width of the normal 95% confidence interval of the mean of ``values``."""
+    if values.numel() < 2:
+        return float("nan")
+    return 1.96 * float(values.double().std(unbiased=True)) / math.sqrt(values.numel())
+
+
+def episode_seed(seed: int, mode: str) -> int:
+    """Per-mode episode seed: adding or removing a mode leaves the other modes' episodes unchanged."""
+    return (seed * 1_000_003 + zlib.crc32(mode.encode())) & 0x7FFFFFFF
+
+
+@torch.no_grad()
+def evaluate(
+    learner: torch.nn.Module,
+    stores: Sequence[ImageStore],
+    ways: int,
+    shots: int,
+    queries: int,
+    episodes: int,
+    seed: int = 0,
+    tasks_per_batch: int = 10,
+    inner_steps: int | None = None,
+    rotate: Sequence[bool] | None = None,
+    bf16: bool = False,
+    progress: bool = True,
+) -> list[ModeResult]:
+    """Evaluate ``learner`` on ``episodes`` seeded tasks per store; the same arguments give the same numbers.
+
+    The learner's own ``mode`` index for a task is the store's position in ``stores``
+    (what Multi-MAML uses to pick its parameter set).
+    """
+    was_training = learner.training
+    learner.eval()
+    names = tuple(store.mode for store in stores)
+    results = []
+    try:
+        for index, store in enumerate(stores):
+            sampler = EpisodeSampler(
+                store, ways, shots, queries, rotate=bool(rotate[index]) if rotate else False,
+                seed=episode_seed(seed, store.mode), mode_index=index, mode_names=names, dtype=torch.uint8,
+            )
+            accuracies, losses = [], []
+            bar = tqdm(total=episodes, desc=f"eval {store.mode}", leave=False, disable=not progress)
+            remaining = episodes
+            while remaining:
+                count = min(tasks_per_batch, remaining)
+                episode = sampler.sample(count).to_float()
+                autocast = torch.autocast("cuda", torch.bfloat16) if bf16 and episode.device.type == "cuda" else nullcontext()
+                with autocast:
+                    output = learner(episode, inner_steps=inner_steps)
+                accuracies.append(output.task_accuracy.detach().float().cpu())
+                losses.append(output.task_loss.detach().float().cpu())
+                remaining -= count
+                bar.update(count)
+            bar.close()
+            accuracy = torch.cat(accuracies) * 100
+            results.append(
+                ModeResult(store.mode, float(accuracy.mean()), confidence_interval95(accuracy), float(torch.cat(losses).mean()), episodes)
+            )
+    finally:
+        learner.train(was_training)
+    return results
+
+
+def average(results: Sequence[ModeResult]) -> ModeResult:
+    """The mean over modes (each mode weighs the same, as the published tables average)."""
+    n = len(results)
+    ci = math.sqrt(sum(r.ci95**2 for r in results)) / n  # independent modes
+    return ModeResult("average", sum(r.accuracy for r in results) / n, ci, sum(r.loss for r in results) / n, sum(r.episodes for r in results))

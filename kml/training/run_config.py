@@ -1,0 +1,116 @@
+"""The run configuration: everything needed to rebuild a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kml.config import LearnerConfig
+from kml.data.modes import expand_modes
+from kml.data.sampler import MIXTURE_POLICIES
+from kml.errors import KMLError
+
+# Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
+# Adam 1e-3 halved every 10000 steps, checkpoint every 1000 steps.
+PUBLISHED_STEPS = 30000
+# The no-download demo on synthetic modes: small enough to finish in about two minutes on a laptop CPU.
+SYNTHETIC_DEMO = {"steps": 150, "val_every": 50, "checkpoint_every": 50, "val_episodes": 40, "meta_batch": 4}
+
+
+@dataclass
+class RunConfig:
+    """A training run. ``None`` fields are resolved by :meth:`resolved` from the modes."""
+
+    modes: list[str] = field(default_factory=lambda: ["synthetic"])
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    meta_batch: int | None = None
+    steps: int | None = None
+    lr: float = 1e-3
+    lr_halve_every: int = 10000
+    policy: str = "mixed"
+    weights: list[float] | None = None
+    seed: int = 0
+    device: str = "auto"
+    data_root: str = "data"
+    image_size: int | None = None
+    rotate_omniglot: bool = True
+    train_dir: str = "train_dir"
+    run_name: str | None = None
+    val_every: int | None = None
+    val_episodes: int | None = None
+    checkpoint_every: int | None = None
+    log_every: int = 10
+    bf16: bool = False
+    compile: bool = False
+    grad_clip: float | None = None
+    transference_every: int = 0
+    transference_batches: int = 1
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.learner, dict):
+            self.learner = LearnerConfig.from_dict(self.learner)
+        if self.policy not in MIXTURE_POLICIES:
+            raise KMLError(f"unknown --policy {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
+        for name in ("ways", "shots", "log_every"):
+            if getattr(self, name) < 1:
+                raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("meta_batch", "steps", "val_every", "checkpoint_every", "val_episodes", "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.lr <= 0:
+            raise KMLError(f"--lr must be positive, got {self.lr}")
+
+    @property
+    def synthetic_only(self) -> bool:
+        from kml.data.synthetic import SYNTHETIC_MODES
+
+        return all(mode in SYNTHETIC_MODES for mode in expand_modes(self.modes))
+
+    def resolved(self) -> RunConfig:
+        """Fill ``None`` fields: published defaults for datasets, the short demo for synthetic modes."""
+        demo = self.synthetic_only
+        values = {
+            "modes": expand_modes(self.modes),
+            "meta_batch": self.meta_batch or (SYNTHETIC_DEMO["meta_batch"] if demo else 10),
+            "steps": self.steps or (SYNTHETIC_DEMO["steps"] if demo else PUBLISHED_STEPS),
+            "val_every": self.val_every or (SYNTHETIC_DEMO["val_every"] if demo else 1000),
+            "checkpoint_every": self.checkpoint_every or (SYNTHETIC_DEMO["checkpoint_every"] if demo else 1000),
+            "val_episodes": self.val_episodes or (SYNTHETIC_DEMO["val_episodes"] if demo else 300),
+        }
+        learner = dataclasses.replace(
+            self.learner,
+            ways=self.ways,
+            num_modes=len(values["modes"]),
+            image_size=self.image_size or self.learner.image_size,
+        )
+        return dataclasses.replace(self, learner=learner, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "learner"}
+        values["learner"] = self.learner.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise KMLError(f"unknown run config keys {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
+        Path(path).write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RunConfig:
+        values = json.loads(Path(path).read_text())
+        values.pop("versions", None)
+        return cls.from_dict(values)

@@ -1,0 +1,357 @@
+"""The meta-training loop: sampler -> learner -> Adam, with logs, validation and checkpoints.
+
+Everything a run writes lands in ``train_dir/<run>/``:
+``config.json``, ``metrics.csv``, ``log.txt``, TensorBoard events (when
+tensorboard is installed) and ``checkpoints/`` (``last.pt``, ``best.pt``,
+``step_XXXXXX.pt``). A checkpoint holds model, optimiser, scheduler, sampler
+RNG state, step and the running metric sums, so ``--resume`` continues with
+exactly the batches and numbers an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kml
+from kml.algorithms import MetaLearner, build_learner
+from kml.data.episode import Episode
+from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
+from kml.data.sampler import MixtureSampler
+from kml.errors import KMLError
+from kml.evaluation import average, evaluate
+from kml.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
+from kml.training.run_config import RunConfig
+
+Callback = Callable[["Trainer", int, Episode], None]
+
+
+def default_run_name(config: RunConfig) -> str:
+    learner = config.learner
+    method = f"{'multi-' if learner.multi_maml else ''}{learner.algorithm}-{learner.model}"
+    return f"{method}_{'-'.join(m.replace('folder:', '').replace('/', '_') for m in config.modes)}_{config.ways}w{config.shots}s"
+
+
+def run_directory(config: RunConfig) -> Path:
+    return Path(config.train_dir) / (config.run_name or default_run_name(config))
+
+
+def versions() -> dict[str, str]:
+    return {"kml": kml.__version__, "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+
+
+class Trainer:
+    """One training run. Build it with :meth:`create` (new run) or :meth:`resume`."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, dist_info: DistInfo | None = None, progress: bool = True) -> None:
+        self.dist = dist_info or DistInfo()
+        self.device = resolve_device(config.device, self.dist)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KMLError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.progress = progress and self.dist.is_main
+        torch.manual_seed(config.seed)
+
+        rotate = [config.rotate_omniglot and mode in ROTATED_BY_DEFAULT for mode in config.modes]
+        train_stores = load_stores(config.modes, "train", config.data_root, config.image_size, 3, self.device)
+        side = train_stores[0].image_shape[1]
+        learner_config = dataclasses.replace(config.learner, image_size=side, in_channels=3)
+        self.config = dataclasses.replace(config, image_size=side, learner=learner_config)
+        self.val_stores = load_stores(config.modes, "val", config.data_root, side, 3, self.device)
+        self.rotate = rotate
+        self.sampler = MixtureSampler(
+            train_stores, config.ways, config.shots, config.queries, config.meta_batch,
+            config.policy, config.weights, rotate, config.seed, dtype=torch.uint8,
+        )
+        self.learner: MetaLearner = build_learner(learner_config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_halve_every, gamma=0.5)
+        self.step = 0
+        self.best_val = -math.inf
+        self.callbacks: list[Callback] = []
+        self._stop_signal: int | None = None
+        self._reset_window()
+        self.logger = self._make_logger()
+        self.tensorboard = self._make_tensorboard()
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, config: RunConfig, overwrite: bool = False, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
+        config = config.resolved()
+        run_dir = run_directory(config)
+        info = dist_info or DistInfo()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise KMLError(f"run {run_dir} already exists; pass --resume to continue it or --overwrite to start again")
+            barrier(info)
+            if info.is_main:
+                shutil.rmtree(run_dir)
+        barrier(info)
+        trainer = cls(config, run_dir, info, progress)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer.config.save(run_dir / "config.json", {"versions": versions()})
+        trainer.logger.info("new run %s: %s", run_dir, trainer.config.to_dict())
+        return trainer
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
+        """Continue the run in ``run_dir`` from ``checkpoints/last.pt``.
+
+        ``overrides`` may change ``steps``, ``device``, ``data_root`` and logging cadence; any other
+        change would make the continuation differ from the uninterrupted run and is refused.
+        """
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise KMLError(f"cannot resume: {config_path} not found (is {run_dir} a kml run folder?)")
+        config = RunConfig.load(config_path)
+        allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir", "run_name"}
+        changed = {}
+        for key, value in (overrides or {}).items():
+            current = getattr(config, key) if hasattr(config, key) else getattr(config.learner, key, None)
+            if key == "modes":
+                value = expand_modes(value)
+            if value != current and key not in allowed:
+                changed[key] = (current, value)
+        if changed:
+            diff = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
+            raise KMLError(f"cannot resume {run_dir} with different settings ({diff}); start a new run instead")
+        config = dataclasses.replace(config, **{k: v for k, v in (overrides or {}).items() if k in allowed})
+        if config.run_name != run_dir.name or Path(config.train_dir) != run_dir.parent:
+            config = dataclasses.replace(config, train_dir=str(run_dir.parent), run_name=run_dir.name)
+        trainer = cls(config, run_dir, dist_info, progress)
+        trainer.load_state(load_checkpoint(trainer.checkpoint_dir / "last.pt", trainer.device))
+        trainer._truncate_metrics()
+        trainer.logger.info("resumed %s at step %d", run_dir, trainer.step)
+        return trainer
+
+    # ------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "versions": versions(),
+            "step": self.step,
+            "best_val": self.best_val,
+            "model": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "window": {k: v.cpu() for k, v in self.window.items()},
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        saved = RunConfig.from_dict(state["config"])
+        if saved.learner != self.config.learner:
+            ours, theirs = self.config.learner.to_dict(), saved.learner.to_dict()
+            diff = ", ".join(f"{k}: checkpoint {theirs[k]!r} vs run {ours[k]!r}" for k in ours if ours[k] != theirs.get(k))
+            raise KMLError(f"checkpoint is from another learner ({diff})")
+        load_model_state(self.learner, state["model"], str(self.checkpoint_dir / "last.pt"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        self.window = {k: v.to(self.device) for k, v in state["window"].items()}
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    # ------------------------------------------------------------ logging
+    def _make_logger(self) -> logging.Logger:
+        logger = logging.getLogger(f"kml.train.{id(self)}")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.run_dir / "log.txt")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            logger.addHandler(handler)
+        return logger
+
+    def _make_tensorboard(self):
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _reset_window(self) -> None:
+        modes = len(self.config.modes)
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.window = {"loss": zeros(1), "accuracy": zeros(modes), "tasks": zeros(modes), "steps": zeros(1)}
+
+    def _metric_columns(self) -> list[str]:
+        return ["step", "loss", "accuracy", *[f"accuracy_{m}" for m in self.config.modes], "lr", "time"]
+
+    def _truncate_metrics(self) -> None:
+        """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / "metrics.csv"
+        if not self.dist.is_main or not path.is_file():
+            return
+        with path.open() as handle:
+            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= self.step]
+        self._write_metrics(rows, mode="w")
+
+    def _write_metrics(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
+        path = self.run_dir / "metrics.csv"
+        new = mode == "w" or not path.is_file()
+        with path.open(mode, newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self._metric_columns())
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _log_window(self, started: float) -> dict[str, float]:
+        window = {k: sum_tensor(v.clone(), self.dist) for k, v in self.window.items()}
+        tasks = window["tasks"].clamp(min=1)
+        per_mode = (window["accuracy"] / tasks).tolist()
+        row = {
+            "step": self.step,
+            "loss": float(window["loss"] / window["steps"].clamp(min=1)),
+            "accuracy": float(window["accuracy"].sum() / tasks.sum()),
+            **{f"accuracy_{m}": a if n > 0 else "" for m, a, n in zip(self.config.modes, per_mode, window["tasks"].tolist())},
+            "lr": self.scheduler.get_last_lr()[0],
+            "time": round(time.time() - started, 3),
+        }
+        self._reset_window()
+        if self.dist.is_main:
+            self._write_metrics([row])
+            if self.tensorboard:
+                for key, value in row.items():
+                    if key not in ("step", "time") and value != "":
+                        self.tensorboard.add_scalar(f"train/{key}", value, self.step)
+        return row
+
+    # ------------------------------------------------------------ loop
+    def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_signal = signum
+
+    def validate(self) -> float:
+        results = evaluate(
+            self.learner, self.val_stores, self.config.ways, self.config.shots, self.config.queries,
+            self.config.val_episodes, seed=self.config.seed, tasks_per_batch=self.config.meta_batch,
+            rotate=self.rotate, bf16=self.config.bf16, progress=False,
+        )
+        mean = average(results)
+        self.logger.info(
+            "step %d validation: %s", self.step,
+            ", ".join(f"{r.mode} {r.accuracy:.2f}±{r.ci95:.2f}" for r in [*results, mean]),
+        )
+        if self.tensorboard:
+            for r in [*results, mean]:
+                self.tensorboard.add_scalar(f"val/accuracy_{r.mode}", r.accuracy, self.step)
+        with (self.run_dir / "validation.csv").open("a") as handle:
+            if handle.tell() == 0:
+                handle.write("step,mode,accuracy,ci95\n")
+            for r in [*results, mean]:
+                handle.write(f"{self.step},{r.mode},{r.accuracy:.4f},{r.ci95:.4f}\n")
+        return mean.accuracy
+
+    def train_step(self, episode: Episode) -> None:
+        """One outer step on this rank's share of the meta-batch."""
+        total_tasks = episode.num_tasks
+        local = episode.select(slice(self.dist.rank, None, self.dist.world_size)).to_float()
+        autocast = torch.autocast("cuda", torch.bfloat16) if self.config.bf16 and self.device.startswith("cuda") else nullcontext()
+        with autocast:
+            output = self.learner(local)
+        loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
+        global_loss = sum_tensor(loss.detach().clone(), self.dist)
+        if not torch.isfinite(global_loss):
+            self.save()
+            raise KMLError(
+                f"non-finite loss at step {self.step + 1}; the last good checkpoint is "
+                f"{self.checkpoint_dir / 'last.pt'} (try a lower --lr or --inner-lr)"
+            )
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        parameters = [p for p in self.learner.parameters() if p.requires_grad]
+        sum_gradients(parameters, self.dist)
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            modes = len(self.config.modes)
+            self.window["loss"] += global_loss.double() if self.dist.is_main else 0.0
+            self.window["steps"] += 1.0 if self.dist.is_main else 0.0
+            self.window["accuracy"] += torch.zeros(modes, dtype=torch.float64, device=self.device).index_add_(
+                0, local.mode, output.task_accuracy.double()
+            )
+            self.window["tasks"] += torch.bincount(local.mode, minlength=modes).double()
+
+    def fit(self) -> Path:
+        """Train to ``config.steps``; on SIGINT/SIGTERM save ``last.pt`` and return early."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        started = time.time()
+        bar = tqdm(total=config.steps, initial=self.step, desc="meta-train", disable=not self.progress, dynamic_ncols=True)
+        self.learner.train()
+        try:
+            while self.step < config.steps and self._stop_signal is None:
+                episode = self.sampler.sample()
+                try:
+                    self.train_step(episode)
+                except torch.OutOfMemoryError:
+                    raise KMLError(
+                        f"out of GPU memory at step {self.step + 1} with --meta-batch {config.meta_batch}; "
+                        f"try --meta-batch {max(1, config.meta_batch // 2)} or --bf16"
+                    ) from None
+                self.step += 1
+                bar.update(1)
+                for callback in self.callbacks:
+                    callback(self, self.step, episode)
+                if self.step % config.log_every == 0:
+                    row = self._log_window(started)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.3f}",
+                        **{m[:8]: f"{row[f'accuracy_{m}']:.2f}" for m in config.modes if row[f"accuracy_{m}"] != ""},
+                    )
+                if self.step % config.val_every == 0 or self.step == config.steps:
+                    if self.dist.is_main:
+                        accuracy = self.validate()
+                        if accuracy > self.best_val:
+                            self.best_val = accuracy
+                            self.save("best.pt")
+                    barrier(self.dist)
+                if self.step % config.checkpoint_every == 0:
+                    self.save("last.pt")
+                    self.save(f"step_{self.step:06d}.pt")
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        path = self.checkpoint_dir / "last.pt"
+        self.save("last.pt")
+        if self._stop_signal is not None:
+            self.logger.info("stopped by signal %d at step %d; checkpoint %s", self._stop_signal, self.step, path)
+        else:
+            self.logger.info("finished at step %d", self.step)
+        if self.tensorboard:
+            self.tensorboard.flush()
+        return path
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stop_signal is not None

@@ -1,0 +1,204 @@
+"""kml-train / kml-eval: run files, resume, signals, evaluation protocol, DDP, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kml.cli import evaluate as eval_cli
+from kml.cli import train as train_cli
+from kml.training.checkpoint import load_checkpoint
+
+TINY = [
+    "--modes", "synthetic", "--image-size", "16", "--base-channels", "8", "--encoder-channels", "8",
+    "--meta-batch", "3", "--queries", "3", "--inner-steps", "1", "--eval-inner-steps", "1",
+    "--log-every", "5", "--val-every", "10", "--val-episodes", "6", "--checkpoint-every", "10",
+    "--no-progress", "--inner-lr", "0.1",
+]
+
+
+def tiny_args(tmp_path: Path, *extra: str, steps: int = 20, name: str = "run") -> list[str]:
+    return [*TINY, "--steps", str(steps), "--train-dir", str(tmp_path / "train_dir"), "--run-name", name,
+            "--data-root", str(tmp_path / "data"), *extra]
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with (run / "metrics.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(handle)]
+
+
+def one_line_error(capsys, argv, cli=train_cli) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_short_run_writes_all_files_and_improves(tmp_path):
+    assert train_cli.main(tiny_args(tmp_path, "--lr", "0.003", steps=60)) == 0
+    run = tmp_path / "train_dir" / "run"
+    for name in ("config.json", "metrics.csv", "log.txt", "validation.csv", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "checkpoints/step_000010.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    config = json.loads((run / "config.json").read_text())
+    assert config["versions"]["torch"] == torch.__version__ and config["modes"] == ["glyphs", "textures", "shapes"]
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == list(range(5, 61, 5))
+    assert {"accuracy_glyphs", "accuracy_textures", "accuracy_shapes", "lr"} <= set(rows[0])
+    first = sum(float(r["loss"]) for r in rows[:2]) / 2
+    last = sum(float(r["loss"]) for r in rows[-2:]) / 2
+    assert last < first, (first, last)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    from kml.training.trainer import Trainer
+
+    assert train_cli.main(tiny_args(tmp_path, name="full", steps=20)) == 0
+
+    def stop_at_7(trainer, step, episode):
+        if step == 7:
+            trainer._stop_signal = signal.SIGTERM  # what the SIGTERM handler does
+
+    original_create = Trainer.create
+
+    def create_with_stop(*args, **kwargs):
+        trainer = original_create(*args, **kwargs)
+        trainer.callbacks.append(stop_at_7)
+        return trainer
+
+    Trainer.create = create_with_stop
+    try:
+        assert train_cli.main(tiny_args(tmp_path, name="cut", steps=20)) == 130
+    finally:
+        Trainer.create = original_create
+    cut = tmp_path / "train_dir" / "cut"
+    assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 7
+    assert train_cli.main(tiny_args(tmp_path, "--resume", name="cut", steps=20)) == 0
+    full = tmp_path / "train_dir" / "full"
+    assert read_metrics(cut) == read_metrics(full)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_leaves_loadable_checkpoint(tmp_path):
+    args = tiny_args(tmp_path, name="term", steps=100000)
+    process = subprocess.Popen([sys.executable, "-m", "kml.cli.train", *args], stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "train_dir" / "term" / "metrics.csv"
+    deadline = time.time() + 120
+    while not metrics.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert metrics.is_file(), process.stderr.read() if process.poll() is not None else "no metrics in time"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 130
+    state = load_checkpoint(tmp_path / "train_dir" / "term" / "checkpoints" / "last.pt")
+    assert state["step"] >= 5 and "optimizer" in state and "sampler" in state
+
+
+def test_eval_twice_identical_and_table(tmp_path, capsys):
+    assert train_cli.main(tiny_args(tmp_path, steps=10)) == 0
+    checkpoint = tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt"
+    argv = ["--checkpoint", str(checkpoint), "--episodes", "12", "--no-progress"]
+    assert eval_cli.main(argv) == 0
+    out = capsys.readouterr().out
+    first = (checkpoint.parent / "eval_last_test.json").read_text()
+    assert eval_cli.main(argv) == 0
+    second = (checkpoint.parent / "eval_last_test.json").read_text()
+    assert first == second
+    report = json.loads(first)
+    assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
+    assert all(0 <= r["accuracy"] <= 100 and r["episodes"] for r in report["results"])
+    assert "average" in out and "±" in out
+    assert (checkpoint.parent / "eval_last_test.csv").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_single(tmp_path):
+    common = tiny_args(tmp_path, "--meta-batch", "4", "--checkpoint-every", "1", "--val-every", "100", "--log-every", "1", steps=1)
+    single = [*common[:-2], "--run-name", "single"]
+    assert train_cli.main(single) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "kml.cli.train", *common[:-2], "--run-name", "ddp"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "train_dir" / "single" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "train_dir" / "ddp" / "checkpoints" / "last.pt")["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    loss_single = float(read_metrics(tmp_path / "train_dir" / "single")[0]["loss"])
+    loss_ddp = float(read_metrics(tmp_path / "train_dir" / "ddp")[0]["loss"])
+    assert loss_ddp == pytest.approx(loss_single, rel=1e-5)
+
+
+# ---------------------------------------------------------------- bad input
+def test_unknown_mode_and_flag_value(tmp_path, capsys):
+    err = one_line_error(capsys, ["--modes", "mnist"])
+    assert "unknown mode 'mnist'; known modes: omniglot" in err
+    err = one_line_error(capsys, ["--modes", "synthetic", "--algorithm", "reptile"])
+    assert "invalid choice: 'reptile'" in err and "maml" in err and "protonet" in err
+
+
+def test_missing_dataset_cache_names_download_command(tmp_path, capsys):
+    err = one_line_error(capsys, ["--modes", "omniglot", "--data-root", str(tmp_path), "--train-dir", str(tmp_path / "t")])
+    assert f"python download.py --datasets omniglot --root {tmp_path}" in err
+
+
+def test_existing_run_refused_without_resume_or_overwrite(tmp_path, capsys):
+    assert train_cli.main(tiny_args(tmp_path, steps=2)) == 0
+    err = one_line_error(capsys, tiny_args(tmp_path, steps=2))
+    assert "already exists; pass --resume" in err and "--overwrite" in err
+    assert train_cli.main(tiny_args(tmp_path, "--overwrite", steps=2)) == 0
+
+
+def test_resume_with_other_method_refused(tmp_path, capsys):
+    assert train_cli.main(tiny_args(tmp_path, steps=2)) == 0
+    err = one_line_error(capsys, tiny_args(tmp_path, "--resume", "--model", "film", steps=4))
+    assert "cannot resume" in err and "model" in err
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    err = one_line_error(capsys, ["--checkpoint", str(tmp_path / "nope.pt")], eval_cli)
+    assert "not found" in err
+    assert train_cli.main(tiny_args(tmp_path, steps=2)) == 0
+    checkpoint = tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    err = one_line_error(capsys, ["--checkpoint", str(truncated)], eval_cli)
+    assert "truncated or corrupt" in err
+    state = torch.load(checkpoint, weights_only=False)
+    first = next(iter(state["model"]))
+    state["model"][first] = torch.zeros(3, 3)
+    wrong = tmp_path / "wrong.pt"
+    torch.save(state, wrong)
+    err = one_line_error(capsys, ["--checkpoint", str(wrong)], eval_cli)
+    assert "does not fit this model" in err and first in err
+
+
+def test_out_of_memory_suggests_smaller_meta_batch(tmp_path, capsys, monkeypatch):
+    from kml.training.trainer import Trainer
+
+    def boom(self, episode):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Trainer, "train_step", boom)
+    err = one_line_error(capsys, tiny_args(tmp_path, steps=2))
+    assert "out of GPU memory" in err and "--meta-batch 1" in err
+
+
+def test_non_finite_loss_stops_with_step(tmp_path, capsys):
+    err = one_line_error(capsys, tiny_args(tmp_path, "--lr", "1e30", "--inner-lr", "1e30", steps=50))
+    assert "non-finite loss at step" in err
+    assert (tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt").is_file()
