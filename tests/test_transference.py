@@ -1,0 +1,210 @@
+"""Transference analyzer: agreement with a direct computation, invariants, CSV schema, aggregation, notebooks."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kml.algorithms import build_learner
+from kml.config import LearnerConfig
+from kml.data.modes import load_stores
+from kml.data.sampler import MixtureSampler
+from kml.transference.aggregate import mode_matrix, mode_pair_stats
+from kml.transference.analyzer import COLUMNS, parameter_names, result_rows, task_transference
+
+METHODS = [
+    dict(algorithm="maml", model="kml"),
+    dict(algorithm="maml", model="none"),
+    dict(algorithm="protonet", model="film"),
+]
+
+
+@pytest.fixture(scope="module")
+def episode(tmp_path_factory):
+    stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
+    return MixtureSampler(stores, ways=3, shots=1, queries=2, meta_batch=4, seed=0).sample().to_float(torch.float64)
+
+
+def tiny_learner(**method) -> torch.nn.Module:
+    config = LearnerConfig(
+        ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_steps=1, eval_inner_steps=1,
+        inner_lr=0.1, num_modes=3, **method,
+    )
+    torch.manual_seed(0)
+    learner = build_learner(config).double()
+    with torch.no_grad():  # a learner that is not at the identity start, so modulation matters
+        for p in learner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return learner.train()
+
+
+def direct_z(learner, episode, rate: float, names: list[str]) -> torch.Tensor:
+    """Copy the learner, take one SGD step on task i alone, evaluate task j: the definition of Z."""
+    base = learner(episode).task_loss.detach()
+    z = torch.zeros(episode.num_tasks, episode.num_tasks, dtype=torch.float64)
+    for i in range(episode.num_tasks):
+        stepped = copy.deepcopy(learner)
+        parameters = dict(stepped.named_parameters())
+        loss = stepped(episode.select([i])).task_loss[0]
+        grads = torch.autograd.grad(loss, [parameters[n] for n in names], allow_unused=True)
+        with torch.no_grad():
+            for name, grad in zip(names, grads):
+                if grad is not None:
+                    parameters[name].sub_(rate * grad)
+            z[i] = 1 - stepped(episode).task_loss / base
+    return z
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m['algorithm']}-{m['model']}")
+def test_z_equals_direct_computation(method, episode):
+    learner = tiny_learner(**method)
+    result = task_transference(learner, episode, rate=0.05)
+    expected = direct_z(learner, episode, 0.05, parameter_names(learner, "all"))
+    assert torch.allclose(result.z, expected, atol=1e-5, rtol=0), (result.z - expected).abs().max()
+    unbatched = task_transference(learner, episode, rate=0.05, batched=False)
+    assert torch.allclose(result.z, unbatched.z, atol=1e-10)
+
+
+def test_parameter_groups(episode):
+    learner = tiny_learner(algorithm="maml", model="kml")
+    backbone, modulation = parameter_names(learner, "backbone"), parameter_names(learner, "modulation")
+    assert backbone and modulation and not set(backbone) & set(modulation)
+    assert sorted(backbone + modulation) == sorted(parameter_names(learner, "all"))
+    for group, names in (("backbone", backbone), ("modulation", modulation)):
+        result = task_transference(learner, episode, rate=0.05, parameters=group)
+        assert torch.allclose(result.z, direct_z(learner, episode, 0.05, names), atol=1e-5, rtol=0)
+
+
+def test_self_transference_positive_for_small_rate(episode):
+    learner = tiny_learner(algorithm="maml", model="kml")
+    # Small enough that the first-order term dominates: Z(i->i) ~ rate * |grad L_i|^2 / L_i > 0.
+    # (These tiny perturbed learners have meta-gradient norms around 1e2, hence the small rate.)
+    z = task_transference(learner, episode, rate=1e-7).z
+    assert (z.diagonal() > 0).all(), z.diagonal()
+
+
+def test_zero_gradient_source_gives_zero(episode):
+    """A source task whose loss is flat in the parameters changes no target's loss (Z = 0 up to rounding)."""
+    # Task 0 made of identical images: batch-statistics BatchNorm maps them all to the same features,
+    # so every prototype coincides, the logits are all zero and the loss is log(N) for any parameters.
+    flat = episode.to_float(torch.float64)
+    support_x, query_x = flat.support_x.clone(), flat.query_x.clone()
+    support_x[0], query_x[0] = 0.5, 0.5
+    sources = dataclasses.replace(flat, support_x=support_x, query_x=query_x)
+    learner = tiny_learner(algorithm="protonet", model="none")
+    result = task_transference(learner, sources, rate=0.5, targets=episode)
+    assert result.z[0].abs().max() < 1e-12
+    assert result.z[1:].abs().min() > 1e-6  # the other sources do move the targets
+    # Zero steps in two other ways: a zero rate, and a parameter group that is empty.
+    z = task_transference(tiny_learner(algorithm="maml", model="kml"), episode, rate=0.0).z
+    assert z.abs().max() < 1e-12
+    plain = tiny_learner(algorithm="maml", model="none")
+    assert parameter_names(plain, "modulation") == []
+    z = task_transference(plain, episode, rate=0.5, parameters="modulation").z
+    assert z.abs().max() < 1e-12
+
+
+def test_analysis_leaves_learner_and_optimiser_unchanged(episode):
+    learner = tiny_learner(algorithm="maml", model="kml")
+    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    learner(episode).loss.backward()
+    optimizer.step()
+    before_params = copy.deepcopy(learner.state_dict())
+    before_grads = {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+    before_opt = copy.deepcopy(optimizer.state_dict())
+    task_transference(learner, episode, rate=0.05)
+    assert all(torch.equal(before_params[k], v) for k, v in learner.state_dict().items())
+    assert all(torch.equal(before_grads[n], p.grad) for n, p in learner.named_parameters() if n in before_grads)
+    after_opt = optimizer.state_dict()
+    for key, state in before_opt["state"].items():
+        assert all(torch.equal(state[k], after_opt["state"][key][k]) for k in state if torch.is_tensor(state[k]))
+    assert learner.training
+
+
+def test_csv_schema(episode):
+    learner = tiny_learner(algorithm="protonet", model="kml")
+    result = task_transference(learner, episode, rate=0.05)
+    rows = result_rows(result, step=7, batch=2)
+    frame = pd.DataFrame(rows)
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) == episode.num_tasks**2 and frame["self_pair"].sum() == episode.num_tasks
+    assert set(frame["mode_i"]) <= {"glyphs", "textures", "shapes"} and (frame["step"] == 7).all()
+    assert len(result_rows(result, 7, include_self=False)) == episode.num_tasks * (episode.num_tasks - 1)
+
+
+def test_aggregation_matches_hand_computation():
+    rows = [
+        # step, i, j, mode_i, mode_j, Z, self_pair
+        (1, 0, 1, "a", "b", 0.2, False), (1, 1, 0, "b", "a", -0.1, False), (1, 0, 2, "a", "b", 0.4, False),
+        (1, 2, 0, "b", "a", -0.3, False), (1, 1, 2, "b", "b", 0.1, False), (1, 0, 0, "a", "a", 0.9, True),
+        (2, 0, 1, "a", "b", -0.2, False), (2, 3, 4, "a", "a", 0.5, False),
+    ]
+    frame = pd.DataFrame(
+        [{"step": s, "batch": 0, "task_i": i, "task_j": j, "mode_i": mi, "mode_j": mj, "classes_i": "", "classes_j": "",
+          "loss_j": 1.0, "loss_j_after": 1 - z, "rate": 0.1, "self_pair": sp, "Z": z} for s, i, j, mi, mj, z, sp in rows]
+    )
+    matrix = mode_matrix(frame)
+    assert matrix.loc["a", "b"] == pytest.approx((0.2 + 0.4 - 0.2) / 3)
+    assert matrix.loc["b", "a"] == pytest.approx(-0.2)
+    assert matrix.loc["a", "a"] == pytest.approx(0.5)  # the self pair (0.9) is left out
+    assert matrix.loc["b", "b"] == pytest.approx(0.1)
+    stats = mode_pair_stats(frame).set_index(["mode_i", "mode_j"])
+    assert stats.loc[("a", "b"), "count"] == 3 and stats.loc[("a", "b"), "positive"] == pytest.approx(2 / 3)
+    assert stats.loc[("b", "a"), "std"] == pytest.approx(pd.Series([-0.1, -0.3]).std())
+    by_step = mode_pair_stats(frame, by_step=True).set_index(["step", "mode_i", "mode_j"])
+    assert by_step.loc[(2, "a", "b"), "mean"] == pytest.approx(-0.2)
+    assert mode_matrix(frame, include_self=True).loc["a", "a"] == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny synthetic runs (MAML and KML) that record transference during training."""
+    from kml.cli import train as train_cli
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for model in ("none", "kml"):
+        argv = [
+            "--modes", "synthetic", "--model", model, "--image-size", "16", "--base-channels", "4",
+            "--encoder-channels", "4", "--meta-batch", "3", "--queries", "2", "--inner-steps", "1",
+            "--eval-inner-steps", "1", "--steps", "4", "--log-every", "2", "--val-every", "4", "--val-episodes", "3",
+            "--checkpoint-every", "4", "--transference-every", "2", "--no-progress",
+            "--train-dir", str(root / "train_dir"), "--run-name", model, "--data-root", str(root / "data"),
+        ]
+        assert train_cli.main(argv) == 0
+        runs[model] = root / "train_dir" / model
+    return runs
+
+
+def test_training_records_transference_with_the_schema(two_runs):
+    records = pd.read_csv(two_runs["kml"] / "transference.csv")
+    assert list(records.columns) == list(COLUMNS)
+    assert sorted(records["step"].unique()) == [2, 4]
+    assert len(records) == 2 * 3 * 3  # every ordered pair (self pairs included) of a 3-task meta-batch
+
+
+@pytest.mark.parametrize("notebook,env", [
+    ("transference.ipynb", lambda runs: {"KML_RUN": str(runs["kml"])}),
+    ("compare_runs.ipynb", lambda runs: {"KML_RUN_A": str(runs["none"]), "KML_RUN_B": str(runs["kml"])}),
+])
+def test_notebooks_execute_headless_and_draw_their_figures(notebook, env, two_runs, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    for key, value in env(two_runs).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
+    path = Path(__file__).resolve().parents[1] / "notebooks" / notebook
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert len(images) >= 2
