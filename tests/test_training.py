@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,17 +127,21 @@ def test_eval_twice_identical_and_table(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_single(tmp_path):
-    common = tiny_args(tmp_path, "--meta-batch", "4", "--checkpoint-every", "1", "--val-every", "100", "--log-every", "1", steps=1)
-    single = [*common[:-2], "--run-name", "single"]
-    assert train_cli.main(single) == 0
+    extra = ("--meta-batch", "4", "--checkpoint-every", "1", "--val-every", "100", "--log-every", "1")
+    assert train_cli.main(tiny_args(tmp_path, *extra, steps=1, name="single")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "kml.cli.train", *common[:-2], "--run-name", "ddp"]
+               "-m", "kml.cli.train", *tiny_args(tmp_path, *extra, steps=1, name="ddp")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     a = load_checkpoint(tmp_path / "train_dir" / "single" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "train_dir" / "ddp" / "checkpoints" / "last.pt")["model"]
-    for key in a:
+    # Conv biases and KML bias shifts feed a batch-statistics BatchNorm: their true gradient is 0, so what
+    # Adam's first step does with their rounding-noise gradients differs between any two reductions.
+    normalised_away = re.compile(r"(backbone\.conv\d\.bias|generator\.layers\.\d\.beta\.)")
+    compared = [key for key in a if not normalised_away.search(key)]
+    assert len(compared) > len(a) // 2
+    for key in compared:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     loss_single = float(read_metrics(tmp_path / "train_dir" / "single")[0]["loss"])
     loss_ddp = float(read_metrics(tmp_path / "train_dir" / "ddp")[0]["loss"])

@@ -52,5 +52,5 @@ class TaskEncoder(nn.Module):
         for index in range(1, 5):
             conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
             x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
-            x = F.relu(batch_norm(x, norm.weight, norm.bias))
+            x = F.relu(batch_norm(x, norm.weight, norm.bias, fused=True))  # differentiated once only
         return x.mean(dim=(-2, -1)).mean(dim=0)  # average pool per image, then over the set

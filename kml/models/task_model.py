@@ -29,6 +29,7 @@ class TaskModel(nn.Module):
         super().__init__()
         ways = config.ways if config.algorithm == "maml" else None
         self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways)
+        self.backbone.fused_norm = config.algorithm == "protonet" or config.first_order  # no second derivatives
         self.encoder: TaskEncoder | None = None
         self.generator: nn.Module | None = None
         if config.model != "none":
