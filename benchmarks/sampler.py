@@ -13,72 +13,20 @@ Dataset that opens, decodes and transforms one JPEG with PIL per
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision import transforms
+from published_style import task_loader
 
 from kml.data.sampler import MixtureSampler
 from kml.data.synthetic import generate_store
 
 
-class FolderImages(Dataset):
-    """Published style: one file decoded and transformed per item."""
-
-    def __init__(self, paths: list[Path], labels: list[int], side: int) -> None:
-        self.paths, self.labels = paths, labels
-        self.transform = transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()])
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        image = Image.open(self.paths[index]).convert("RGB")
-        return self.transform(image), self.labels[index]
-
-
-class ClassBalancedBatches(Sampler):
-    """Yields the indices of one task (N classes x K+Q images) at a time, as the published samplers do."""
-
-    def __init__(self, class_indices: list[list[int]], ways: int, per_class: int, tasks: int, seed: int = 0) -> None:
-        self.class_indices, self.ways, self.per_class, self.tasks = class_indices, ways, per_class, tasks
-        self.rng = random.Random(seed)
-
-    def __len__(self) -> int:
-        return self.tasks
-
-    def __iter__(self):
-        for _ in range(self.tasks):
-            batch = []
-            for c in self.rng.sample(range(len(self.class_indices)), self.ways):
-                batch += self.rng.sample(self.class_indices[c], self.per_class)
-            yield batch
-
-
 def bench_reference(store, args, folder: Path) -> float:
-    paths, labels, class_indices = [], [], []
-    for c in range(store.num_classes):
-        class_indices.append([])
-        for i, image in enumerate(store.class_images(c)):
-            path = folder / f"c{c:03d}" / f"{i:03d}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=95)
-            class_indices[-1].append(len(paths))
-            paths.append(path)
-            labels.append(c)
     per_class = args.shots + args.queries
-    tasks = args.meta_batches * args.meta_batch
-    loader = DataLoader(
-        FolderImages(paths, labels, args.side),
-        batch_sampler=ClassBalancedBatches(class_indices, args.ways, per_class, tasks),
-        num_workers=args.workers,
-        persistent_workers=False,
-    )
+    loader = task_loader(store, folder, args.ways, args.shots, args.queries, args.meta_batches * args.meta_batch, args.side, args.workers)
     start = time.perf_counter()
     drawn = 0
     meta_batch = []

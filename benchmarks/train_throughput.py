@@ -1,0 +1,118 @@
+"""End-to-end meta-training throughput: kml-train's loop vs the published code's approach.
+
+Both train KML + ProtoNet (the only method the released KML code trains) on
+the same images and setup: 5-way 1-shot 15-query, 84x84x3, meta-batch 10,
+32 base channels. The reference (benchmarks/published_style.py) loops over
+tasks in Python and decodes JPEGs in a DataLoader; kml draws meta-batches
+on the device and runs all tasks as batched tensor work. kml's figure
+includes sampling, metric logging, validation and checkpointing (the whole
+``Trainer.fit``). Also printed: kml's KML + MAML training and evaluation
+throughput, which the reference has no counterpart for.
+
+    python benchmarks/train_throughput.py                # published setup
+    python benchmarks/train_throughput.py --smoke        # tiny, for CI
+    python benchmarks/train_throughput.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from published_style import PublishedStyleKML, published_style_step, task_loader
+
+from kml.config import LearnerConfig
+from kml.data.modes import load_stores
+from kml.evaluation import evaluate
+from kml.training.run_config import RunConfig
+from kml.training.trainer import Trainer
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reference_throughput(store, args, folder: Path) -> float:
+    torch.manual_seed(0)
+    model = PublishedStyleKML(args.channels, args.channels).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = iter(task_loader(store, folder, args.ways, args.shots, args.queries,
+                              (args.steps + 1) * args.meta_batch, args.side, args.workers))
+    meta_batch = lambda: [next(loader) for _ in range(args.meta_batch)]  # noqa: E731
+    published_style_step(model, optimizer, meta_batch(), args.ways, args.shots, args.device)  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        published_style_step(model, optimizer, meta_batch(), args.ways, args.shots, args.device)
+    sync(args.device)
+    return args.steps * args.meta_batch / (time.perf_counter() - start)
+
+
+def kml_throughput(args, root: Path, train_dir: Path, algorithm: str) -> tuple[float, Trainer]:
+    # No transductive refinement: the reference step (like a released-code step with it off) has none.
+    learner = LearnerConfig(algorithm=algorithm, model="kml", base_channels=args.channels,
+                            encoder_channels=args.channels, inner_steps=args.inner_steps, proto_refine=False)
+    config = RunConfig(
+        modes=[args.mode], ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch,
+        steps=args.steps + 1, device=args.device, data_root=str(root), image_size=args.side,
+        train_dir=str(train_dir), run_name=algorithm, log_every=10, val_every=10**9,
+        val_episodes=args.meta_batch, checkpoint_every=10**9, bf16=args.bf16, learner=learner,
+    )
+    trainer = Trainer.create(config, overwrite=True, progress=False)
+    trainer.train_step(trainer.sampler.sample())  # warm-up (allocations, first-call dispatch)
+    trainer.step = 1
+    sync(args.device)
+    start = time.perf_counter()
+    trainer.fit()  # steps 2..steps+1, the final validation and checkpoint included
+    sync(args.device)
+    return args.steps * args.meta_batch / (time.perf_counter() - start), trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed outer steps")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--meta-batch", type=int, default=10)
+    parser.add_argument("--side", type=int, default=84)
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--inner-steps", type=int, default=5, help="MAML inner steps (for the KML + MAML figure)")
+    parser.add_argument("--mode", default="shapes", help="synthetic mode whose images both implementations read")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for kml (CUDA)")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.side, args.channels, args.meta_batch, args.queries = 2, 32, 8, 2, 3
+        args.inner_steps, args.workers, args.eval_episodes = 1, 0, 4
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        store = load_stores([args.mode], "train", tmp / "data", side=args.side)[0]
+        reference = reference_throughput(store, args, tmp / "jpeg")
+        protonet, _ = kml_throughput(args, tmp / "data", tmp / "runs", "protonet")
+        maml, trainer = kml_throughput(args, tmp / "data", tmp / "runs", "maml")
+        test = load_stores([args.mode], "test", tmp / "data", side=args.side, device=args.device)
+        start = time.perf_counter()
+        evaluate(trainer.learner, test, args.ways, args.shots, args.queries, args.eval_episodes,
+                 tasks_per_batch=args.meta_batch, progress=False)
+        sync(args.device)
+        eval_rate = args.eval_episodes / (time.perf_counter() - start)
+    print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
+          f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}")
+    print(f"{'training loop':<46}{'tasks/s':>10}")
+    print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
+    print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")
+    print(f"{f'kml KML+MAML, {args.inner_steps} inner steps (end to end)':<46}{maml:>10.1f}")
+    print(f"ratio kml / published-style (KML+ProtoNet): {protonet / reference:.1f}x")
+    print(f"evaluation, KML+MAML: {eval_rate:.1f} episodes/s")
+
+
+if __name__ == "__main__":
+    main()
