@@ -72,9 +72,11 @@ def assert_gradients_close(ours: dict, reference: dict, rtol: float = 1e-5) -> N
         torch.testing.assert_close(ours[name], reference[name], rtol=rtol, atol=rtol * scale, msg=name)
 
 
+@pytest.mark.parametrize("batching", ["packed", "vmap"])
 @pytest.mark.parametrize("method", METHODS)
-def test_batched_path_equals_reference_loop(method, episode):
+def test_batched_path_equals_reference_loop(method, batching, episode):
     learner = tiny_learner(**METHODS[method])
+    learner.batching = batching
     batched = learner(episode)
     reference = learner.reference_forward(episode)
     torch.testing.assert_close(batched.task_loss, reference.task_loss, rtol=1e-10, atol=1e-12)
@@ -83,9 +85,11 @@ def test_batched_path_equals_reference_loop(method, episode):
     assert_gradients_close(meta_gradients(learner, batched.loss), meta_gradients(learner, reference.loss))
 
 
+@pytest.mark.parametrize("batching", ["packed", "vmap"])
 @pytest.mark.parametrize("method", ["kml-maml", "kml-protonet"])
-def test_batched_path_equals_reference_in_eval_under_no_grad(method, episode):
+def test_batched_path_equals_reference_in_eval_under_no_grad(method, batching, episode):
     learner = tiny_learner(**METHODS[method]).eval()
+    learner.batching = batching
     with torch.no_grad():
         batched = learner(episode)
         reference = learner.reference_forward(episode)
@@ -95,8 +99,10 @@ def test_batched_path_equals_reference_in_eval_under_no_grad(method, episode):
         assert not torch.allclose(batched.task_loss, learner.train()(episode).task_loss.detach())
 
 
-def test_multi_maml_uses_the_parameter_set_of_each_task_mode(episode):
+@pytest.mark.parametrize("batching", ["packed", "vmap"])
+def test_multi_maml_uses_the_parameter_set_of_each_task_mode(batching, episode):
     learner = tiny_learner(**METHODS["multi-maml"])
+    learner.batching = batching
     output = learner(episode)
     grads = meta_gradients(learner, output.task_loss[0])
     mode = int(episode.mode[0])
@@ -105,8 +111,10 @@ def test_multi_maml_uses_the_parameter_set_of_each_task_mode(episode):
         assert touched == (m == mode)
 
 
-def test_second_order_meta_gradient_matches_finite_differences(episode):
+@pytest.mark.parametrize("batching", ["packed", "vmap"])
+def test_second_order_meta_gradient_matches_finite_differences(batching, episode):
     learner = tiny_learner(**{**METHODS["kml-maml"], "inner_lr": 0.05})
+    learner.batching = batching
     small = episode.select([0, 1])
     params = dict(learner.named_parameters())
     gradient = meta_gradients(learner, learner(small).loss)

@@ -1,12 +1,22 @@
 """The meta-learner: MAML inner loop or prototypical head, batched over the tasks of a meta-batch.
 
 A task's loss is a pure function of the task model's parameters (a dict) and the
-task's tensors (:meth:`MetaLearner._task_loss`). The batched path ``vmap``s it
-over the T tasks, so T differently modulated (and adapted) backbones run as one
-batched (grouped) convolution, and the inner gradients come from
-:func:`torch.func.grad`. :meth:`MetaLearner.reference_forward` is the obvious
-per-task Python loop with ordinary autograd, kept as the oracle for tests and
-benchmarks.
+task's tensors (:meth:`MetaLearner._task_loss`). Two batched paths compute the
+same numbers:
+
+* ``"vmap"``: that function ``vmap``ped over the T tasks, inner gradients from
+  :func:`torch.func.grad`. It composes with any further transform (the
+  transference analyzer ``vmap``s it again over lookahead parameters).
+* ``"packed"`` (the default for training and evaluation): parameters stacked per
+  task and the backbone run in a task-packed layout
+  (:func:`kml.models.backbone.packed_forward`: grouped convolutions with no relayout
+  between layers, per-task BatchNorm as one fused BatchNorm); the inner gradients of
+  all tasks come from one ``autograd.grad`` of the summed task losses (each task's loss
+  depends only on its own slice). On a CPU it avoids the copies and strided
+  elementwise work that ``vmap``'s batching rules put around every convolution.
+
+:meth:`MetaLearner.reference_forward` is the obvious per-task Python loop with
+ordinary autograd, kept as the oracle for tests and benchmarks.
 
 Multi-MAML keeps one task model per mode; the batched path stacks their
 parameters and gathers each task's set by ``episode.mode``.
@@ -14,6 +24,8 @@ parameters and gathers each task's set by ``episode.mode``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from kml.algorithms.losses import accuracy, prototypical_loss
+from kml.algorithms.losses import accuracy, cross_entropy, prototypical_loss
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
-from kml.models.backbone import Modulation
+from kml.models.backbone import Modulation, packed_forward
 from kml.models.task_model import TaskModel, rate_key
 
 Params = dict[str, torch.Tensor]
@@ -60,6 +72,15 @@ def _clip(grads: Params, max_norm: float | None) -> Params:
     return {name: g * factor for name, g in grads.items()}
 
 
+def _clip_per_task(grads: Params, max_norm: float | None) -> Params:
+    """:func:`_clip` for gradients stacked per task ``[T, ...]``: one norm per task."""
+    if max_norm is None:
+        return grads
+    norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
+    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    return {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
+
+
 class MetaLearner(nn.Module):
     """Task encoder -> modulation -> backbone (-> head), meta-trained by MAML or ProtoNet.
 
@@ -76,6 +97,18 @@ class MetaLearner(nn.Module):
         self.config = config
         count = config.num_modes if config.multi_maml else 1
         self.models = nn.ModuleList(TaskModel(config) for _ in range(count))
+        self.batching = "packed"  # or "vmap" (see the module docstring); not part of the config: same numbers
+
+    @contextmanager
+    def batched_with(self, batching: str) -> Iterator[MetaLearner]:
+        """Temporarily compute :meth:`forward` with the ``"packed"`` or ``"vmap"`` path."""
+        if batching not in ("packed", "vmap"):
+            raise ValueError(f"unknown batching {batching!r}; choose packed or vmap")
+        previous, self.batching = self.batching, batching
+        try:
+            yield self
+        finally:
+            self.batching = previous
 
     # ----------------------------------------------------------------- helpers
     def inner_parameter_names(self) -> list[str]:
@@ -144,13 +177,55 @@ class MetaLearner(nn.Module):
         return {name: torch.stack([p[name] for p in per_mode])[episode.mode] for name in per_mode[0]}, 0
 
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
-        """Meta-batch loss with every task adapted and evaluated at once (``vmap`` over tasks)."""
+        """Meta-batch loss with every task adapted and evaluated at once (no Python loop over tasks)."""
+        if self.batching == "packed":
+            return self._forward_packed(episode, self._steps(inner_steps))
         params, params_dim = self._task_params(episode)
         task = partial(self._task_loss, inner_steps=self._steps(inner_steps))
         task_loss, task_accuracy = vmap(task, in_dims=(params_dim, 0, 0, 0, 0))(
             params, episode.support_x, episode.support_y, episode.query_x, episode.query_y
         )
         return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
+
+    # ------------------------------------------------------------ packed path
+    def _forward_packed(self, episode: Episode, inner_steps: int) -> LearnerOutput:
+        config = self.config
+        tasks = episode.num_tasks
+        params, params_dim = self._task_params(episode)
+        modulation = None
+        if self.models[0].encoder is not None:  # small: the encoder sees the support set only
+            modulation = vmap(self._modulation, in_dims=(params_dim, 0, 0))(params, episode.support_x, episode.support_y)
+
+        def stacked(prefix: str) -> Params:  # per task [T, ...]: shared parameters are expanded, not copied
+            subset = _subset(params, prefix)
+            return subset if params_dim == 0 else {n: p.expand(tasks, *p.shape) for n, p in subset.items()}
+
+        layout = config.backbone
+        if config.algorithm == "protonet":
+            backbone = stacked("backbone.")
+            support_features = packed_forward(backbone, episode.support_x, modulation, layout)
+            query_features = packed_forward(backbone, episode.query_x, modulation, layout)
+            task_loss, task_accuracy = prototypical_loss(
+                support_features, episode.support_y, query_features, episode.query_y, config.ways, config.proto_refine
+            )
+            return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
+        second_order = not config.first_order and torch.is_grad_enabled()
+        with torch.enable_grad():  # the inner loop needs gradients even in evaluation
+            # Expanded here, not under an outer no_grad: a view made there still "requires grad" through
+            # its base, and autograd would not differentiate with respect to it.
+            fast = {n: p if p.requires_grad else p.detach().clone().requires_grad_() for n, p in stacked("backbone.").items()}
+            rate_params = stacked("inner_rates.")
+            rates = {name: rate_params.get(rate_key(name), config.inner_lr) for name in fast}
+            for _ in range(inner_steps):
+                # Task t's loss depends only on slice t of the stacked parameters, so the gradient of
+                # the sum holds every task's own inner gradient.
+                support_loss = cross_entropy(packed_forward(fast, episode.support_x, modulation, layout), episode.support_y)
+                grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
+                grads = _clip_per_task(dict(zip(fast, grads)), config.inner_grad_clip)
+                fast = {name: p - rates[name] * grads[name] for name, p in fast.items()}
+        logits = packed_forward(fast, episode.query_x, modulation, layout)
+        task_loss = cross_entropy(logits, episode.query_y)
+        return LearnerOutput(task_loss.mean(), task_loss, accuracy(logits, episode.query_y))
 
     # ---------------------------------------------------------- reference path
     def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:

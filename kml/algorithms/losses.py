@@ -9,8 +9,14 @@ from kml.models.encoder import one_hot
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Fraction of ``argmax(logits [B, N]) == labels [B]``, detached (a 0-d tensor, no host sync)."""
-    return (logits.detach().argmax(dim=-1) == labels).to(logits.dtype).mean()
+    """Fraction of ``argmax(logits [..., B, N]) == labels [..., B]`` per leading index, detached (no host sync)."""
+    return (logits.detach().argmax(dim=-1) == labels).to(logits.dtype).mean(dim=-1)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits [..., B, N]`` against ``labels [..., B]``, per leading index."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return losses.view(labels.shape).mean(dim=-1)
 
 
 def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -50,9 +56,11 @@ def prototypical_loss(
     ways: int,
     refine: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of ``-squared distance`` to (optionally refined) prototypes; returns (loss, accuracy)."""
+    """Cross-entropy of ``-squared distance`` to (optionally refined) prototypes; returns (loss, accuracy).
+
+    Shapes ``[..., N*K, D]``, ``[..., N*K]``, ``[..., N*Q, D]``, ``[..., N*Q]``: one task, or ``[T, ...]`` tasks."""
     centres = prototypes(support_features, support_y, ways)
     if refine:
         centres = refine_prototypes(centres, support_features, support_y, query_features)
     logits = -squared_distances(query_features, centres)
-    return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
+    return cross_entropy(logits, query_y), accuracy(logits, query_y)

@@ -120,3 +120,42 @@ class Backbone(nn.Module):
         if self.head is None:
             return features
         return F.linear(features, self.head.weight, self.head.bias)
+
+
+def packed_forward(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    modulation: Modulation | None,
+    layout: str,
+    fused_norm: bool = True,
+) -> torch.Tensor:
+    """The backbone of T tasks at once, in a task-packed layout, from per-task parameters.
+
+    ``params``: the backbone's parameters by name (``conv1.weight`` ...), each stacked per task
+    ``[T, ...]``; ``x``: images ``[T, B, C, H, W]``; ``modulation``: as :class:`Backbone` takes it,
+    stacked per task. Returns logits ``[T, B, ways]`` (with a head) or features ``[T, B, D]``.
+
+    Activations stay ``[B, T*C, H, W]`` from the first layer to the last: a grouped convolution
+    (``groups=T``) reads and writes that layout directly, and per-task BatchNorm is plain
+    BatchNorm over the ``T*C`` channels, so nothing is relaid out between layers (what ``vmap``'s
+    batching rules do around every convolution). Equal to :meth:`Backbone.forward` per task.
+    """
+    tasks, batch = x.shape[:2]
+    stride = 2 if layout == "published" else 1
+    h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
+    for index in range(1, 5):
+        weight, bias = params[f"conv{index}.weight"], params[f"conv{index}.bias"]
+        if modulation is not None and f"kernel{index}" in modulation:
+            weight = weight * modulation[f"kernel{index}"]
+            bias = bias + modulation[f"bias{index}"]
+        h = F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), stride=stride, padding=1, groups=tasks)
+        h = batch_norm(h, params[f"norm{index}.weight"].reshape(-1), params[f"norm{index}.bias"].reshape(-1), fused_norm)
+        if modulation is not None and f"scale{index}" in modulation:
+            h = h * modulation[f"scale{index}"].reshape(1, -1, 1, 1) + modulation[f"shift{index}"].reshape(1, -1, 1, 1)
+        h = F.relu(h)
+        if layout == "conv4":
+            h = F.max_pool2d(h, 2)
+    features = h.reshape(batch, tasks, -1).transpose(0, 1)  # [T, B, C*s*s], each task flattened as features()
+    if "head.weight" not in params:
+        return features
+    return torch.einsum("tbd,tnd->tbn", features, params["head.weight"]) + params["head.bias"].unsqueeze(1)

@@ -11,6 +11,7 @@ the lookahead lives in a dictionary passed to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,22 @@ def task_transference(
     ``batched=False`` evaluates the lookaheads one source at a time (same numbers, less memory);
     ``chunk_size`` bounds how many lookaheads run at once in the batched path.
     """
+    # The lookaheads are vmapped through the learner: use its vmap-composable path (same numbers).
+    batching = learner.batched_with("vmap") if hasattr(learner, "batched_with") else nullcontext()
+    with batching:
+        return _task_transference(learner, sources, rate, targets, parameters, inner_steps, batched, chunk_size)
+
+
+def _task_transference(
+    learner: torch.nn.Module,
+    sources: Episode,
+    rate: float,
+    targets: Episode | None,
+    parameters: str,
+    inner_steps: int | None,
+    batched: bool,
+    chunk_size: int | None,
+) -> TransferenceResult:
     targets = sources if targets is None else targets
     names = parameter_names(learner, parameters)
     params = dict(learner.named_parameters())
