@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,6 +94,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     b = load_checkpoint(cut / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    # A crash after step 10's checkpoint: the rows logged after it (metrics and validation at step 20) are
+    # logged again on resume, and must not appear twice.
+    shutil.copy(cut / "checkpoints" / "step_000010.pt", cut / "checkpoints" / "last.pt")
+    assert train_cli.main(tiny_args(tmp_path, "--resume", name="cut", steps=20)) == 0
+    assert read_metrics(cut) == read_metrics(full)
+    assert (cut / "validation.csv").read_text() == (full / "validation.csv").read_text()
+
 
 def test_sigterm_leaves_loadable_checkpoint(tmp_path):
     args = tiny_args(tmp_path, name="term", steps=100000)
@@ -154,6 +162,8 @@ def test_unknown_mode_and_flag_value(tmp_path, capsys):
     assert "unknown mode 'mnist'; known modes: omniglot" in err
     err = one_line_error(capsys, ["--modes", "synthetic", "--algorithm", "reptile"])
     assert "invalid choice: 'reptile'" in err and "maml" in err and "protonet" in err
+    err = one_line_error(capsys, tiny_args(tmp_path, "--compile", "--device", "cpu", name="compiled"))
+    assert "--compile is for CUDA devices" in err
 
 
 def test_missing_dataset_cache_names_download_command(tmp_path, capsys):

@@ -63,22 +63,19 @@ def _subset(params: Params, prefix: str) -> Params:
     return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
 
 
-def _clip(grads: Params, max_norm: float | None) -> Params:
-    """Scale a task's inner gradients to at most ``max_norm`` (L2 over all of them jointly)."""
-    if max_norm is None:
-        return grads
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
-    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    return {name: g * factor for name, g in grads.items()}
-
-
 def _clip_per_task(grads: Params, max_norm: float | None) -> Params:
-    """:func:`_clip` for gradients stacked per task ``[T, ...]``: one norm per task."""
+    """Scale each task's inner gradients (stacked ``[T, ...]``) to at most ``max_norm``, L2 over all jointly."""
     if max_norm is None:
         return grads
     norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
     factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     return {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
+
+
+def _clip(grads: Params, max_norm: float | None) -> Params:
+    """:func:`_clip_per_task` for one task's gradients."""
+    clipped = _clip_per_task({name: g.unsqueeze(0) for name, g in grads.items()}, max_norm)
+    return {name: g.squeeze(0) for name, g in clipped.items()}
 
 
 class MetaLearner(nn.Module):
@@ -89,7 +86,8 @@ class MetaLearner(nn.Module):
     ``inner_steps`` defaults to ``config.inner_steps`` in training mode and
     ``config.eval_inner_steps`` in eval mode (the module's ``training`` flag; BatchNorm
     always uses batch statistics). Works under ``torch.no_grad`` (the inner loop still
-    differentiates the support loss), under :func:`torch.func.functional_call` and nested ``vmap``.
+    differentiates the support loss) and under :func:`torch.func.functional_call`; inside a further
+    ``vmap`` use ``with learner.batched_with("vmap")`` (the packed path calls ``autograd.grad``).
     """
 
     def __init__(self, config: LearnerConfig) -> None:
@@ -201,6 +199,8 @@ class MetaLearner(nn.Module):
             return subset if params_dim == 0 else {n: p.expand(tasks, *p.shape) for n, p in subset.items()}
 
         layout = config.backbone
+        # packed_forward's fused BatchNorm is exact here, second order included: the torch bug that makes
+        # the vmap path avoid it is in vmap's batching rule (tests hold both paths to the reference).
         if config.algorithm == "protonet":
             backbone = stacked("backbone.")
             support_features = packed_forward(backbone, episode.support_x, modulation, layout)

@@ -10,7 +10,8 @@ from kml.models.encoder import one_hot
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of ``argmax(logits [..., B, N]) == labels [..., B]`` per leading index, detached (no host sync)."""
-    return (logits.detach().argmax(dim=-1) == labels).to(logits.dtype).mean(dim=-1)
+    # float32, not logits.dtype: under bf16 autocast a bf16 mean would round every task's accuracy.
+    return (logits.detach().argmax(dim=-1) == labels).float().mean(dim=-1)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -20,12 +21,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``[B, D]`` x ``[N, D]`` -> ``[B, N]`` squared Euclidean distances."""
+    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` squared Euclidean distances."""
     return (queries.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(dim=-1)
 
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
-    """Class means of support features ``[N*K, D]`` with labels ``[N*K]`` -> ``[N, D]``."""
+    """Class means of support features ``[..., N*K, D]`` with labels ``[..., N*K]`` -> ``[..., N, D]``."""
     assignment = one_hot(labels, ways, features.dtype)  # [N*K, N]
     return (assignment.transpose(-1, -2) @ features) / assignment.sum(dim=-2).unsqueeze(-1)
 

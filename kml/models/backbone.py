@@ -29,11 +29,12 @@ BN_EPS = 1e-5
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool = False, eps: float = BN_EPS) -> torch.Tensor:
     """BatchNorm of ``x [B, C, H, W]`` with the batch's own statistics and an affine ``[C]`` transform.
 
-    ``fused=False`` writes it with elementary ops: in torch 2.14 the batching rule of
+    ``fused=False`` writes it with elementary ops: in torch 2.14 the *batching rule* of
     ``F.batch_norm``'s double backward under ``vmap`` gives wrong second-order meta-gradients
-    for the conv kernels below it (off by ~1e-3; tests/test_algorithms.py catches it). Where
-    nothing is differentiated twice (ProtoNet, first-order MAML, the task encoder) the fused
-    kernel is used: it is one pass over the activations instead of about six.
+    for the conv kernels below it (off by ~1e-3; tests/test_algorithms.py catches it). So the
+    ``vmap`` and reference paths use the fused kernel only where nothing is differentiated twice
+    (ProtoNet, first-order MAML, the task encoder); :func:`packed_forward`, which runs outside
+    ``vmap``, always uses it. The fused kernel is one pass over the activations instead of about six.
     """
     if fused:
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)

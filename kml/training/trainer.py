@@ -76,8 +76,20 @@ class Trainer:
             train_stores, config.ways, config.shots, config.queries, config.meta_batch,
             config.policy, config.weights, rotate, config.seed, dtype=torch.uint8,
         )
+        if config.meta_batch < self.dist.world_size:
+            raise KMLError(
+                f"--meta-batch {config.meta_batch} is smaller than the {self.dist.world_size} processes that share its tasks; "
+                f"use --meta-batch {self.dist.world_size} or more"
+            )
         self.learner: MetaLearner = build_learner(learner_config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=config.lr)
+        self.parameters = [p for p in self.learner.parameters() if p.requires_grad]
+        # torch.compile wraps the forward only; checkpoints keep the plain module's state_dict.
+        self.forward = self.learner
+        if config.compile:
+            if not self.device.startswith("cuda"):
+                raise KMLError("--compile is for CUDA devices (on a CPU it compiles for minutes and gains nothing); drop it")
+            self.forward = torch.compile(self.learner)
+        self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_halve_every, gamma=0.5)
         self.step = 0
         self.best_val = -math.inf
@@ -205,12 +217,20 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / "metrics.csv"
-        if not self.dist.is_main or not path.is_file():
+        if not self.dist.is_main:
             return
-        with path.open() as handle:
-            rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= self.step]
-        self._write_metrics(rows, mode="w")
+        for name in ("metrics.csv", "validation.csv", "transference.csv"):
+            path = self.run_dir / name
+            if not path.is_file():
+                continue
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                fields = reader.fieldnames or []
+                rows = [row for row in reader if int(row["step"]) <= self.step]
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
 
     def _write_metrics(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
         path = self.run_dir / "metrics.csv"
@@ -273,21 +293,21 @@ class Trainer:
         local = episode.select(slice(self.dist.rank, None, self.dist.world_size)).to_float()
         autocast = torch.autocast("cuda", torch.bfloat16) if self.config.bf16 and self.device.startswith("cuda") else nullcontext()
         with autocast:
-            output = self.learner(local)
+            output = self.forward(local)
         loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
         global_loss = sum_tensor(loss.detach().clone(), self.dist)
         if not torch.isfinite(global_loss):
             self.save()
             raise KMLError(
-                f"non-finite loss at step {self.step + 1}; the last good checkpoint is "
-                f"{self.checkpoint_dir / 'last.pt'} (try a lower --lr or --inner-lr)"
+                f"non-finite loss at step {self.step + 1}; saved the parameters from before it in "
+                f"{self.checkpoint_dir / 'last.pt'} (--resume continues after the offending meta-batch; "
+                f"a lower --lr or --inner-lr needs a new run)"
             )
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        parameters = [p for p in self.learner.parameters() if p.requires_grad]
-        sum_gradients(parameters, self.dist)
+        sum_gradients(self.parameters, self.dist)
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():

@@ -51,7 +51,8 @@ class TransferenceResult:
 
 
 def parameter_names(learner: torch.nn.Module, group: str) -> list[str]:
-    """Meta-parameters that take the lookahead step: all, backbone (inner-loop ones) or modulation."""
+    """Meta-parameters that take the lookahead step: all, backbone (the inner-loop ones) or modulation
+    (every meta-parameter outside the inner loop: encoder, generator, and Meta-SGD rates if any)."""
     if group not in PARAMETER_GROUPS:
         raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(PARAMETER_GROUPS)}")
     names = [name for name, p in learner.named_parameters() if p.requires_grad]
@@ -79,22 +80,6 @@ def task_transference(
     ``batched=False`` evaluates the lookaheads one source at a time (same numbers, less memory);
     ``chunk_size`` bounds how many lookaheads run at once in the batched path.
     """
-    # The lookaheads are vmapped through the learner: use its vmap-composable path (same numbers).
-    batching = learner.batched_with("vmap") if hasattr(learner, "batched_with") else nullcontext()
-    with batching:
-        return _task_transference(learner, sources, rate, targets, parameters, inner_steps, batched, chunk_size)
-
-
-def _task_transference(
-    learner: torch.nn.Module,
-    sources: Episode,
-    rate: float,
-    targets: Episode | None,
-    parameters: str,
-    inner_steps: int | None,
-    batched: bool,
-    chunk_size: int | None,
-) -> TransferenceResult:
     targets = sources if targets is None else targets
     names = parameter_names(learner, parameters)
     params = dict(learner.named_parameters())
@@ -122,7 +107,9 @@ def _task_transference(
         if not theta:
             after = base.unsqueeze(0).expand(len(source_loss), -1)
         elif batched:
-            after = vmap(target_losses, chunk_size=chunk_size)(lookahead)
+            # The lookaheads are vmapped through the learner: use its vmap-composable path (same numbers).
+            with learner.batched_with("vmap") if hasattr(learner, "batched_with") else nullcontext():
+                after = vmap(target_losses, chunk_size=chunk_size)(lookahead)
         else:
             after = torch.stack([target_losses({n: v[i] for n, v in lookahead.items()}) for i in range(len(source_loss))])
     z = 1.0 - after / base.unsqueeze(0)
