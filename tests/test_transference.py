@@ -208,3 +208,26 @@ def test_notebooks_execute_headless_and_draw_their_figures(notebook, env, two_ru
     errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert len(images) >= 2
+
+
+def test_offline_cli_on_a_checkpoint_writes_records_and_plots(two_runs, tmp_path, capsys):
+    from kml.cli import transference as transference_cli
+
+    checkpoint = two_runs["kml"] / "checkpoints" / "last.pt"
+    output = tmp_path / "offline.csv"
+    argv = ["--checkpoint", str(checkpoint), "--batches", "2", "--meta-batch", "3", "--output", str(output),
+            "--data-root", str(two_runs["kml"].parents[1] / "data")]
+    assert transference_cli.main(argv) == 0
+    records = pd.read_csv(output)
+    assert list(records.columns) == list(COLUMNS) and len(records) == 2 * 3 * 3
+    assert list(tmp_path.glob("*.png"))
+    # the paper's design: many sources from one mode's train classes against a target from another's test classes
+    paper = tmp_path / "paper.csv"
+    argv = ["--checkpoint", str(checkpoint), "--source-mode", "glyphs", "--target-mode", "textures", "--sources", "4",
+            "--output", str(paper), "--data-root", str(two_runs["kml"].parents[1] / "data")]
+    assert transference_cli.main(argv) == 0
+    records = pd.read_csv(paper)
+    assert set(records["mode_i"]) == {"glyphs"} and set(records["mode_j"]) == {"textures"} and len(records) == 4
+    with pytest.raises(SystemExit):
+        transference_cli.main(["--checkpoint", str(checkpoint), "--source-mode", "glyphs"])
+    assert "go together" in capsys.readouterr().err

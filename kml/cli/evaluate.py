@@ -48,18 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import torch
 
-    from kml.algorithms import build_learner
     from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
     from kml.evaluation import average, evaluate
-    from kml.training.checkpoint import load_checkpoint, load_model_state
+    from kml.training.checkpoint import load_learner
     from kml.training.distributed import DistInfo, resolve_device
-    from kml.training.run_config import RunConfig
 
     device = resolve_device(args.device, DistInfo())
-    state = load_checkpoint(args.checkpoint, device)
-    config = RunConfig.from_dict(state["config"])
-    learner = build_learner(config.learner).to(device)
-    load_model_state(learner, state["model"], args.checkpoint)
+    learner, config, state = load_learner(args.checkpoint, device)
 
     modes = expand_modes(args.modes) if args.modes else config.modes
     if config.learner.multi_maml and set(modes) - set(config.modes):

@@ -53,21 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from kml.algorithms import build_learner
     from kml.data.modes import ROTATED_BY_DEFAULT, canonical_mode, expand_modes, load_stores
     from kml.data.sampler import MixtureSampler
-    from kml.training.checkpoint import load_checkpoint, load_model_state
+    from kml.training.checkpoint import load_learner
     from kml.training.distributed import DistInfo, resolve_device
-    from kml.training.run_config import RunConfig
     from kml.transference.aggregate import mode_matrix
     from kml.transference.analyzer import result_rows, task_transference
     from kml.transference.plots import save_all
 
     device = resolve_device(args.device, DistInfo())
-    state = load_checkpoint(args.checkpoint, device)
-    config = RunConfig.from_dict(state["config"])
-    learner = build_learner(config.learner).to(device)
-    load_model_state(learner, state["model"], args.checkpoint)
+    learner, config, state = load_learner(args.checkpoint, device)
     learner.train()  # the training inner loop, as during meta-training
     rate = args.rate if args.rate is not None else config.lr
     root = args.data_root or config.data_root

@@ -67,3 +67,15 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
             parts.append(f"unexpected: {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
         raise KMLError(f"checkpoint {source} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(state_dict)
+
+
+def load_learner(path: str | os.PathLike, device: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """A checkpoint's learner, rebuilt from the checkpoint's own config: ``(learner, run_config, state)``."""
+    from kml.algorithms import build_learner
+    from kml.training.run_config import RunConfig
+
+    state = load_checkpoint(path, device)
+    config = RunConfig.from_dict(state["config"])
+    learner = build_learner(config.learner).to(device)
+    load_model_state(learner, state["model"], str(path))
+    return learner, config, state
