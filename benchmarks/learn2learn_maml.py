@@ -24,6 +24,7 @@ import copy
 import time
 
 import torch
+from common import add_setup_arguments, random_episode, synchronize
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
@@ -32,30 +33,6 @@ from kml.errors import exit_on_kml_error
 from kml.integrations.learn2learn import maml_forward, require_learn2learn
 
 METHODS = {"maml": dict(algorithm="maml", model="none"), "kml-maml": dict(algorithm="maml", model="kml")}
-
-
-def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str) -> Episode:
-    """A meta-batch of random images with the right shapes and labels (speed does not depend on pixels)."""
-    g = torch.Generator().manual_seed(0)
-
-    def labels(per_class: int) -> torch.Tensor:
-        return torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()
-
-    episode = Episode(
-        support_x=torch.rand(tasks, ways * shots, 3, side, side, generator=g),
-        support_y=labels(shots),
-        query_x=torch.rand(tasks, ways * queries, 3, side, side, generator=g),
-        query_y=labels(queries),
-        mode=torch.zeros(tasks, dtype=torch.int64),
-        classes=torch.arange(ways).expand(tasks, -1).contiguous(),
-        mode_names=("random",),
-    )
-    return episode.to(device)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def measure(learner: torch.nn.Module, forward, episode: Episode, args) -> tuple[float, float]:
@@ -85,14 +62,7 @@ def measure(learner: torch.nn.Module, forward, episode: Episode, args) -> tuple[
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--side", type=int, default=84)
-    parser.add_argument("--meta-batch", type=int, default=10)
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=5)
+    add_setup_arguments(parser)
     parser.add_argument("--first-order", action="store_true")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
     parser.add_argument("--warmup", type=int, default=1)

@@ -14,41 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+from common import add_setup_arguments, peak_memory_mib, random_episode, synchronize
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.data.episode import Episode
 
 METHODS = {"kml-maml": dict(algorithm="maml", model="kml"), "kml-protonet": dict(algorithm="protonet", model="kml")}
-
-
-def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str) -> Episode:
-    """A meta-batch of random images with the right shapes and labels (speed does not depend on pixels)."""
-    g = torch.Generator().manual_seed(0)
-    labels = lambda per_class: torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()  # noqa: E731
-    episode = Episode(
-        support_x=torch.rand(tasks, ways * shots, 3, side, side, generator=g),
-        support_y=labels(shots),
-        query_x=torch.rand(tasks, ways * queries, 3, side, side, generator=g),
-        query_y=labels(queries),
-        mode=torch.arange(tasks) % 3,
-        classes=torch.arange(ways).expand(tasks, -1).contiguous(),
-        mode_names=("a", "b", "c"),
-    )
-    return episode.to(device)
-
-
-def peak_memory_mib(device: str, baseline: float = 0.0) -> float:
-    """Peak device memory (CUDA) or the process's resident high-water mark above ``baseline`` (CPU)."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
 
 
 def measure(method: str, path: str, args) -> tuple[float, float]:
@@ -59,7 +35,7 @@ def measure(method: str, path: str, args) -> tuple[float, float]:
                            inner_steps=args.inner_steps, **METHODS[method])
     learner = build_learner(config).to(args.device).train()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device)
+    episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device, modes=3)
     forward = learner if path == "batched" else learner.reference_forward
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and args.device.startswith("cuda"))
 
@@ -72,28 +48,20 @@ def measure(method: str, path: str, args) -> tuple[float, float]:
 
     for _ in range(args.warmup):
         step()
+    synchronize(args.device)
     if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(args.device)
     seconds = time.perf_counter() - start
     return args.steps * args.meta_batch / seconds, peak_memory_mib(args.device, baseline)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--side", type=int, default=84)
-    parser.add_argument("--meta-batch", type=int, default=10)
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=5)
+    add_setup_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

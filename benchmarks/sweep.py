@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ AXES = {"meta_batch": [1, 2, 5, 10, 20], "shots": [1, 5, 10], "ways": [5, 10, 20
 def measure(config: dict) -> dict:
     """Time ``repeats`` meta-training steps of one configuration (run inside the child process)."""
     import torch
+    from common import peak_memory_mib, synchronize
 
     from kml.algorithms import build_learner
     from kml.config import LearnerConfig
@@ -48,19 +48,16 @@ def measure(config: dict) -> dict:
         learner(sampler.sample()).loss.backward()
         optimizer.step()
 
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = peak_memory_mib("cpu")
     step()
+    synchronize(device)
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(config["repeats"]):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+    synchronize(device)
+    peak = peak_memory_mib(device, baseline)
     seconds = (time.perf_counter() - start) / config["repeats"]
     return {"step_ms": 1000 * seconds, "tasks_per_s": config["meta_batch"] / seconds, "peak_mib": peak}
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import add_setup_arguments, synchronize
 from published_style import PublishedStyleKML, published_style_step, task_loader
 
 from kml.config import LearnerConfig
@@ -29,11 +30,6 @@ from kml.data.modes import load_stores
 from kml.evaluation import evaluate
 from kml.training.run_config import RunConfig
 from kml.training.trainer import Trainer
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def reference_throughput(store, args, folder: Path) -> float:
@@ -44,11 +40,11 @@ def reference_throughput(store, args, folder: Path) -> float:
                               (args.steps + 1) * args.meta_batch, args.side, args.workers))
     meta_batch = lambda: [next(loader) for _ in range(args.meta_batch)]  # noqa: E731
     published_style_step(model, optimizer, meta_batch(), args.ways, args.shots, args.device)  # warm-up
-    sync(args.device)
+    synchronize(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         published_style_step(model, optimizer, meta_batch(), args.ways, args.shots, args.device)
-    sync(args.device)
+    synchronize(args.device)
     return args.steps * args.meta_batch / (time.perf_counter() - start)
 
 
@@ -65,27 +61,20 @@ def kml_throughput(args, root: Path, train_dir: Path, algorithm: str) -> tuple[f
     trainer = Trainer.create(config, overwrite=True, progress=False)
     trainer.train_step(trainer.sampler.sample())  # warm-up (allocations, first-call dispatch)
     trainer.step = 1
-    sync(args.device)
+    synchronize(args.device)
     start = time.perf_counter()
     trainer.fit()  # steps 2..steps+1, the final validation and checkpoint included
-    sync(args.device)
+    synchronize(args.device)
     return args.steps * args.meta_batch / (time.perf_counter() - start), trainer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed outer steps")
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=1)
-    parser.add_argument("--queries", type=int, default=15)
-    parser.add_argument("--meta-batch", type=int, default=10)
-    parser.add_argument("--side", type=int, default=84)
-    parser.add_argument("--channels", type=int, default=32)
-    parser.add_argument("--inner-steps", type=int, default=5, help="MAML inner steps (for the KML + MAML figure)")
+    add_setup_arguments(parser)
     parser.add_argument("--mode", default="shapes", help="synthetic mode whose images both implementations read")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for kml (CUDA)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
@@ -102,7 +91,7 @@ def main() -> None:
         start = time.perf_counter()
         evaluate(trainer.learner, test, args.ways, args.shots, args.queries, args.eval_episodes,
                  tasks_per_batch=args.meta_batch, progress=False)
-        sync(args.device)
+        synchronize(args.device)
         eval_rate = args.eval_episodes / (time.perf_counter() - start)
     print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
           f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}")

@@ -232,10 +232,10 @@ class Trainer:
                 writer.writeheader()
                 writer.writerows(rows)
 
-    def _write_metrics(self, rows: list[dict[str, Any]], mode: str = "a") -> None:
+    def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
         path = self.run_dir / "metrics.csv"
-        new = mode == "w" or not path.is_file()
-        with path.open(mode, newline="") as handle:
+        new = not path.is_file()
+        with path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self._metric_columns())
             if new:
                 writer.writeheader()

@@ -1,0 +1,58 @@
+"""Pieces the benchmark scripts share: the published setup's flags, a random meta-batch, timing and memory helpers."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+
+import torch
+
+from kml.data.episode import Episode
+
+
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The published setup as flags: 5-way 1-shot 15-query, 84x84x3, meta-batch 10, 32 channels, 5 inner steps."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--shots", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=15)
+    parser.add_argument("--side", type=int, default=84)
+    parser.add_argument("--meta-batch", type=int, default=10)
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--inner-steps", type=int, default=5, help="MAML inner steps")
+
+
+def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str, modes: int = 1) -> Episode:
+    """A meta-batch of random images with the right shapes and labels (speed does not depend on pixels).
+
+    Task t belongs to mode ``t % modes``. Shapes: ``support_x [tasks, ways*shots, 3, side, side]``,
+    ``query_x [tasks, ways*queries, 3, side, side]``.
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def labels(per_class: int) -> torch.Tensor:
+        return torch.arange(ways).repeat_interleave(per_class).expand(tasks, -1).contiguous()
+
+    episode = Episode(
+        support_x=torch.rand(tasks, ways * shots, 3, side, side, generator=g),
+        support_y=labels(shots),
+        query_x=torch.rand(tasks, ways * queries, 3, side, side, generator=g),
+        query_y=labels(queries),
+        mode=torch.arange(tasks) % modes,
+        classes=torch.arange(ways).expand(tasks, -1).contiguous(),
+        mode_names=tuple(f"mode{m}" for m in range(modes)),
+    )
+    return episode.to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that wall-clock timings include it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(device: str, baseline: float = 0.0) -> float:
+    """Peak device memory (CUDA) or the process's resident high-water mark above ``baseline`` (CPU)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
