@@ -8,6 +8,10 @@ import resource
 import torch
 
 from kml.data.episode import Episode
+from kml.runtime import tune_cpu_allocator
+
+# Benchmarks are entry points like kml-train: same allocator (KML_MALLOC=system measures without it).
+ALLOCATOR_TUNED = tune_cpu_allocator()
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +24,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--inner-steps", type=int, default=5, help="MAML inner steps")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for kml (CUDA, or a CPU with AMX/AVX512-BF16)")
 
 
 def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str, modes: int = 1) -> Episode:

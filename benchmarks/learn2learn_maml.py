@@ -30,6 +30,7 @@ from kml.algorithms import build_learner
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
 from kml.errors import exit_on_kml_error
+from kml.runtime import autocast
 from kml.integrations.learn2learn import maml_forward, require_learn2learn
 
 METHODS = {"maml": dict(algorithm="maml", model="none"), "kml-maml": dict(algorithm="maml", model="kml")}
@@ -41,7 +42,8 @@ def measure(learner: torch.nn.Module, forward, episode: Episode, args) -> tuple[
     first = None
 
     def step() -> float:
-        loss = forward(learner, episode).loss
+        with autocast(args.device, args.bf16):  # both paths alike
+            loss = forward(learner, episode).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     l2l = require_learn2learn()
     print(f"device={args.device} torch={torch.__version__} learn2learn={l2l.__version__} threads={torch.get_num_threads()} "
           f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} channels={args.channels} "
-          f"inner-steps={args.inner_steps} {'first' if args.first_order else 'second'}-order")
+          f"inner-steps={args.inner_steps} {'first' if args.first_order else 'second'}-order bf16={args.bf16}")
     print(f"{'method':<10}{'path':<13}{'tasks/s':>10}{'ms/step':>10}{'first loss':>13}")
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device)
     paths = {"learn2learn": maml_forward, "kml batched": lambda learner, e: learner(e)}

@@ -11,6 +11,7 @@ throughput, which the reference has no counterpart for.
 
     python benchmarks/train_throughput.py                # published setup
     python benchmarks/train_throughput.py --smoke        # tiny, for CI
+    python benchmarks/train_throughput.py --bf16         # kml under bf16 autocast (AMX CPU or CUDA)
     python benchmarks/train_throughput.py --device cuda
 """
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_setup_arguments, synchronize
+from common import ALLOCATOR_TUNED, add_setup_arguments, synchronize
 from published_style import PublishedStyleKML, published_style_step, task_loader
 
 from kml.config import LearnerConfig
@@ -75,7 +76,6 @@ def main() -> None:
     parser.add_argument("--mode", default="shapes", help="synthetic mode whose images both implementations read")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for kml (CUDA)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
     if args.smoke:
@@ -90,11 +90,12 @@ def main() -> None:
         test = load_stores([args.mode], "test", tmp / "data", side=args.side, device=args.device)
         start = time.perf_counter()
         evaluate(trainer.learner, test, args.ways, args.shots, args.queries, args.eval_episodes,
-                 tasks_per_batch=args.meta_batch, progress=False)
+                 tasks_per_batch=args.meta_batch, bf16=args.bf16, progress=False)
         synchronize(args.device)
         eval_rate = args.eval_episodes / (time.perf_counter() - start)
     print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
-          f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}")
+          f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
+          f"kml bf16 {args.bf16}, allocator tuned {ALLOCATOR_TUNED}")
     print(f"{'training loop':<46}{'tasks/s':>10}")
     print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
     print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")

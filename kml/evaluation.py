@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from kml.data.sampler import EpisodeSampler
 from kml.data.store import ImageStore
+from kml.runtime import autocast
 
 
 @dataclass
@@ -77,8 +77,7 @@ def evaluate(
             while remaining:
                 count = min(tasks_per_batch, remaining)
                 episode = sampler.sample(count).to_float()
-                autocast = torch.autocast("cuda", torch.bfloat16) if bf16 and episode.device.type == "cuda" else nullcontext()
-                with autocast:
+                with autocast(episode.device, bf16):
                     output = learner(episode, inner_steps=inner_steps)
                 accuracies.append(output.task_accuracy.detach().float().cpu())
                 losses.append(output.task_loss.detach().float().cpu())

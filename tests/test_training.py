@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import torch
 
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
+from kml.runtime import bf16_native
 from kml.training.checkpoint import load_checkpoint
 
 TINY = [
@@ -162,8 +164,8 @@ def test_unknown_mode_and_flag_value(tmp_path, capsys):
     assert "unknown mode 'mnist'; known modes: omniglot" in err
     err = one_line_error(capsys, ["--modes", "synthetic", "--algorithm", "reptile"])
     assert "invalid choice: 'reptile'" in err and "maml" in err and "protonet" in err
-    err = one_line_error(capsys, tiny_args(tmp_path, "--compile", "--device", "cpu", name="compiled"))
-    assert "--compile is for CUDA devices" in err
+    err = one_line_error(capsys, tiny_args(tmp_path, "--compile", name="compiled"))
+    assert "--compile cannot run second-order MAML" in err
 
 
 def test_missing_dataset_cache_names_download_command(tmp_path, capsys):
@@ -217,3 +219,28 @@ def test_non_finite_loss_stops_with_step(tmp_path, capsys):
     err = one_line_error(capsys, tiny_args(tmp_path, "--lr", "1e30", "--inner-lr", "1e30", steps=50))
     assert "non-finite loss at step" in err
     assert (tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_bf16_where_the_hardware_lacks_it_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("kml.runtime.bf16_native", lambda device: False)
+    err = one_line_error(capsys, tiny_args(tmp_path, "--bf16", steps=2))
+    assert "--bf16 needs bf16 arithmetic in hardware" in err
+
+
+@pytest.mark.skipif(not bf16_native("cpu"), reason="no native bf16 on this CPU")
+def test_bf16_run_on_cpu_trains_and_evaluates(tmp_path, capsys):
+    assert train_cli.main(tiny_args(tmp_path, "--bf16", steps=10)) == 0
+    rows = read_metrics(tmp_path / "train_dir" / "run")
+    assert rows and all(math.isfinite(float(row["loss"])) for row in rows)
+
+
+@pytest.mark.slow
+def test_compiled_protonet_run_matches_eager(tmp_path):
+    """torch.compile (about a minute of compiling on CPU) trains to the same losses as the eager learner."""
+    args = ("--algorithm", "protonet", "--steps", "3")
+    assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", name="eager")) == 0
+    assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", "--compile", name="compiled")) == 0
+    eager, compiled = (read_metrics(tmp_path / "train_dir" / name) for name in ("eager", "compiled"))
+    assert len(eager) == len(compiled) == 3
+    for a, b in zip(eager, compiled):
+        assert math.isclose(float(a["loss"]), float(b["loss"]), rel_tol=1e-3)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -129,7 +128,7 @@ class MetaLearner(nn.Module):
         return functional_call(self.models[0].backbone, params, (x, modulation))
 
     def _support_loss(self, fast: Params, modulation: Modulation | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self._backbone(fast, x, modulation), y)
+        return cross_entropy(self._backbone(fast, x, modulation), y)
 
     def _inner_rate(self, params: Params, name: str) -> torch.Tensor | float:
         key = f"inner_rates.{rate_key(name)}"
@@ -164,7 +163,7 @@ class MetaLearner(nn.Module):
             grads = _clip(grads, config.inner_grad_clip)
             fast = {name: p - self._inner_rate(params, name) * grads[name] for name, p in fast.items()}
         logits = self._backbone(fast, query_x, modulation)
-        return F.cross_entropy(logits, query_y), accuracy(logits, query_y)
+        return cross_entropy(logits, query_y), accuracy(logits, query_y)
 
     def _task_params(self, episode: Episode) -> tuple[Params, int | None]:
         """Parameters per task and their vmap dimension: shared (``None``) or gathered by mode (``0``)."""
@@ -203,8 +202,11 @@ class MetaLearner(nn.Module):
         # the vmap path avoid it is in vmap's batching rule (tests hold both paths to the reference).
         if config.algorithm == "protonet":
             backbone = stacked("backbone.")
-            support_features = packed_forward(backbone, episode.support_x, modulation, layout)
-            query_features = packed_forward(backbone, episode.query_x, modulation, layout)
+            # Channels-last made this step 1.1x (float32) to 1.2x (bf16) faster on the CPU we measured;
+            # not measured on a GPU yet, so CUDA keeps the default layout.
+            channels_last = episode.support_x.device.type == "cpu"
+            support_features = packed_forward(backbone, episode.support_x, modulation, layout, channels_last=channels_last)
+            query_features = packed_forward(backbone, episode.query_x, modulation, layout, channels_last=channels_last)
             task_loss, task_accuracy = prototypical_loss(
                 support_features, episode.support_y, query_features, episode.query_y, config.ways, config.proto_refine
             )
@@ -248,7 +250,7 @@ class MetaLearner(nn.Module):
                 with torch.enable_grad():  # the inner loop needs gradients even in evaluation
                     fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                     for _ in range(steps):
-                        support_loss = F.cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)
+                        support_loss = cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)
                         grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not config.first_order)
                         grads = _clip(dict(zip(fast, grads)), config.inner_grad_clip)
                         rates = model.inner_rates
@@ -257,7 +259,7 @@ class MetaLearner(nn.Module):
                             for n, p in fast.items()
                         }
                 logits = functional_call(model.backbone, fast, (query_x, modulation))
-                loss, acc = F.cross_entropy(logits, query_y), accuracy(logits, query_y)
+                loss, acc = cross_entropy(logits, query_y), accuracy(logits, query_y)
             losses.append(loss)
             accuracies.append(acc)
         task_loss = torch.stack(losses)

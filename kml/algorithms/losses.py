@@ -16,13 +16,24 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits [..., B, N]`` against ``labels [..., B]``, per leading index."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: log-softmax in float32
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
     return losses.view(labels.shape).mean(dim=-1)
 
 
 def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` squared Euclidean distances."""
-    return (queries.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(dim=-1)
+    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` squared Euclidean distances, in float32 at least.
+
+    As ``|q|^2 + |p|^2 - 2 q.p``: one matrix product instead of a ``[..., B, N, D]`` difference tensor
+    (at the published setup that tensor and its backward were a third of a ProtoNet step). float32 even
+    under bf16 autocast, where the cancellation of the three terms would lose the small distances.
+    """
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    with torch.autocast(queries.device.type, enabled=False):
+        queries, prototypes = queries.to(dtype), prototypes.to(dtype)
+        cross = queries @ prototypes.transpose(-1, -2)
+        distances = queries.pow(2).sum(dim=-1, keepdim=True) + prototypes.pow(2).sum(dim=-1).unsqueeze(-2) - 2 * cross
+    return distances.clamp(min=0)
 
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:

@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
     from kml.evaluation import average, evaluate
+    from kml.runtime import bf16_native, tune_cpu_allocator
     from kml.training.checkpoint import load_learner
     from kml.training.distributed import DistInfo, resolve_device
 
+    tune_cpu_allocator()
     device = resolve_device(args.device, DistInfo())
     learner, config, state = load_learner(args.checkpoint, device)
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(
         learner, stores, config.ways, shots, queries, args.episodes, seed=args.seed,
         tasks_per_batch=args.tasks_per_batch, inner_steps=args.inner_steps, rotate=rotate,
-        bf16=config.bf16, progress=args.progress,
+        bf16=config.bf16 and bf16_native(device), progress=args.progress,  # trained with bf16 elsewhere: float32 here
     )
     rows = [r.as_dict() for r in [*results, average(results)]]
     table = pd.DataFrame(rows)

@@ -60,8 +60,8 @@ SWITCHES = {
     "first_order": ("learner", "first-order MAML (no second derivatives)"),
     "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
-    "bf16": ("run", "bf16 autocast on CUDA"),
-    "compile": ("run", "torch.compile the learner on CUDA"),
+    "bf16": ("run", "bf16 autocast (CUDA, or a CPU with AMX/AVX512-BF16): about 1.2-1.7x faster steps"),
+    "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
 }
 
 
@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
 
+    from kml.runtime import tune_cpu_allocator
     from kml.training.distributed import init_distributed, shutdown
     from kml.training.trainer import Trainer, run_directory
+
+    tune_cpu_allocator()
 
     dist_info = init_distributed(values.get("device", "auto") if values.get("device", "auto") != "auto" else ("cuda" if _cuda() else "cpu"))
     try:

@@ -55,12 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from kml.data.modes import ROTATED_BY_DEFAULT, canonical_mode, expand_modes, load_stores
     from kml.data.sampler import MixtureSampler
+    from kml.runtime import tune_cpu_allocator
     from kml.training.checkpoint import load_learner
     from kml.training.distributed import DistInfo, resolve_device
     from kml.transference.aggregate import mode_matrix
     from kml.transference.analyzer import result_rows, task_transference
     from kml.transference.plots import save_all
 
+    tune_cpu_allocator()
     device = resolve_device(args.device, DistInfo())
     learner, config, state = load_learner(args.checkpoint, device)
     learner.train()  # the training inner loop, as during meta-training

@@ -129,6 +129,7 @@ def packed_forward(
     modulation: Modulation | None,
     layout: str,
     fused_norm: bool = True,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """The backbone of T tasks at once, in a task-packed layout, from per-task parameters.
 
@@ -140,10 +141,16 @@ def packed_forward(
     (``groups=T``) reads and writes that layout directly, and per-task BatchNorm is plain
     BatchNorm over the ``T*C`` channels, so nothing is relaid out between layers (what ``vmap``'s
     batching rules do around every convolution). Equal to :meth:`Backbone.forward` per task.
+    ``channels_last``: lay the activations out ``[B, H, W, T*C]`` in memory (the same tensor
+    values), which oneDNN's grouped convolutions run faster for a forward and backward pass
+    (not for the double backward of second-order MAML; benchmarks/README.md has the figures).
     """
-    tasks, batch = x.shape[:2]
+    tasks, batch, channels = x.shape[:3]
     stride = 2 if layout == "published" else 1
-    h = x.transpose(0, 1).reshape(batch, tasks * x.shape[2], *x.shape[3:])
+    if channels_last:  # one copy into [B, H, W, T, C] order, viewed as [B, T*C, H, W]
+        h = x.permute(1, 3, 4, 0, 2).reshape(batch, *x.shape[3:], tasks * channels).permute(0, 3, 1, 2)
+    else:
+        h = x.transpose(0, 1).reshape(batch, tasks * channels, *x.shape[3:])
     for index in range(1, 5):
         weight, bias = params[f"conv{index}.weight"], params[f"conv{index}.bias"]
         if modulation is not None and f"kernel{index}" in modulation:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from kml.errors import KMLError
 from kml.evaluation import average, evaluate
 from kml.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
+from kml.runtime import autocast, check_bf16
 from kml.training.run_config import RunConfig
 
 Callback = Callable[["Trainer", int, Episode], None]
@@ -60,6 +60,8 @@ class Trainer:
         self.device = resolve_device(config.device, self.dist)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise KMLError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+        if config.bf16:
+            check_bf16(self.device)
         self.run_dir = run_dir
         self.checkpoint_dir = run_dir / "checkpoints"
         self.progress = progress and self.dist.is_main
@@ -86,8 +88,11 @@ class Trainer:
         # torch.compile wraps the forward only; checkpoints keep the plain module's state_dict.
         self.forward = self.learner
         if config.compile:
-            if not self.device.startswith("cuda"):
-                raise KMLError("--compile is for CUDA devices (on a CPU it compiles for minutes and gains nothing); drop it")
+            if learner_config.algorithm == "maml" and not learner_config.first_order:
+                raise KMLError(
+                    "--compile cannot run second-order MAML (torch.compile does not differentiate twice); "
+                    "add --first-order or drop --compile"
+                )
             self.forward = torch.compile(self.learner)
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_halve_every, gamma=0.5)
@@ -291,8 +296,7 @@ class Trainer:
         """One outer step on this rank's share of the meta-batch."""
         total_tasks = episode.num_tasks
         local = episode.select(slice(self.dist.rank, None, self.dist.world_size)).to_float()
-        autocast = torch.autocast("cuda", torch.bfloat16) if self.config.bf16 and self.device.startswith("cuda") else nullcontext()
-        with autocast:
+        with autocast(self.device, self.config.bf16):
             output = self.forward(local)
         loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
         global_loss = sum_tensor(loss.detach().clone(), self.dist)
