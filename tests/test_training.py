@@ -244,3 +244,29 @@ def test_compiled_protonet_run_matches_eager(tmp_path):
     assert len(eager) == len(compiled) == 3
     for a, b in zip(eager, compiled):
         assert math.isclose(float(a["loss"]), float(b["loss"]), rel_tol=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
+    """SIGTERM to rank 1 only: rank 0, which writes the files, learns it in the step's all-reduce, stops after the
+    same step and saves (before, it went on into an all-reduce that rank 1 never joined)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+               "-m", "kml.cli.train", *tiny_args(tmp_path, "--meta-batch", "4", name="ddp-term", steps=100000)]
+    launcher = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "train_dir" / "ddp-term" / "metrics.csv"
+    deadline = time.time() + 180
+    while not metrics.is_file() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+    assert metrics.is_file(), launcher.stderr.read() if launcher.poll() is not None else "no metrics in time"
+    workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    rank1 = [pid for pid in workers if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes().replace(b"LOCAL_RANK", b"")]
+    assert len(workers) == 2 and len(rank1) == 1
+    os.kill(int(rank1[0]), signal.SIGTERM)
+    try:
+        launcher.wait(120)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        pytest.fail("a rank kept waiting for its signalled peer")
+    state = load_checkpoint(tmp_path / "train_dir" / "ddp-term" / "checkpoints" / "last.pt")
+    log = (tmp_path / "train_dir" / "ddp-term" / "log.txt").read_text()
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {state['step']};" in log

@@ -99,7 +99,8 @@ class Trainer:
         self.step = 0
         self.best_val = -math.inf
         self.callbacks: list[Callback] = []
-        self._stop_signal: int | None = None
+        self._stop_signal: int | None = None  # the signal this process received (or, under torchrun, a peer)
+        self._stop_agreed = False  # under torchrun: some rank was signalled, as of the last step's all-reduce
         self._reset_window()
         self.logger = self._make_logger()
         self.tensorboard = self._make_tensorboard()
@@ -271,6 +272,10 @@ class Trainer:
     def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
+    def _should_stop(self) -> bool:
+        # Under torchrun all ranks must leave after the same step, or the others wait forever in the next all-reduce.
+        return self._stop_agreed if self.dist.enabled else self._stop_signal is not None
+
     def validate(self) -> float:
         results = evaluate(
             self.learner, self.val_stores, self.config.ways, self.config.shots, self.config.queries,
@@ -299,7 +304,13 @@ class Trainer:
         with autocast(self.device, self.config.bf16):
             output = self.forward(local)
         loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
-        global_loss = sum_tensor(loss.detach().clone(), self.dist)
+        # The stop request travels with the loss: every rank learns in the same all-reduce that one was signalled.
+        requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=loss.device)
+        summed = sum_tensor(torch.stack([loss.detach().double(), requested]), self.dist)
+        global_loss = summed[0]
+        if self.dist.enabled and summed[1] > 0:
+            self._stop_agreed = True
+            self._stop_signal = self._stop_signal or signal.SIGTERM
         if not torch.isfinite(global_loss):
             self.save()
             raise KMLError(
@@ -333,7 +344,7 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, desc="meta-train", disable=not self.progress, dynamic_ncols=True)
         self.learner.train()
         try:
-            while self.step < config.steps and self._stop_signal is None:
+            while self.step < config.steps and not self._should_stop():
                 episode = self.sampler.sample()
                 try:
                     self.train_step(episode)
