@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from kml.runtime import bf16_native
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 CASES = {
@@ -30,3 +32,12 @@ def test_benchmark_smoke_run_prints_its_figures(script, tmp_path):
         assert expected in done.stdout, done.stdout
     if script == "sweep.py":
         assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not bf16_native("cpu"), reason="no native bf16 on this CPU")
+def test_learner_benchmark_with_bf16_prints_both_reference_rows(tmp_path):
+    argv = [sys.executable, str(BENCHMARKS / "learner.py"), "--smoke", "--bf16", "--methods", "kml-protonet"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reference  fp32" in done.stdout and "reference  bf16" in done.stdout and "batched    bf16" in done.stdout
+    assert "(batched bf16 / reference fp32)" in done.stdout and "(batched / reference, both bf16)" in done.stdout
