@@ -8,10 +8,10 @@ import resource
 import torch
 
 from kml.data.episode import Episode
-from kml.runtime import tune_cpu_allocator
 
-# Benchmarks are entry points like kml-train: same allocator (KML_MALLOC=system measures without it).
-ALLOCATOR_TUNED = tune_cpu_allocator()
+# Every benchmark's main() calls kml.runtime.tune_cpu_allocator() first, as kml-train does
+# (KML_MALLOC=system measures without it).
+BF16_HELP = "bf16 autocast for kml (CUDA from Ampere on, or a CPU with AVX512-BF16/AMX)"
 
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--inner-steps", type=int, default=5, help="MAML inner steps")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for kml (CUDA, or a CPU with AMX/AVX512-BF16)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
 
 def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str, modes: int = 1) -> Episode:

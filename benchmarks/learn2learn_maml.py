@@ -30,8 +30,8 @@ from kml.algorithms import build_learner
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
 from kml.errors import exit_on_kml_error
-from kml.runtime import autocast
 from kml.integrations.learn2learn import maml_forward, require_learn2learn
+from kml.runtime import autocast, check_bf16, tune_cpu_allocator
 
 METHODS = {"maml": dict(algorithm="maml", model="none"), "kml-maml": dict(algorithm="maml", model="kml")}
 
@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
     l2l = require_learn2learn()
+    tune_cpu_allocator()
+    if args.bf16:
+        check_bf16(args.device)
     print(f"device={args.device} torch={torch.__version__} learn2learn={l2l.__version__} threads={torch.get_num_threads()} "
           f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} channels={args.channels} "
           f"inner-steps={args.inner_steps} {'first' if args.first_order else 'second'}-order bf16={args.bf16}")

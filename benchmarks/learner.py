@@ -23,11 +23,11 @@ import sys
 import time
 
 import torch
-from common import ALLOCATOR_TUNED, add_setup_arguments, peak_memory_mib, random_episode, synchronize
+from common import add_setup_arguments, peak_memory_mib, random_episode, synchronize
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.runtime import autocast, check_bf16
+from kml.runtime import autocast, check_bf16, tune_cpu_allocator
 
 METHODS = {"kml-maml": dict(algorithm="maml", model="kml"), "kml-protonet": dict(algorithm="protonet", model="kml")}
 
@@ -74,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
+    tuned = tune_cpu_allocator()
     if args.one:  # child process: one measurement, so the CPU peak memory is this configuration's own
         method, path, bf16 = args.one
         print(json.dumps(measure(method, path, bf16 == "bf16", args)))
@@ -82,7 +83,7 @@ def main() -> None:
         check_bf16(args.device)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
           f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
-          f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={ALLOCATOR_TUNED}")
+          f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={tuned}")
     print(f"{'method':<14}{'path':<11}{'precision':<11}{'tasks/s':>10}{'ms/step':>10}{'peak MiB':>10}")
     precision = "bf16" if args.bf16 else "fp32"
     runs = [("reference", "fp32"), *([("reference", "bf16")] if args.bf16 else []), ("batched", precision)]

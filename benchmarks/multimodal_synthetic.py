@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import common  # noqa: F401  (tunes the CPU allocator, as kml-train does)
+from common import BF16_HELP
 
 from kml.config import LearnerConfig
 from kml.data.modes import load_stores
 from kml.evaluation import evaluate
+from kml.runtime import tune_cpu_allocator
 from kml.training.run_config import RunConfig
 from kml.training.trainer import Trainer
 from kml.transference.aggregate import load_records, mode_matrix
@@ -73,11 +74,12 @@ def main() -> None:
     parser.add_argument("--transference-every", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or a CPU with AMX/AVX512-BF16)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--keep", help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI (figures meaningless)")
     args = parser.parse_args()
+    tune_cpu_allocator()
     if args.smoke:
         args.steps, args.meta_batch, args.side, args.channels, args.queries = 4, 3, 16, 4, 2
         args.inner_steps, args.episodes, args.transference_every, args.no_progress = 1, 6, 2, True

@@ -22,6 +22,7 @@ from published_style import task_loader
 
 from kml.data.sampler import MixtureSampler
 from kml.data.synthetic import generate_store
+from kml.runtime import tune_cpu_allocator
 
 
 def bench_reference(store, args, folder: Path) -> float:
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
+    tune_cpu_allocator()  # as kml-train does
     if args.smoke:
         args.classes, args.meta_batches, args.workers = 8, 2, 0
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -64,6 +64,9 @@ def measure(config: dict) -> dict:
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        from kml.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()  # as kml-train does
         print(json.dumps(measure(json.loads(sys.argv[2]))))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import ALLOCATOR_TUNED, add_setup_arguments, synchronize
+from common import add_setup_arguments, synchronize
 from published_style import PublishedStyleKML, published_style_step, task_loader
 
 from kml.config import LearnerConfig
 from kml.data.modes import load_stores
 from kml.evaluation import evaluate
+from kml.runtime import check_bf16, tune_cpu_allocator
 from kml.training.run_config import RunConfig
 from kml.training.trainer import Trainer
 
@@ -78,6 +79,9 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
+    tuned = tune_cpu_allocator()
+    if args.bf16:
+        check_bf16(args.device)
     if args.smoke:
         args.steps, args.side, args.channels, args.meta_batch, args.queries = 2, 32, 8, 2, 3
         args.inner_steps, args.workers, args.eval_episodes = 1, 0, 4
@@ -95,7 +99,7 @@ def main() -> None:
         eval_rate = args.eval_episodes / (time.perf_counter() - start)
     print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
           f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
-          f"kml bf16 {args.bf16}, allocator tuned {ALLOCATOR_TUNED}")
+          f"kml bf16 {args.bf16}, allocator tuned {tuned}")
     print(f"{'training loop':<46}{'tasks/s':>10}")
     print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
     print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")

@@ -38,6 +38,28 @@ def test_squared_distances_equal_the_direct_formula():
     assert (same >= 0).all() and (same[..., 0] <= 1e-12 * scaled[:, :1].pow(2).sum(-1)).all()
 
 
+def test_squared_distances_in_float32_on_post_relu_features():
+    """Realistic features (non-negative, D = 1152): the matrix-product form keeps float32 accuracy."""
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.relu(torch.randn(3, 75, 1152, generator=generator))
+    prototypes = torch.relu(torch.randn(3, 5, 1152, generator=generator))
+    direct = (queries.double().unsqueeze(-2) - prototypes.double().unsqueeze(-3)).pow(2).sum(-1)
+    torch.testing.assert_close(squared_distances(queries, prototypes).double(), direct, rtol=1e-5, atol=1e-3)
+
+
+def test_packed_channels_last_equals_default_layout():
+    from kml.models.backbone import Backbone, packed_forward
+
+    torch.manual_seed(0)
+    backbone = Backbone(3, 4, 16, ways=None).double()
+    params = {name: p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)
+              for name, p in backbone.named_parameters()}
+    images = torch.randn(3, 6, 3, 16, 16, dtype=torch.float64)
+    default = packed_forward(params, images, None, "published")
+    torch.testing.assert_close(packed_forward(params, images, None, "published", channels_last=True), default,
+                               rtol=1e-12, atol=1e-12)
+
+
 @needs_cpu_bf16
 def test_squared_distances_stay_float32_under_bf16_autocast():
     queries, prototypes = torch.randn(2, 5, 64), torch.randn(2, 3, 64)
@@ -79,7 +101,7 @@ def test_cpu_bf16_forward_and_meta_gradient_follow_float32(algorithm, episode):
 
 
 def test_bf16_refused_where_it_would_be_emulated(monkeypatch):
-    monkeypatch.setattr("kml.runtime.bf16_native", lambda device: False)
+    monkeypatch.setattr("kml.runtime.precision.bf16_native", lambda device: False)
     with pytest.raises(KMLError, match="drop --bf16"):
         check_bf16("cpu")
 
@@ -92,9 +114,24 @@ def test_autocast_off_is_a_no_op():
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
-@pytest.mark.parametrize("setting, applied", [("", "True"), ("system", "False")])
-def test_allocator_tuning_applies_unless_opted_out(setting, applied):
-    code = "import torch; from kml.runtime import tune_cpu_allocator as t; r = t(); torch.relu(torch.ones(2**24)); print(r)"
+@pytest.mark.parametrize("setting, applied", [("", True), ("system", False)])
+def test_allocator_tuning_reuses_freed_pages_unless_opted_out(setting, applied):
+    """A 256 MiB tensor allocated again and again: page-faulted in every time, unless the allocator was tuned
+    (then, once the heap has settled after a few rounds, not at all)."""
+    code = """
+import resource, torch
+from kml.runtime import tune_cpu_allocator
+tuned = tune_cpu_allocator()
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(2**26)  # written, so every page is touched
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del block
+print(tuned, faults)
+"""
     env = {"KML_MALLOC": setting, "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == applied
+    tuned, faults = out.split()
+    pages = 2**28 // 4096
+    assert tuned == str(applied)
+    assert (int(faults) < pages // 10) if applied else (int(faults) > pages // 2)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,12 @@ TINY = [
 def tiny_args(tmp_path: Path, *extra: str, steps: int = 20, name: str = "run") -> list[str]:
     return [*TINY, "--steps", str(steps), "--train-dir", str(tmp_path / "train_dir"), "--run-name", name,
             "--data-root", str(tmp_path / "data"), *extra]
+
+
+def free_port() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
@@ -140,7 +147,7 @@ def test_torchrun_two_processes_match_single(tmp_path):
     extra = ("--meta-batch", "4", "--checkpoint-every", "1", "--val-every", "100", "--log-every", "1")
     assert train_cli.main(tiny_args(tmp_path, *extra, steps=1, name="single")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                "-m", "kml.cli.train", *tiny_args(tmp_path, *extra, steps=1, name="ddp")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -222,22 +229,34 @@ def test_non_finite_loss_stops_with_step(tmp_path, capsys):
 
 
 def test_bf16_where_the_hardware_lacks_it_is_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("kml.runtime.bf16_native", lambda device: False)
+    monkeypatch.setattr("kml.runtime.precision.bf16_native", lambda device: False)
     err = one_line_error(capsys, tiny_args(tmp_path, "--bf16", steps=2))
     assert "--bf16 needs bf16 arithmetic in hardware" in err
 
 
 @pytest.mark.skipif(not bf16_native("cpu"), reason="no native bf16 on this CPU")
-def test_bf16_run_on_cpu_trains_and_evaluates(tmp_path, capsys):
+def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, capsys, monkeypatch):
     assert train_cli.main(tiny_args(tmp_path, "--bf16", steps=10)) == 0
     rows = read_metrics(tmp_path / "train_dir" / "run")
     assert rows and all(math.isfinite(float(row["loss"])) for row in rows)
+    checkpoint = str(tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt")
+    assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"] == "bf16"
+    for name in ("kml.runtime.precision.bf16_native", "kml.runtime.bf16_native"):  # another machine
+        monkeypatch.setattr(name, lambda device: False)
+    err = one_line_error(capsys, tiny_args(tmp_path, "--resume", steps=15))
+    assert "add --no-bf16" in err
+    assert train_cli.main(tiny_args(tmp_path, "--resume", "--no-bf16", steps=15)) == 0
+    assert int(read_metrics(tmp_path / "train_dir" / "run")[-1]["step"]) == 15
+    assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"] == "float32"
 
 
 @pytest.mark.slow
-def test_compiled_protonet_run_matches_eager(tmp_path):
+@pytest.mark.parametrize("method", [("--algorithm", "protonet"), ("--first-order",)], ids=["protonet", "first-order-maml"])
+def test_compiled_run_matches_eager(tmp_path, method):
     """torch.compile (about a minute of compiling on CPU) trains to the same losses as the eager learner."""
-    args = ("--algorithm", "protonet", "--steps", "3")
+    args = (*method, "--steps", "3")
     assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", name="eager")) == 0
     assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", "--compile", name="compiled")) == 0
     eager, compiled = (read_metrics(tmp_path / "train_dir" / name) for name in ("eager", "compiled"))
@@ -250,7 +269,7 @@ def test_compiled_protonet_run_matches_eager(tmp_path):
 def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
     """SIGTERM to rank 1 only: rank 0, which writes the files, learns it in the step's all-reduce, stops after the
     same step and saves (before, it went on into an all-reduce that rank 1 never joined)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                "-m", "kml.cli.train", *tiny_args(tmp_path, "--meta-batch", "4", name="ddp-term", steps=100000)]
     launcher = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "train_dir" / "ddp-term" / "metrics.csv"
@@ -269,4 +288,4 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
         pytest.fail("a rank kept waiting for its signalled peer")
     state = load_checkpoint(tmp_path / "train_dir" / "ddp-term" / "checkpoints" / "last.pt")
     log = (tmp_path / "train_dir" / "ddp-term" / "log.txt").read_text()
-    assert f"stopped by signal {int(signal.SIGTERM)} at step {state['step']};" in log
+    assert f"stopped at step {state['step']} because another rank was signalled;" in log

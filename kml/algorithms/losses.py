@@ -26,9 +26,11 @@ def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.
 
     As ``|q|^2 + |p|^2 - 2 q.p``: one matrix product instead of a ``[..., B, N, D]`` difference tensor
     (at the published setup that tensor and its backward were a third of a ProtoNet step). float32 even
-    under bf16 autocast, where the cancellation of the three terms would lose the small distances.
+    under bf16 autocast, where the cancellation of the three terms would lose the small distances
+    (with TF32 matmuls enabled on a GPU, ``torch.backends.cuda.matmul.allow_tf32``, the cross term
+    is rounded like bf16; kml leaves that switch at torch's default, off).
     """
-    dtype = torch.promote_types(queries.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(queries.dtype, prototypes.dtype), torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
         queries, prototypes = queries.to(dtype), prototypes.to(dtype)
         cross = queries @ prototypes.transpose(-1, -2)

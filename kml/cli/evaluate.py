@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
     shots = args.shots or config.shots
     queries = args.queries or config.queries
+    bf16 = config.bf16 and bf16_native(device)  # trained with bf16 on another device: float32 here
     torch.manual_seed(args.seed)
     results = evaluate(
         learner, stores, config.ways, shots, queries, args.episodes, seed=args.seed,
         tasks_per_batch=args.tasks_per_batch, inner_steps=args.inner_steps, rotate=rotate,
-        bf16=config.bf16 and bf16_native(device), progress=args.progress,  # trained with bf16 elsewhere: float32 here
+        bf16=bf16, progress=args.progress,
     )
     rows = [r.as_dict() for r in [*results, average(results)]]
     table = pd.DataFrame(rows)
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "episodes_per_mode": args.episodes,
         "seed": args.seed,
         "inner_steps": inner if config.learner.algorithm == "maml" else None,
+        "precision": "bf16" if bf16 else "float32",
         "method": dataclasses.asdict(config.learner),
         "results": rows,
     }

@@ -82,6 +82,8 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
     parser.add_argument("--no-rotate-omniglot", dest="rotate_omniglot", action="store_false",
                         help="do not rotate Omniglot classes by random multiples of 90 degrees")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="float32 (e.g. to resume a --bf16 run on a device without native bf16)")
     parser.add_argument("--no-proto-refine", dest="proto_refine", action="store_false",
                         help="ProtoNet without the transductive prototype refinement")
     parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it")

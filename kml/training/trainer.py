@@ -30,9 +30,9 @@ from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
 from kml.data.sampler import MixtureSampler
 from kml.errors import KMLError
 from kml.evaluation import average, evaluate
+from kml.runtime import autocast, check_bf16
 from kml.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
-from kml.runtime import autocast, check_bf16
 from kml.training.run_config import RunConfig
 
 Callback = Callable[["Trainer", int, Episode], None]
@@ -99,7 +99,7 @@ class Trainer:
         self.step = 0
         self.best_val = -math.inf
         self.callbacks: list[Callback] = []
-        self._stop_signal: int | None = None  # the signal this process received (or, under torchrun, a peer)
+        self._stop_signal: int | None = None  # the signal this process received
         self._stop_agreed = False  # under torchrun: some rank was signalled, as of the last step's all-reduce
         self._reset_window()
         self.logger = self._make_logger()
@@ -129,15 +129,17 @@ class Trainer:
     def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
         """Continue the run in ``run_dir`` from ``checkpoints/last.pt``.
 
-        ``overrides`` may change ``steps``, ``device``, ``data_root`` and logging cadence; any other
-        change would make the continuation differ from the uninterrupted run and is refused.
+        ``overrides`` may change ``steps``, ``device``, ``data_root``, logging cadence and ``bf16`` (a
+        device without native bf16 continues in float32: rounding differs, the method does not); any
+        other change would make the continuation differ from the uninterrupted run and is refused.
         """
         run_dir = Path(run_dir)
         config_path = run_dir / "config.json"
         if not config_path.is_file():
             raise KMLError(f"cannot resume: {config_path} not found (is {run_dir} a kml run folder?)")
         config = RunConfig.load(config_path)
-        allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir", "run_name"}
+        allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir",
+                   "run_name", "bf16"}
         changed = {}
         for key, value in (overrides or {}).items():
             current = getattr(config, key) if hasattr(config, key) else getattr(config.learner, key, None)
@@ -310,7 +312,6 @@ class Trainer:
         global_loss = summed[0]
         if self.dist.enabled and summed[1] > 0:
             self._stop_agreed = True
-            self._stop_signal = self._stop_signal or signal.SIGTERM
         if not torch.isfinite(global_loss):
             self.save()
             raise KMLError(
@@ -335,7 +336,11 @@ class Trainer:
             self.window["tasks"] += torch.bincount(local.mode, minlength=modes).double()
 
     def fit(self) -> Path:
-        """Train to ``config.steps``; on SIGINT/SIGTERM save ``last.pt`` and return early."""
+        """Train to ``config.steps``; on SIGINT/SIGTERM save ``last.pt`` and return early.
+
+        Alone, a signal stops the run after the current step. Under torchrun the ranks learn of it in the
+        next step's all-reduce, so all of them stop after that same step (the signalled one runs one more).
+        """
         from tqdm.auto import tqdm
 
         config = self.config
@@ -381,6 +386,8 @@ class Trainer:
         self.save("last.pt")
         if self._stop_signal is not None:
             self.logger.info("stopped by signal %d at step %d; checkpoint %s", self._stop_signal, self.step, path)
+        elif self._stop_agreed:
+            self.logger.info("stopped at step %d because another rank was signalled; checkpoint %s", self.step, path)
         else:
             self.logger.info("finished at step %d", self.step)
         if self.tensorboard:
@@ -389,4 +396,4 @@ class Trainer:
 
     @property
     def interrupted(self) -> bool:
-        return self._stop_signal is not None
+        return self._stop_signal is not None or self._stop_agreed
