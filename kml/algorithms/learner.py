@@ -38,6 +38,7 @@ from kml.config import LearnerConfig
 from kml.data.episode import Episode
 from kml.models.backbone import Modulation, packed_forward
 from kml.models.task_model import TaskModel, rate_key
+from kml.runtime import float32_inner_loop
 
 Params = dict[str, torch.Tensor]
 
@@ -156,12 +157,13 @@ class MetaLearner(nn.Module):
             query_features = self._backbone(backbone, query_x, modulation)
             return prototypical_loss(support_features, support_y, query_features, query_y, config.ways, config.proto_refine)
         fast = backbone
-        for _ in range(inner_steps):
-            grads = grad(self._support_loss)(fast, modulation, support_x, support_y)
-            if config.first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            grads = _clip(grads, config.inner_grad_clip)
-            fast = {name: p - self._inner_rate(params, name) * grads[name] for name, p in fast.items()}
+        with float32_inner_loop(support_x.device.type):
+            for _ in range(inner_steps):
+                grads = grad(self._support_loss)(fast, modulation, support_x, support_y)
+                if config.first_order:
+                    grads = {name: g.detach() for name, g in grads.items()}
+                grads = _clip(grads, config.inner_grad_clip)
+                fast = {name: p - self._inner_rate(params, name) * grads[name] for name, p in fast.items()}
         logits = self._backbone(fast, query_x, modulation)
         return cross_entropy(logits, query_y), accuracy(logits, query_y)
 
@@ -212,7 +214,8 @@ class MetaLearner(nn.Module):
             )
             return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
         second_order = not config.first_order and torch.is_grad_enabled()
-        with torch.enable_grad():  # the inner loop needs gradients even in evaluation
+        # The inner loop needs gradients even in evaluation; under bf16 autocast it runs in float32.
+        with torch.enable_grad(), float32_inner_loop(episode.support_x.device.type):
             # Expanded here, not under an outer no_grad: a view made there still "requires grad" through
             # its base, and autograd would not differentiate with respect to it.
             fast = {n: p if p.requires_grad else p.detach().clone().requires_grad_() for n, p in stacked("backbone.").items()}
@@ -247,7 +250,7 @@ class MetaLearner(nn.Module):
                 )
             else:
                 fast = dict(model.backbone.named_parameters())
-                with torch.enable_grad():  # the inner loop needs gradients even in evaluation
+                with torch.enable_grad(), float32_inner_loop(support_x.device.type):  # as the batched paths
                     fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                     for _ in range(steps):
                         support_loss = cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)

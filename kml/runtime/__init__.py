@@ -5,6 +5,6 @@ trained under bf16 evaluates in float32 wherever bf16 is not native.
 """
 
 from kml.runtime.allocator import tune_cpu_allocator
-from kml.runtime.precision import autocast, bf16_native, check_bf16
+from kml.runtime.precision import autocast, bf16_native, check_bf16, float32_inner_loop
 
-__all__ = ["autocast", "bf16_native", "check_bf16", "tune_cpu_allocator"]
+__all__ = ["autocast", "bf16_native", "check_bf16", "float32_inner_loop", "tune_cpu_allocator"]
