@@ -60,7 +60,7 @@ SWITCHES = {
     "first_order": ("learner", "first-order MAML (no second derivatives)"),
     "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
-    "bf16": ("run", "bf16 autocast (CUDA, or a CPU with AMX/AVX512-BF16): about 1.2-1.7x faster steps"),
+    "bf16": ("run", "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): about 1.1-1.7x faster steps"),
     "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
 }
 
