@@ -306,12 +306,13 @@ class Trainer:
         with autocast(self.device, self.config.bf16):
             output = self.forward(local)
         loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
-        # The stop request travels with the loss: every rank learns in the same all-reduce that one was signalled.
-        requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=loss.device)
-        summed = sum_tensor(torch.stack([loss.detach().double(), requested]), self.dist)
-        global_loss = summed[0]
-        if self.dist.enabled and summed[1] > 0:
-            self._stop_agreed = True
+        global_loss = loss.detach().double()
+        if self.dist.enabled:
+            # The stop request travels with the loss: every rank learns in the same all-reduce that one was signalled.
+            requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=loss.device)
+            global_loss, requests = sum_tensor(torch.stack([global_loss, requested]), self.dist)
+            if requests > 0:
+                self._stop_agreed = True
         if not torch.isfinite(global_loss):
             self.save()
             raise KMLError(
@@ -328,7 +329,7 @@ class Trainer:
         self.scheduler.step()
         with torch.no_grad():
             modes = len(self.config.modes)
-            self.window["loss"] += global_loss.double() if self.dist.is_main else 0.0
+            self.window["loss"] += global_loss if self.dist.is_main else 0.0
             self.window["steps"] += 1.0 if self.dist.is_main else 0.0
             self.window["accuracy"] += torch.zeros(modes, dtype=torch.float64, device=self.device).index_add_(
                 0, local.mode, output.task_accuracy.double()
