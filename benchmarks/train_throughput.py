@@ -12,6 +12,7 @@ throughput, which the reference has no counterpart for.
     python benchmarks/train_throughput.py                # published setup
     python benchmarks/train_throughput.py --smoke        # tiny, for CI
     python benchmarks/train_throughput.py --bf16         # kml under bf16 autocast (AMX CPU or CUDA)
+    python benchmarks/train_throughput.py --bf16 --compile  # and kml's ProtoNet step compiled
     python benchmarks/train_throughput.py --device cuda
 """
 
@@ -50,7 +51,7 @@ def reference_throughput(store, args, folder: Path) -> float:
     return args.steps * args.meta_batch / (time.perf_counter() - start)
 
 
-def kml_throughput(args, root: Path, train_dir: Path, algorithm: str) -> tuple[float, Trainer]:
+def kml_throughput(args, root: Path, train_dir: Path, algorithm: str, compile: bool = False) -> tuple[float, Trainer]:
     # No transductive refinement: the reference step (like a released-code step with it off) has none.
     learner = LearnerConfig(algorithm=algorithm, model="kml", base_channels=args.channels,
                             encoder_channels=args.channels, inner_steps=args.inner_steps, proto_refine=False)
@@ -58,10 +59,10 @@ def kml_throughput(args, root: Path, train_dir: Path, algorithm: str) -> tuple[f
         modes=[args.mode], ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch,
         steps=args.steps + 1, device=args.device, data_root=str(root), image_size=args.side,
         train_dir=str(train_dir), run_name=algorithm, log_every=10, val_every=10**9,
-        val_episodes=args.meta_batch, checkpoint_every=10**9, bf16=args.bf16, learner=learner,
+        val_episodes=args.meta_batch, checkpoint_every=10**9, bf16=args.bf16, learner=learner, compile=compile,
     )
     trainer = Trainer.create(config, overwrite=True, progress=False)
-    trainer.train_step(trainer.sampler.sample())  # warm-up (allocations, first-call dispatch)
+    trainer.train_step(trainer.sampler.sample())  # warm-up (allocations, first-call dispatch, compiling)
     trainer.step = 1
     synchronize(args.device)
     start = time.perf_counter()
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--mode", default="shapes", help="synthetic mode whose images both implementations read")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile kml's ProtoNet step (compiling is in the untimed warm-up step; "
+                             "KML+MAML stays eager: torch.compile cannot differentiate twice)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
     tuned = tune_cpu_allocator()
@@ -89,7 +93,7 @@ def main() -> None:
         tmp = Path(tmp)
         store = load_stores([args.mode], "train", tmp / "data", side=args.side)[0]
         reference = reference_throughput(store, args, tmp / "jpeg")
-        protonet, _ = kml_throughput(args, tmp / "data", tmp / "runs", "protonet")
+        protonet, _ = kml_throughput(args, tmp / "data", tmp / "runs", "protonet", args.compile)
         maml, trainer = kml_throughput(args, tmp / "data", tmp / "runs", "maml")
         test = load_stores([args.mode], "test", tmp / "data", side=args.side, device=args.device)
         start = time.perf_counter()
@@ -99,7 +103,7 @@ def main() -> None:
         eval_rate = args.eval_episodes / (time.perf_counter() - start)
     print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
           f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
-          f"kml bf16 {args.bf16}, allocator tuned {tuned}")
+          f"kml bf16 {args.bf16}, ProtoNet compiled {args.compile}, allocator tuned {tuned}")
     print(f"{'training loop':<46}{'tasks/s':>10}")
     print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
     print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kml.algorithms import build_learner
-from kml.algorithms.losses import squared_distances
+from kml.algorithms.losses import cross_entropy, distance_logits, squared_distances
 from kml.config import LearnerConfig
 from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
@@ -48,16 +48,70 @@ def test_squared_distances_in_float32_on_post_relu_features():
 
 
 def test_packed_channels_last_equals_default_layout():
+    """Same values; features without a head come flattened (H, W, C) instead of (C, H, W)."""
     from kml.models.backbone import Backbone, packed_forward
 
     torch.manual_seed(0)
-    backbone = Backbone(3, 4, 16, ways=None).double()
+    backbone = Backbone(3, 4, 32, ways=None).double()  # last map 2x2, so the two orders differ
     params = {name: p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)
               for name, p in backbone.named_parameters()}
-    images = torch.randn(3, 6, 3, 16, 16, dtype=torch.float64)
+    images = torch.randn(3, 6, 3, 32, 32, dtype=torch.float64)
     default = packed_forward(params, images, None, "published")
-    torch.testing.assert_close(packed_forward(params, images, None, "published", channels_last=True), default,
+    spatial_major = default.view(3, 6, 32, 2, 2).permute(0, 1, 3, 4, 2).reshape(3, 6, -1)
+    assert not torch.equal(spatial_major, default)
+    torch.testing.assert_close(packed_forward(params, images, None, "published", channels_last=True), spatial_major,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("label_ways", [None, 3])
+def test_packed_task_embedding_equals_the_encoder_per_task(label_ways, channels_last):
+    from kml.models.encoder import TaskEncoder, packed_task_embedding
+
+    torch.manual_seed(0)
+    encoder = TaskEncoder(3, 4, label_ways).double()
+    params = {name: p.detach().expand(4, *p.shape).clone() + 0.05 * torch.randn(4, *p.shape, dtype=torch.float64)
+              for name, p in encoder.named_parameters()}
+    images, labels = torch.randn(4, 6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 3, (4, 6))
+    expected = torch.stack([torch.func.functional_call(encoder, {n: p[t] for n, p in params.items()}, (images[t], labels[t]))
+                            for t in range(4)])
+    packed = packed_task_embedding(params, images, labels, label_ways, channels_last)
+    torch.testing.assert_close(packed, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", [dict(algorithm="protonet", model="kml", proto_refine=True),
+                                    dict(algorithm="maml", model="kml", encoder_uses_labels=True)])
+def test_packed_path_equals_reference_where_the_last_map_is_larger_than_1x1(method, tmp_path):
+    """At 32 px the maps end 2x2, so the channels-last feature order and the encoder's pooling matter."""
+    stores = load_stores(["synthetic"], "train", root=tmp_path, side=32)
+    episode = MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=3, seed=1).sample().to_float(torch.float64)
+    torch.manual_seed(0)
+    learner = build_learner(LearnerConfig(ways=3, image_size=32, base_channels=4, encoder_channels=4, inner_steps=1,
+                                          **method)).double().train()
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    packed, reference = learner(episode), learner.reference_forward(episode)
+    torch.testing.assert_close(packed.task_loss, reference.task_loss, rtol=1e-10, atol=1e-12)
+    params = list(learner.parameters())
+    for ours, theirs in zip(torch.autograd.grad(packed.loss, params), torch.autograd.grad(reference.loss, params)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+
+
+def test_distance_logits_are_negative_distances_up_to_a_per_query_constant():
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(2, 7, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    prototypes = torch.randn(2, 3, 16, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 7), generator=generator)
+    direct = -(queries.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(-1)
+    logits = distance_logits(queries, prototypes)
+    offset = logits - direct
+    torch.testing.assert_close(offset, offset[..., :1].expand_as(offset), rtol=1e-12, atol=1e-12)  # same for every class
+    assert offset.abs().max() > 1  # not equal to the distances themselves
+    ours, theirs = cross_entropy(logits, labels).sum(), cross_entropy(direct, labels).sum()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, [queries, prototypes]), torch.autograd.grad(theirs, [queries, prototypes])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @needs_cpu_bf16

@@ -21,21 +21,31 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(labels.shape).mean(dim=-1)
 
 
-def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` squared Euclidean distances, in float32 at least.
+def distance_logits(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` logits ``2 q.p - |p|^2``, in float32 at least.
 
-    As ``|q|^2 + |p|^2 - 2 q.p``: one matrix product instead of a ``[..., B, N, D]`` difference tensor
-    (at the published setup that tensor and its backward were a third of a ProtoNet step). float32 even
-    under bf16 autocast, where the cancellation of the three terms would lose the small distances
+    That is ``-|q - p|^2`` plus ``|q|^2``, a constant per query, which softmax, cross-entropy and
+    argmax do not see (nor their gradients): ProtoNet's logits without the ``|q|^2`` pass over every
+    query feature and its backward. One matrix product instead of a ``[..., B, N, D]`` difference
+    tensor (at the published setup that tensor and its backward were a third of a ProtoNet step).
+    float32 even under bf16 autocast, where rounding the cross term would lose small differences
     (with TF32 matmuls enabled on a GPU, ``torch.backends.cuda.matmul.allow_tf32``, the cross term
     is rounded like bf16; kml leaves that switch at torch's default, off).
     """
     dtype = torch.promote_types(torch.promote_types(queries.dtype, prototypes.dtype), torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
         queries, prototypes = queries.to(dtype), prototypes.to(dtype)
-        cross = queries @ prototypes.transpose(-1, -2)
-        distances = queries.pow(2).sum(dim=-1, keepdim=True) + prototypes.pow(2).sum(dim=-1).unsqueeze(-2) - 2 * cross
-    return distances.clamp(min=0)
+        return 2 * (queries @ prototypes.transpose(-1, -2)) - prototypes.pow(2).sum(dim=-1).unsqueeze(-2)
+
+
+def squared_distances(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``[..., B, D]`` x ``[..., N, D]`` -> ``[..., B, N]`` squared Euclidean distances, in float32 at least.
+
+    ``|q|^2 - distance_logits(q, p)``, clamped at 0 (see :func:`distance_logits`).
+    """
+    logits = distance_logits(queries, prototypes)
+    with torch.autocast(queries.device.type, enabled=False):
+        return (queries.to(logits.dtype).pow(2).sum(dim=-1, keepdim=True) - logits).clamp(min=0)
 
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
@@ -56,7 +66,7 @@ def refine_prototypes(
     """
     ways = prototypes.shape[-2]
     hard = one_hot(support_y, ways, support_features.dtype)  # [N*K, N]
-    soft = torch.softmax(-squared_distances(query_features, prototypes), dim=-1)  # [N*Q, N]
+    soft = torch.softmax(distance_logits(query_features, prototypes), dim=-1)  # [N*Q, N]
     total = hard.transpose(-1, -2) @ support_features + soft.transpose(-1, -2) @ query_features
     count = hard.sum(dim=-2) + soft.sum(dim=-2)
     return total / count.unsqueeze(-1)
@@ -72,9 +82,11 @@ def prototypical_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``-squared distance`` to (optionally refined) prototypes; returns (loss, accuracy).
 
+    The logits are :func:`distance_logits`: ``-squared distance`` up to a per-query constant.
+
     Shapes ``[..., N*K, D]``, ``[..., N*K]``, ``[..., N*Q, D]``, ``[..., N*Q]``: one task, or ``[T, ...]`` tasks."""
     centres = prototypes(support_features, support_y, ways)
     if refine:
         centres = refine_prototypes(centres, support_features, support_y, query_features)
-    logits = -squared_distances(query_features, centres)
+    logits = distance_logits(query_features, centres)
     return cross_entropy(logits, query_y), accuracy(logits, query_y)

@@ -144,9 +144,16 @@ def packed_forward(
     ``channels_last``: lay the activations out ``[B, H, W, T*C]`` in memory (the same tensor
     values), which oneDNN's grouped convolutions run faster for a forward and backward pass
     (not for the double backward of second-order MAML; benchmarks/README.md has the figures).
+    Features without a head then come flattened in ``(H, W, C)`` order per task, a fixed
+    permutation of :meth:`Backbone.features`'s ``(C, H, W)`` that distances do not see: flattening
+    in memory order lets the gradient return channels-last (the ``(C, H, W)`` copy sent it back
+    in the default layout, which made the last ReLU's backward 12x slower on our CPU).
     """
     tasks, batch, channels = x.shape[:3]
     stride = 2 if layout == "published" else 1
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        # The first convolution would cast anyway: casting first halves the relayout copy below.
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if channels_last:  # one copy into [B, H, W, T, C] order, viewed as [B, T*C, H, W]
         h = x.permute(1, 3, 4, 0, 2).reshape(batch, *x.shape[3:], tasks * channels).permute(0, 3, 1, 2)
     else:
@@ -163,6 +170,8 @@ def packed_forward(
         h = F.relu(h)
         if layout == "conv4":
             h = F.max_pool2d(h, 2)
+    if "head.weight" not in params and channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
+        return h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, h.shape[1] // tasks).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
     features = h.reshape(batch, tasks, -1).transpose(0, 1)  # [T, B, C*s*s], each task flattened as features()
     if "head.weight" not in params:
         return features

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kml.models.backbone import batch_norm
+from kml.models.backbone import batch_norm, packed_forward
 
 
 def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
@@ -54,3 +54,31 @@ class TaskEncoder(nn.Module):
             x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
             x = F.relu(batch_norm(x, norm.weight, norm.bias, fused=True))  # differentiated once only
         return x.mean(dim=(-2, -1)).mean(dim=0)  # average pool per image, then over the set
+
+
+def packed_task_embedding(
+    params: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    label_ways: int | None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """:class:`TaskEncoder` of T tasks at once: support sets ``[T, B, C, H, W]`` (+ labels ``[T, B]``) -> ``[T, embedding_dim]``.
+
+    ``params``: the encoder's parameters by name, stacked per task ``[T, ...]``. Its blocks are
+    the published backbone's (stride-2 conv, BatchNorm, ReLU), so :func:`packed_forward` runs them
+    as grouped convolutions in the task-packed layout. That is 1.7x faster on our CPU than
+    ``vmap`` of the encoder, which also escapes bf16 autocast (vmap's convolution batching
+    rule calls ``aten::convolution``, which autocast does not cast).
+    """
+    if label_ways is not None:
+        if labels is None:
+            raise ValueError("this task encoder reads labels; pass the support labels")
+        planes = one_hot(labels, label_ways, images.dtype)[..., None, None].expand(-1, -1, -1, *images.shape[-2:])
+        images = torch.cat([images, planes], dim=2)
+    features = packed_forward(params, images, None, "published", channels_last=channels_last)
+    tasks, batch = features.shape[:2]
+    channels = params["conv4.weight"].shape[1]
+    if channels_last:  # features flattened (H, W, C) per image, see packed_forward
+        return features.view(tasks, batch, -1, channels).mean(dim=(1, 2))
+    return features.view(tasks, batch, channels, -1).mean(dim=(1, 3))

@@ -51,7 +51,7 @@ def autocast(device: str | torch.device, bf16: bool) -> AbstractContextManager:
     """bf16 autocast on ``device`` when ``bf16``, else nothing.
 
     Convolutions and matrix products run in bf16 and BatchNorm on bf16 activations (accumulating
-    in float32), except in MAML's inner loop (:func:`float32_inner_loop`); losses, prototype distances (:func:`kml.algorithms.losses.squared_distances`) and
+    in float32), except in MAML's inner loop (:func:`float32_inner_loop`); losses, prototype distances (:func:`kml.algorithms.losses.distance_logits`) and
     accuracies are float32, and the parameters and optimiser state are float32 throughout.
     """
     if not bf16:
