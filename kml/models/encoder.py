@@ -67,9 +67,10 @@ def packed_task_embedding(
 
     ``params``: the encoder's parameters by name, stacked per task ``[T, ...]``. Its blocks are
     the published backbone's (stride-2 conv, BatchNorm, ReLU), so :func:`packed_forward` runs them
-    as grouped convolutions in the task-packed layout. That is 1.7x faster on our CPU than
-    ``vmap`` of the encoder, which also escapes bf16 autocast (vmap's convolution batching
-    rule calls ``aten::convolution``, which autocast does not cast).
+    as grouped convolutions in the task-packed layout. On our CPU that is as fast as ``vmap`` of
+    the encoder in float32 (72 ms forward and backward at the published setup) and 1.7x faster
+    under bf16 autocast, which ``vmap`` escapes (its convolution batching rule calls
+    ``aten::convolution``, which autocast does not cast).
     """
     if label_ways is not None:
         if labels is None:
