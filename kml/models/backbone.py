@@ -151,8 +151,8 @@ def packed_forward(
     """
     tasks, batch, channels = x.shape[:3]
     stride = 2 if layout == "published" else 1
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        # The first convolution would cast anyway: casting first halves the relayout copy below.
+    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        # The first convolution would cast anyway (autocast casts float32 only): casting first halves the relayout copy.
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if channels_last:  # one copy into [B, H, W, T, C] order, viewed as [B, T*C, H, W]
         h = x.permute(1, 3, 4, 0, 2).reshape(batch, *x.shape[3:], tasks * channels).permute(0, 3, 1, 2)
