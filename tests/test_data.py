@@ -218,6 +218,28 @@ def test_load_stores_caches_synthetic_and_conforms(tmp_path):
     assert manifest["format_version"] == FORMAT_VERSION and manifest["num_classes"] == 64
 
 
+def test_synthetic_cache_is_generated_once_by_processes_that_ask_at_once(tmp_path):
+    """As the ranks of a torchrun job do: 4 processes load the 3 synthetic modes into one empty cache.
+
+    Each mode is generated once, under the cache lock, and the others wait and load it. Before the lock
+    every process generated and saved its own copy, and one could find the folder that another had just
+    renamed into place ("could not write cache ...: Directory not empty"; the torchrun test failed so
+    1 run in 5). Generation is slowed by 1 s here so that all 4 ask before the first one finishes."""
+    script = ("import sys, time; import kml.data.synthetic as synthetic; from kml.data.modes import load_stores\n"
+              "generate = synthetic.generate_store\n"
+              "def slow(*args, **kwargs):\n    time.sleep(1); print('generated', flush=True); return generate(*args, **kwargs)\n"
+              "synthetic.generate_store = slow\n"
+              "stores = load_stores(['synthetic'], 'train', root=sys.argv[1], side=28)\n"
+              "print(sum(int(s.images.sum()) for s in stores))")
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [process.communicate(timeout=300) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err for _, err in results]
+    outputs = [out.split() for out, _ in results]
+    assert sum(out.count("generated") for out in outputs) == 3  # once per mode
+    assert len({out[-1] for out in outputs}) == 1  # every process got the same images
+
+
 def test_mode_names():
     assert canonical_mode("FC100") == "fc100" and canonical_mode("bird") == "cub"
     assert canonical_mode("MiniImageNet") == "miniimagenet"

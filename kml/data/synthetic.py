@@ -23,7 +23,7 @@ import zlib
 
 import torch
 
-from kml.data.store import SPLITS, ImageStore, cache_dir
+from kml.data.store import SPLITS, ImageStore, cache_dir, locked
 
 SYNTHETIC_MODES = ("glyphs", "textures", "shapes")
 SYNTHETIC_CLASSES = {"train": 256, "val": 64, "test": 64}
@@ -179,10 +179,11 @@ def load_synthetic(mode: str, split: str, root: str | os.PathLike | None = None,
     if root is None:
         return generate_store(mode, split, seed)
     directory = cache_dir(root, mode if seed == 0 else f"{mode}-seed{seed}", split)
-    if (directory / "manifest.json").is_file():
-        store = ImageStore.load(directory)
-        if store.info.get("generator_version") == GENERATOR_VERSION:
-            return store
-    store = generate_store(mode, split, seed)
-    store.save(directory)
+    with locked(directory):  # the ranks of a torchrun job: one generates, the others load its cache
+        if (directory / "manifest.json").is_file():
+            store = ImageStore.load(directory)
+            if store.info.get("generator_version") == GENERATOR_VERSION:
+                return store
+        store = generate_store(mode, split, seed)
+        store.save(directory)
     return store

@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +23,10 @@ from kml import __version__
 from kml.data.sources.base import ConversionPlan
 from kml.data.sources.fetch import disk_full
 from kml.data.sources.images import decode_classes
-from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore
+from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore, locked
 
 MARKER = "dataset.json"
 CONVERTER_VERSION = 1
-
-
-@contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``<directory>.lock`` (POSIX): one converter per cache at a time.
-
-    Several processes (e.g. the ranks of a distributed run loading a ``folder:`` mode)
-    may ask for the same cache at once; the first converts, the others wait and reuse it.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(directory.parent / f".{directory.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_marker(directory: Path) -> dict[str, Any] | None:
