@@ -63,6 +63,26 @@ def test_packed_channels_last_equals_default_layout():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_packed_channels_last_with_a_head_gives_the_same_logits_and_contiguous_weight_gradients():
+    """The head's columns follow the (H, W, C) flatten; weight gradients come back contiguous, as in the
+    default layout (channels-last ones would meet MAML's default-layout inner loop in its double backward)."""
+    from kml.models.backbone import Backbone, packed_forward
+
+    torch.manual_seed(0)
+    backbone = Backbone(3, 4, 32, ways=5).double()
+    params = {name: (p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)).requires_grad_()
+              for name, p in backbone.named_parameters()}
+    images = torch.randn(3, 6, 3, 32, 32, dtype=torch.float64)
+    default = packed_forward(params, images, None, "published")
+    packed = packed_forward(params, images, None, "published", channels_last=True)
+    torch.testing.assert_close(packed, default, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(packed.square().sum(), list(params.values()))
+    expected = torch.autograd.grad(default.square().sum(), list(params.values()))
+    for name, ours, theirs in zip(params, grads, expected):
+        assert ours.is_contiguous(), name
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("label_ways", [None, 3])
 def test_packed_task_embedding_equals_the_encoder_per_task(label_ways, channels_last):

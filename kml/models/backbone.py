@@ -43,6 +43,24 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused:
     return (x - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (differentiable, so second order works)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def block_channels(base_channels: int, layout: str) -> list[int]:
     """Output channels of the 4 blocks: ``C, 2C, 4C, 8C`` (published) or ``C`` x 4 (conv4)."""
     if layout == "published":
@@ -144,15 +162,17 @@ def packed_forward(
     ``channels_last``: lay the activations out ``[B, H, W, T*C]`` in memory (the same tensor
     values), which oneDNN's grouped convolutions run faster for a forward and backward pass
     (not for the double backward of second-order MAML; benchmarks/README.md has the figures).
-    Features without a head then come flattened in ``(H, W, C)`` order per task, a fixed
-    permutation of :meth:`Backbone.features`'s ``(C, H, W)`` that distances do not see: flattening
-    in memory order lets the gradient return channels-last (the ``(C, H, W)`` copy sent it back
-    in the default layout, which made the last ReLU's backward 12x slower on our CPU).
+    Features then come flattened in ``(H, W, C)`` order per task, a fixed permutation of
+    :meth:`Backbone.features`'s ``(C, H, W)`` that distances do not see and that the head's
+    columns are permuted to match (same logits): flattening in memory order lets the gradient
+    return channels-last (the ``(C, H, W)`` copy sent it back in the default layout, which made
+    the last ReLU's backward 12x slower on our CPU).
     """
     tasks, batch, channels = x.shape[:3]
     stride = 2 if layout == "published" else 1
     if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
-        # The first convolution would cast anyway (autocast casts float32 only): casting first halves the relayout copy.
+        # The first convolution would cast anyway (autocast casts float32 only): casting first halves
+        # the relayout copy below.
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if channels_last:  # one copy into [B, H, W, T, C] order, viewed as [B, T*C, H, W]
         h = x.permute(1, 3, 4, 0, 2).reshape(batch, *x.shape[3:], tasks * channels).permute(0, 3, 1, 2)
@@ -163,16 +183,26 @@ def packed_forward(
         if modulation is not None and f"kernel{index}" in modulation:
             weight = weight * modulation[f"kernel{index}"]
             bias = bias + modulation[f"bias{index}"]
-        h = F.conv2d(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1), stride=stride, padding=1, groups=tasks)
+        weight = weight.reshape(-1, *weight.shape[2:])
+        if channels_last:
+            # A convolution on channels-last activations returns its weight gradient channels-last too;
+            # MAML's inner loop, differentiated again, would then mix layouts (6x slower reductions).
+            weight = _ContiguousGradient.apply(weight)
+        h = F.conv2d(h, weight, bias.reshape(-1), stride=stride, padding=1, groups=tasks)
         h = batch_norm(h, params[f"norm{index}.weight"].reshape(-1), params[f"norm{index}.bias"].reshape(-1), fused_norm)
         if modulation is not None and f"scale{index}" in modulation:
             h = h * modulation[f"scale{index}"].reshape(1, -1, 1, 1) + modulation[f"shift{index}"].reshape(1, -1, 1, 1)
         h = F.relu(h)
         if layout == "conv4":
             h = F.max_pool2d(h, 2)
-    if "head.weight" not in params and channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
-        return h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, h.shape[1] // tasks).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
-    features = h.reshape(batch, tasks, -1).transpose(0, 1)  # [T, B, C*s*s], each task flattened as features()
-    if "head.weight" not in params:
+    head = params.get("head.weight")
+    if channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
+        out_channels = h.shape[1] // tasks
+        features = h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, out_channels).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
+        if head is not None:  # the head's columns reordered to match: [T, N, C*s*s] -> [T, N, s*s*C]
+            head = head.reshape(*head.shape[:2], out_channels, -1).transpose(-1, -2).reshape(head.shape)
+    else:
+        features = h.reshape(batch, tasks, -1).transpose(0, 1)  # [T, B, C*s*s], each task flattened as features()
+    if head is None:
         return features
-    return torch.einsum("tbd,tnd->tbn", features, params["head.weight"]) + params["head.bias"].unsqueeze(1)
+    return torch.einsum("tbd,tnd->tbn", features, head) + params["head.bias"].unsqueeze(1)
