@@ -19,6 +19,17 @@ def one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor
     return (labels.unsqueeze(-1) == torch.arange(ways, device=labels.device)).to(dtype)
 
 
+def with_label_planes(images: torch.Tensor, labels: torch.Tensor | None, label_ways: int | None) -> torch.Tensor:
+    """Images ``[..., C, H, W]`` with their one-hot labels ``[...]`` appended as constant planes:
+    ``[..., C + label_ways, H, W]`` (unchanged when ``label_ways`` is None)."""
+    if label_ways is None:
+        return images
+    if labels is None:
+        raise ValueError("this task encoder reads labels; pass the support labels")
+    planes = one_hot(labels, label_ways, images.dtype)[..., None, None].expand(*labels.shape, label_ways, *images.shape[-2:])
+    return torch.cat([images, planes], dim=-3)
+
+
 class TaskEncoder(nn.Module):
     """Support set ``[B, C, H, W]`` (+ labels ``[B]``) -> task embedding ``[embedding_dim]``.
 
@@ -43,12 +54,7 @@ class TaskEncoder(nn.Module):
         self.embedding_dim = previous
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = images
-        if self.label_ways is not None:
-            if labels is None:
-                raise ValueError("this task encoder reads labels; pass the support labels")
-            planes = one_hot(labels, self.label_ways, x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
-            x = torch.cat([x, planes], dim=1)
+        x = with_label_planes(images, labels, self.label_ways)
         for index in range(1, 5):
             conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
             x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
@@ -72,11 +78,7 @@ def packed_task_embedding(
     under bf16 autocast, which ``vmap`` escapes (its convolution batching rule calls
     ``aten::convolution``, which autocast does not cast).
     """
-    if label_ways is not None:
-        if labels is None:
-            raise ValueError("this task encoder reads labels; pass the support labels")
-        planes = one_hot(labels, label_ways, images.dtype)[..., None, None].expand(-1, -1, -1, *images.shape[-2:])
-        images = torch.cat([images, planes], dim=2)
+    images = with_label_planes(images, labels, label_ways)
     features = packed_forward(params, images, None, "published", channels_last=channels_last)
     tasks, batch = features.shape[:2]
     channels = params["conv4.weight"].shape[1]
