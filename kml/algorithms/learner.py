@@ -124,7 +124,11 @@ class MetaLearner(nn.Module):
         if template.encoder is None or template.generator is None:
             return None
         embedding = functional_call(template.encoder, _subset(params, "encoder."), (support_x, support_y))
-        return functional_call(template.generator, _subset(params, "generator."), (embedding,))
+        return self._generate(_subset(params, "generator."), embedding)
+
+    def _generate(self, generator_params: Params, embedding: torch.Tensor) -> Modulation:
+        """One task's modulation from its task embedding ``[D]``."""
+        return functional_call(self.models[0].generator, generator_params, (embedding,))
 
     def _backbone(self, params: Params, x: torch.Tensor, modulation: Modulation | None) -> torch.Tensor:
         return functional_call(self.models[0].backbone, params, (x, modulation))
@@ -205,8 +209,7 @@ class MetaLearner(nn.Module):
         if template.encoder is not None and template.generator is not None:  # from the support set only
             embedding = packed_task_embedding(stacked("encoder."), episode.support_x, episode.support_y,
                                               template.encoder.label_ways, channels_last)
-            generate = partial(functional_call, template.generator)
-            modulation = vmap(lambda p, e: generate(p, (e,)), in_dims=(params_dim, 0))(_subset(params, "generator."), embedding)
+            modulation = vmap(self._generate, in_dims=(params_dim, 0))(_subset(params, "generator."), embedding)
 
         layout = config.backbone
         # packed_forward's fused BatchNorm is exact here, second order included: the torch bug that makes
