@@ -32,6 +32,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 from kml.algorithms.losses import accuracy, cross_entropy, prototypical_loss
 from kml.config import LearnerConfig
@@ -97,6 +98,9 @@ class MetaLearner(nn.Module):
         count = config.num_modes if config.multi_maml else 1
         self.models = nn.ModuleList(TaskModel(config) for _ in range(count))
         self.batching = "packed"  # or "vmap" (see the module docstring); not part of the config: same numbers
+        # Second-order MAML on the packed path: recompute each inner step in the outer backward instead of
+        # keeping its graph (memory of one step instead of all; same numbers, more compute).
+        self.activation_checkpointing = False
 
     @contextmanager
     def batched_with(self, batching: str) -> Iterator[MetaLearner]:
@@ -230,18 +234,36 @@ class MetaLearner(nn.Module):
             fast = {n: p if p.requires_grad else p.detach().clone().requires_grad_() for n, p in stacked("backbone.").items()}
             rate_params = stacked("inner_rates.")
             rates = {name: rate_params.get(rate_key(name), config.inner_lr) for name in fast}
+            step = partial(self._packed_inner_step, rates=rates, second_order=second_order)
             for _ in range(inner_steps):
-                # Task t's loss depends only on slice t of the stacked parameters, so the gradient of
-                # the sum holds every task's own inner gradient.
-                support_loss = cross_entropy(packed_forward(fast, episode.support_x, modulation, layout), episode.support_y)
-                grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
-                grads = _clip_per_task(dict(zip(fast, grads)), config.inner_grad_clip)
-                fast = {name: p - rates[name] * grads[name] for name, p in fast.items()}
+                if self.activation_checkpointing and second_order:
+                    # keep only each step's parameters; its graph is rebuilt during the outer backward
+                    fast = checkpoint(step, fast, modulation, episode.support_x, episode.support_y,
+                                      use_reentrant=False, preserve_rng_state=False)
+                else:
+                    fast = step(fast, modulation, episode.support_x, episode.support_y)
         # Channels-last for the query pass only: it made the step 1.07x (bf16) to 1.09x (float32) faster on
         # our CPU, the inner loop in channels-last 0.85x (its double backward runs badly in that layout).
         logits = packed_forward(fast, episode.query_x, modulation, layout, channels_last=channels_last)
         task_loss = cross_entropy(logits, episode.query_y)
         return LearnerOutput(task_loss.mean(), task_loss, accuracy(logits, episode.query_y))
+
+    def _packed_inner_step(
+        self,
+        fast: Params,
+        modulation: Modulation | None,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        rates: dict[str, torch.Tensor | float],
+        second_order: bool,
+    ) -> Params:
+        """One inner step of every task: ``fast`` holds ``[T, ...]`` per-task parameters, ``support_x [T, N*K, C, H, W]``."""
+        # Task t's loss depends only on slice t of the stacked parameters, so the gradient of
+        # the sum holds every task's own inner gradient.
+        support_loss = cross_entropy(packed_forward(fast, support_x, modulation, self.config.backbone), support_y)
+        grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
+        grads = _clip_per_task(dict(zip(fast, grads)), self.config.inner_grad_clip)
+        return {name: p - rates[name] * grads[name] for name, p in fast.items()}
 
     # ---------------------------------------------------------- reference path
     def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:

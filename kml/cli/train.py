@@ -39,6 +39,7 @@ RUN_FLAGS = {
     "grad_clip": (float, "clip the meta-gradient norm (off by default)"),
     "transference_every": (int, "record task transference every this many steps (0: off)"),
     "transference_batches": (int, "meta-batches analysed at each transference record"),
+    "task_chunk": (int, "accumulate the meta-gradient over chunks of this many tasks (same update, less memory)"),
 }
 LEARNER_FLAGS = {
     "inner_steps": (int, "MAML inner steps while training"),
@@ -61,6 +62,7 @@ SWITCHES = {
     "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
     "bf16": ("run", "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): about 1.1-1.7x faster steps"),
+    "activation_checkpointing": ("run", "MAML: recompute each inner step in the backward pass instead of storing it (less memory, more compute)"),
     "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
 }
 

@@ -51,6 +51,8 @@ class RunConfig:
     grad_clip: float | None = None
     transference_every: int = 0
     transference_batches: int = 1
+    task_chunk: int | None = None
+    activation_checkpointing: bool = False
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
@@ -61,7 +63,7 @@ class RunConfig:
         for name in ("ways", "shots", "log_every"):
             if getattr(self, name) < 1:
                 raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("meta_batch", "steps", "val_every", "checkpoint_every", "val_episodes", "image_size"):
+        for name in ("meta_batch", "steps", "val_every", "checkpoint_every", "val_episodes", "image_size", "task_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 import kml
-from kml.algorithms import MetaLearner, build_learner
+from kml.algorithms import LearnerOutput, MetaLearner, build_learner
+from kml.algorithms.chunking import accumulate_meta_gradient
 from kml.data.episode import Episode
 from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
 from kml.data.sampler import MixtureSampler
@@ -84,6 +85,7 @@ class Trainer:
                 f"use --meta-batch {self.dist.world_size} or more"
             )
         self.learner: MetaLearner = build_learner(learner_config).to(self.device)
+        self.learner.activation_checkpointing = config.activation_checkpointing
         self.parameters = [p for p in self.learner.parameters() if p.requires_grad]
         # torch.compile wraps the forward only; checkpoints keep the plain module's state_dict.
         self.forward = self.learner
@@ -139,7 +141,7 @@ class Trainer:
             raise KMLError(f"cannot resume: {config_path} not found (is {run_dir} a kml run folder?)")
         config = RunConfig.load(config_path)
         allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir",
-                   "run_name", "bf16"}
+                   "run_name", "bf16", "task_chunk", "activation_checkpointing"}
         changed = {}
         for key, value in (overrides or {}).items():
             current = getattr(config, key) if hasattr(config, key) else getattr(config.learner, key, None)
@@ -300,16 +302,22 @@ class Trainer:
         return mean.accuracy
 
     def train_step(self, episode: Episode) -> None:
-        """One outer step on this rank's share of the meta-batch."""
+        """One outer step on this rank's share of the meta-batch, ``task_chunk`` tasks at a time."""
         total_tasks = episode.num_tasks
-        local = episode.select(slice(self.dist.rank, None, self.dist.world_size)).to_float()
-        with autocast(self.device, self.config.bf16):
-            output = self.forward(local)
-        loss = output.loss * (local.num_tasks / total_tasks)  # rank shares sum to the full mean
-        global_loss = loss.detach().double()
+        local = episode.select(slice(self.dist.rank, None, self.dist.world_size))
+
+        def forward(chunk: Episode) -> LearnerOutput:
+            with autocast(self.device, self.config.bf16):
+                return self.forward(chunk)
+
+        self.optimizer.zero_grad(set_to_none=False)
+        # rank shares sum to the full mean; each chunk of the share is converted to float only when it runs
+        output = accumulate_meta_gradient(forward, local, self.config.task_chunk, local.num_tasks / total_tasks,
+                                          preprocess=Episode.to_float)
+        global_loss = (output.loss * (local.num_tasks / total_tasks)).double()
         if self.dist.enabled:
             # The stop request travels with the loss: every rank learns in the same all-reduce that one was signalled.
-            requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=loss.device)
+            requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=global_loss.device)
             global_loss, requests = sum_tensor(torch.stack([global_loss, requested]), self.dist)
             if requests > 0:
                 self._stop_agreed = True
@@ -320,8 +328,6 @@ class Trainer:
                 f"{self.checkpoint_dir / 'last.pt'} (--resume continues after the offending meta-batch; "
                 f"a lower --lr or --inner-lr needs a new run)"
             )
-        self.optimizer.zero_grad(set_to_none=False)
-        loss.backward()
         sum_gradients(self.parameters, self.dist)
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
