@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import resource
 
-import torch
+from kml.runtime import configure_threads
 
-from kml.data.episode import Episode
+# Every script imports this module before torch: kml's thread policy, as kml's entry points set it
+# (KML_THREADS=torch measures with torch's and OpenMP's defaults instead).
+configure_threads()
+
+import torch  # noqa: E402
+
+from kml.data.episode import Episode  # noqa: E402
 
 # Every benchmark's main() calls kml.runtime.tune_cpu_allocator() first, as kml-train does
 # (KML_MALLOC=system measures without it).

@@ -23,8 +23,8 @@ import argparse
 import copy
 import time
 
-import torch
 from common import add_setup_arguments, random_episode, synchronize
+import torch
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig

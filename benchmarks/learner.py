@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-import torch
 from common import add_setup_arguments, peak_memory_mib, random_episode, synchronize
+import torch
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig

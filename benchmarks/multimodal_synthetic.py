@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-import torch
 from common import BF16_HELP
+import torch
 
 from kml.config import LearnerConfig
 from kml.data.modes import load_stores

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 - kml's thread policy, before torch loads
 import torch
 from published_style import task_loader
 

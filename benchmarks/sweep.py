@@ -23,8 +23,8 @@ AXES = {"meta_batch": [1, 2, 5, 10, 20], "shots": [1, 5, 10], "ways": [5, 10, 20
 
 def measure(config: dict) -> dict:
     """Time ``repeats`` meta-training steps of one configuration (run inside the child process)."""
-    import torch
     from common import peak_memory_mib, synchronize
+    import torch
 
     from kml.algorithms import build_learner
     from kml.config import LearnerConfig

@@ -18,6 +18,9 @@ CASES = {
     "train_throughput.py": ["ratio kml / published-style", "episodes/s"],
     "sweep.py": ["tasks/s", "peak"],
     "multimodal_synthetic.py": ["held-out accuracy", "mean transference Z"],
+    "memory.py": ["peak MiB", "checkpointed", "both"],
+    "shared_cpu.py": ["pair/solo", "busy/solo"],
+    "run_all.py": ["| learner (ok)", "| memory (ok)", "total"],
 }
 
 
@@ -26,12 +29,18 @@ def test_benchmark_smoke_run_prints_its_figures(script, tmp_path):
     argv = [sys.executable, str(BENCHMARKS / script), "--smoke"]
     if script == "sweep.py":
         argv += ["--plot", str(tmp_path / "sweep.png")]
+    if script == "shared_cpu.py":
+        argv += ["--policies", "kml"]
+    if script == "run_all.py":
+        argv += ["--device", "cpu", "--out", str(tmp_path / "results")]
     done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     for expected in CASES[script]:
         assert expected in done.stdout, done.stdout
     if script == "sweep.py":
         assert (tmp_path / "sweep.png").stat().st_size > 0
+    if script == "run_all.py":  # every benchmark's own output is kept beside the summary
+        assert {p.name for p in (tmp_path / "results").iterdir()} == {"learner.txt", "memory.txt", "summary.md"}
 
 
 @pytest.mark.skipif(not bf16_native("cpu"), reason="no native bf16 on this CPU")

@@ -24,15 +24,15 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def episode(tmp_path_factory):
-    """A float64 meta-batch of 5 tasks from the 3 synthetic modes."""
+def episode(tmp_path_factory, device):
+    """A float64 meta-batch of 5 tasks from the 3 synthetic modes, on the test device."""
     stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
-    return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=5, seed=1).sample().to_float(torch.float64)
+    return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=5, seed=1).sample().to_float(torch.float64).to(device)
 
 
-def learner_for(method: str) -> torch.nn.Module:
+def learner_for(method: str, device: str = "cpu") -> torch.nn.Module:
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(**{**TINY, **METHODS[method]})).double()
+    learner = build_learner(LearnerConfig(**{**TINY, **METHODS[method]})).double().to(device)
     with torch.no_grad():  # away from the identity start so that the modulation matters
         for p in learner.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -61,7 +61,7 @@ def test_chunk_slices_cover_every_task_once():
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("chunk", [1, 2])
 def test_chunked_meta_gradient_equals_the_whole_batch(method, chunk, episode):
-    learner = learner_for(method)
+    learner = learner_for(method, episode.device)
     whole = learner(episode)
     whole.loss.backward()
     reference = gradients(learner)
@@ -73,7 +73,7 @@ def test_chunked_meta_gradient_equals_the_whole_batch(method, chunk, episode):
 
 
 def test_chunked_first_order_maml_equals_the_whole_batch(episode):
-    learner = learner_for("kml-maml")
+    learner = learner_for("kml-maml", episode.device)
     learner.config.first_order = True
     learner(episode).loss.backward()
     reference = gradients(learner)
@@ -84,7 +84,7 @@ def test_chunked_first_order_maml_equals_the_whole_batch(episode):
 
 @pytest.mark.parametrize("method", ["maml", "kml-maml", "film-maml-meta-sgd", "multi-maml"])
 def test_activation_checkpointing_gives_the_same_meta_gradient(method, episode):
-    learner = learner_for(method)
+    learner = learner_for(method, episode.device)
     learner(episode).loss.backward()
     reference = gradients(learner)
     learner.zero_grad()
@@ -109,7 +109,7 @@ def saved_bytes(learner, episode) -> int:
 
 
 def test_activation_checkpointing_keeps_less_of_the_inner_loop(episode):
-    learner = learner_for("kml-maml")
+    learner = learner_for("kml-maml", episode.device)
     learner.config.inner_steps = 4
     stored = saved_bytes(learner, episode)
     learner.activation_checkpointing = True

@@ -16,6 +16,7 @@ from typing import Any
 from kml.cli.common import ArgumentParser, read_config_file
 from kml.config import LearnerConfig
 from kml.errors import KMLError, exit_on_kml_error
+from kml.runtime.threads import configure_threads
 
 RUN_FLAGS = {
     # name: (type, help)  -- defaults come from RunConfig
@@ -110,6 +111,7 @@ def config_from_values(values: dict[str, Any]):
 
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
+    configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
     args = vars(build_parser().parse_args(argv))
     resume, overwrite = args.pop("resume", False), args.pop("overwrite", False)
     progress = args.pop("progress", True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
+from kml.runtime.threads import configure_threads
 
 
 def build_parser() -> ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> ArgumentParser:
 
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
+    configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
     args = build_parser().parse_args(argv)
     if (args.source_mode is None) != (args.target_mode is None):
         raise KMLError("--source-mode and --target-mode go together")

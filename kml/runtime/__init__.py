@@ -1,10 +1,29 @@
-"""How the process runs its arithmetic: bf16 autocast where the hardware has it, and the CPU allocator.
+"""How the process runs its arithmetic: threads, bf16 autocast where the hardware has it, and the CPU allocator.
 
-Both are process settings, not part of a learner: a checkpoint does not record them, so a run
-trained under bf16 evaluates in float32 wherever bf16 is not native.
+These are process settings, not part of a learner: a checkpoint does not record them, so a run
+trained under bf16 evaluates in float32 wherever bf16 is not native. Importing this package does
+not import torch (:func:`configure_threads` must run before torch loads its OpenMP runtime).
 """
 
-from kml.runtime.allocator import tune_cpu_allocator
-from kml.runtime.precision import autocast, bf16_native, check_bf16, float32_inner_loop
+from __future__ import annotations
 
-__all__ = ["autocast", "bf16_native", "check_bf16", "float32_inner_loop", "tune_cpu_allocator"]
+from importlib import import_module
+from typing import Any
+
+from kml.runtime.threads import configure_threads
+
+_LAZY = {
+    "autocast": "kml.runtime.precision",
+    "bf16_native": "kml.runtime.precision",
+    "check_bf16": "kml.runtime.precision",
+    "float32_inner_loop": "kml.runtime.precision",
+    "tune_cpu_allocator": "kml.runtime.allocator",
+}
+
+__all__ = ["autocast", "bf16_native", "check_bf16", "configure_threads", "float32_inner_loop", "tune_cpu_allocator"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kml.runtime' has no attribute {name!r}")
