@@ -31,6 +31,8 @@ MODELS = ("kml", "film", "none")
 BACKBONES = ("published", "conv4")
 MODULATIONS = ("residual", "bare")
 FACTOR_SPLITS = ("plain", "published")
+HEADS = ("flatten", "avgpool")
+INITS = ("kml", "pytorch")
 
 
 @dataclass
@@ -59,6 +61,21 @@ class LearnerConfig:
         proto_refine: ProtoNet's transductive soft k-means refinement of the prototypes (one step).
         identity_init: initialise the modulation generators so that a fresh learner equals its plain
             backbone (residual KML and FiLM: zero modulation; bare KML: ``outer(v, u) = 1``).
+        head: how the last ``[8C, s, s]`` map becomes the feature vector (the MAML head's input and
+            ProtoNet's embedding): ``"flatten"`` (``8C*s*s`` features) or ``"avgpool"`` (spatial mean,
+            ``8C`` features, as MMAML's MAML networks).
+        batchnorm_affine: the backbone's BatchNorm has a learned (inner-loop adapted) scale and shift;
+            ``False`` as MMAML's backbones, where FiLM supplies the affine part.
+        encoder_hidden: when set, the task encoder maps each image's pooled ``8E`` features through
+            ``Linear(8E, encoder_hidden) + ReLU`` before the mean over the set (the published encoders: 128).
+        init: ``"kml"``: Xavier-uniform encoder convs with zero biases and the generators per
+            ``identity_init``; ``"pytorch"``: PyTorch's default initialisation of every encoder and
+            generator layer (the released codes; needs ``identity_init=False``).
+        inner_grad_clamp: clamp every inner-gradient element to ``[-c, c]`` (MMAML's
+            ``--inner-loop-grad-clip 20``); applied after ``inner_grad_clip``.
+        mode_inner_lr, mode_inner_steps: per-mode inner rate / step count (one entry per mode index,
+            training and evaluation alike; ``None``: ``inner_lr`` / ``inner_steps`` for every mode),
+            as MMAML's Multi-MAML runs each dataset with its own rates.
     """
 
     algorithm: str = "maml"
@@ -82,6 +99,14 @@ class LearnerConfig:
     encoder_uses_labels: bool = False
     proto_refine: bool = True
     identity_init: bool = True
+    # Fields added for the published recipes (kml.recipes); their defaults keep older checkpoints' behaviour.
+    head: str = "flatten"
+    batchnorm_affine: bool = True
+    encoder_hidden: int | None = None
+    init: str = "kml"
+    inner_grad_clamp: float | None = None
+    mode_inner_lr: list[float] | None = None
+    mode_inner_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -90,6 +115,8 @@ class LearnerConfig:
             ("backbone", BACKBONES),
             ("modulation", MODULATIONS),
             ("factor_split", FACTOR_SPLITS),
+            ("head", HEADS),
+            ("init", INITS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -108,11 +135,34 @@ class LearnerConfig:
             if isinstance(self.inner_grad_clip, bool) or not isinstance(self.inner_grad_clip, (int, float)) or self.inner_grad_clip <= 0:
                 raise KMLError(f"invalid learner inner_grad_clip {self.inner_grad_clip!r}; must be a positive number or None")
             self.inner_grad_clip = float(self.inner_grad_clip)
-        for name in ("multi_maml", "first_order", "meta_sgd", "encoder_uses_labels", "proto_refine", "identity_init"):
+        self._check_recipe_fields()
+        for name in ("multi_maml", "first_order", "meta_sgd", "encoder_uses_labels", "proto_refine", "identity_init",
+                     "batchnorm_affine"):
             if not isinstance(getattr(self, name), bool):
                 raise KMLError(f"invalid learner {name} {getattr(self, name)!r}; must be true or false")
         if self.image_size < 16:  # four halvings must leave at least one pixel
             raise KMLError(f"invalid learner image_size {self.image_size}; the 4-block backbones need at least 16")
+
+    def _check_recipe_fields(self) -> None:
+        """Validate the fields the published recipes added (one-line errors)."""
+        if self.encoder_hidden is not None and (isinstance(self.encoder_hidden, bool) or not isinstance(self.encoder_hidden, int)
+                                                or self.encoder_hidden < 1):
+            raise KMLError(f"invalid learner encoder_hidden {self.encoder_hidden!r}; must be a positive integer or None")
+        if self.inner_grad_clamp is not None:
+            if isinstance(self.inner_grad_clamp, bool) or not isinstance(self.inner_grad_clamp, (int, float)) or self.inner_grad_clamp <= 0:
+                raise KMLError(f"invalid learner inner_grad_clamp {self.inner_grad_clamp!r}; must be a positive number or None")
+            self.inner_grad_clamp = float(self.inner_grad_clamp)
+        if self.init == "pytorch" and self.identity_init:
+            raise KMLError("learner init 'pytorch' is PyTorch's default initialisation; it needs identity_init=False")
+        for name, kind, low in (("mode_inner_lr", (int, float), 0), ("mode_inner_steps", (int,), 0)):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not isinstance(values, (list, tuple)) or not values or any(
+                isinstance(v, bool) or not isinstance(v, kind) or v < low for v in values
+            ):
+                raise KMLError(f"invalid learner {name} {values!r}; must be a list with one number >= {low} per mode")
+            setattr(self, name, [float(v) for v in values] if name == "mode_inner_lr" else [int(v) for v in values])
 
     @property
     def method(self) -> str:

@@ -4,7 +4,7 @@ every paper method learning on the synthetic modes."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from kml.config import LearnerConfig
 from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 from kml.evaluation import evaluate
+from kml.recipes import RECIPES
 
 TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, num_modes=3, inner_steps=2, eval_inner_steps=3, inner_lr=0.3)
 
@@ -32,6 +33,26 @@ METHODS = {
     "kml-protonet": dict(algorithm="protonet", model="kml"),
     "multi-film-protonet": dict(algorithm="protonet", model="film", multi_maml=True),
 }
+
+
+def recipe_method(name: str, **extra) -> dict:
+    """A recipe's learner settings at the tiny test size (its sizes, steps and rate replaced by TINY's)."""
+    learner_fields = {f.name for f in fields(LearnerConfig)}
+    settings = {k: v for k, v in RECIPES[name].settings.items() if k in learner_fields}
+    for size in ("base_channels", "encoder_channels", "inner_steps", "eval_inner_steps", "inner_lr"):
+        settings.pop(size, None)
+    if settings.get("encoder_hidden") is not None:
+        settings["encoder_hidden"] = 8
+    return {**settings, **extra}
+
+
+# Every recipe, plus variants where its inner clamp binds and where modes differ in rates and step counts.
+METHODS.update({f"recipe-{name}": recipe_method(name) for name in RECIPES})
+METHODS.update({
+    "recipe-mmaml-clamp-binds": recipe_method("mmaml", inner_grad_clamp=1e-3),
+    "recipe-multi-maml-per-mode": recipe_method("multi-maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[1, 3, 2]),
+    "recipe-maml-per-mode-rates": recipe_method("maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[0, 3, 2]),
+})
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from kml.algorithms.losses import accuracy, cross_entropy, prototypical_loss
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
+from kml.errors import KMLError
 from kml.models.backbone import Modulation, packed_forward
 from kml.models.encoder import packed_task_embedding
 from kml.models.task_model import TaskModel, rate_key
@@ -65,19 +66,27 @@ def _subset(params: Params, prefix: str) -> Params:
     return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
 
 
-def _clip_per_task(grads: Params, max_norm: float | None) -> Params:
-    """Scale each task's inner gradients (stacked ``[T, ...]``) to at most ``max_norm``, L2 over all jointly."""
-    if max_norm is None:
-        return grads
-    norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
-    factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    return {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
+def _clip_per_task(grads: Params, max_norm: float | None, clamp: float | None = None) -> Params:
+    """Scale each task's inner gradients (stacked ``[T, ...]``) to at most ``max_norm``, L2 over all jointly,
+    then clamp every element to ``[-clamp, clamp]`` (MMAML's inner-loop clip)."""
+    if max_norm is not None:
+        norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
+    if clamp is not None:
+        grads = {name: g.clamp(-clamp, clamp) for name, g in grads.items()}
+    return grads
 
 
-def _clip(grads: Params, max_norm: float | None) -> Params:
+def _clip(grads: Params, max_norm: float | None, clamp: float | None = None) -> Params:
     """:func:`_clip_per_task` for one task's gradients."""
-    clipped = _clip_per_task({name: g.unsqueeze(0) for name, g in grads.items()}, max_norm)
+    clipped = _clip_per_task({name: g.unsqueeze(0) for name, g in grads.items()}, max_norm, clamp)
     return {name: g.squeeze(0) for name, g in clipped.items()}
+
+
+def _per_task(rate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``[T]`` per-task rate shaped to broadcast over stacked ``[T, ...]`` parameters like ``like``."""
+    return rate.view(-1, *([1] * (like.dim() - 1)))
 
 
 class MetaLearner(nn.Module):
@@ -96,6 +105,12 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.config = config
         count = config.num_modes if config.multi_maml else 1
+        for name in ("mode_inner_lr", "mode_inner_steps"):
+            values = getattr(config, name)
+            if values is not None and len(values) != config.num_modes:
+                raise KMLError(f"learner {name} has {len(values)} entries for {config.num_modes} modes; give one per mode")
+        if config.mode_inner_lr is not None and config.meta_sgd:
+            raise KMLError("per-mode inner rates (mode_inner_lr) and learned Meta-SGD rates exclude each other; choose one")
         self.models = nn.ModuleList(TaskModel(config) for _ in range(count))
         self.batching = "packed"  # or "vmap" (see the module docstring); not part of the config: same numbers
         # Second-order MAML on the packed path: recompute each inner step in the outer backward instead of
@@ -121,7 +136,27 @@ class MetaLearner(nn.Module):
     def _steps(self, inner_steps: int | None) -> int:
         if inner_steps is not None:
             return int(inner_steps)
+        if self.config.mode_inner_steps is not None:  # every task runs the longest; shorter ones stop (rate 0)
+            return max(self.config.mode_inner_steps)
         return self.config.inner_steps if self.training else self.config.eval_inner_steps
+
+    def _step_rates(self, mode: torch.Tensor, steps: int, inner_steps: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[T, steps]`` inner rate of each task at each step when rates or step counts differ by mode, else ``None``.
+
+        A task of a mode with fewer steps gets rate 0 after its last step, so its parameters stay exactly
+        where its own step count leaves them. ``inner_steps`` given to :meth:`forward` applies to every mode.
+        """
+        config = self.config
+        by_steps = config.mode_inner_steps is not None and inner_steps is None
+        if config.mode_inner_lr is None and not by_steps:
+            return None
+        lr = config.mode_inner_lr or [config.inner_lr] * config.num_modes
+        rates = torch.tensor(lr, dtype=dtype, device=mode.device)[mode]  # [T]
+        active = torch.ones(len(mode), steps, dtype=dtype, device=mode.device)
+        if by_steps:
+            counts = torch.tensor(config.mode_inner_steps, device=mode.device)[mode]  # [T]
+            active = (torch.arange(steps, device=mode.device) < counts.unsqueeze(1)).to(dtype)
+        return rates.unsqueeze(1) * active
 
     def _modulation(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Modulation | None:
         template = self.models[0]
@@ -152,11 +187,16 @@ class MetaLearner(nn.Module):
         support_y: torch.Tensor,
         query_x: torch.Tensor,
         query_y: torch.Tensor,
+        step_rates: torch.Tensor | None = None,
+        *,
         inner_steps: int,
+        ways: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One task's (query loss, query accuracy) from its task model's ``params`` (names relative to it).
 
-        Shapes: ``support_x [N*K, C, H, W]``, ``support_y [N*K]``, ``query_x [N*Q, C, H, W]``, ``query_y [N*Q]``.
+        Shapes: ``support_x [N*K, C, H, W]``, ``support_y [N*K]``, ``query_x [N*Q, C, H, W]``, ``query_y [N*Q]``;
+        ``step_rates [inner_steps]``: the task's inner rate at each step (``None``: the config's rates);
+        ``ways``: N of this episode (ProtoNet's prototypes do not depend on the trained N).
         """
         config = self.config
         modulation = self._modulation(params, support_x, support_y)  # from the support set only
@@ -164,15 +204,18 @@ class MetaLearner(nn.Module):
         if config.algorithm == "protonet":
             support_features = self._backbone(backbone, support_x, modulation)
             query_features = self._backbone(backbone, query_x, modulation)
-            return prototypical_loss(support_features, support_y, query_features, query_y, config.ways, config.proto_refine)
+            return prototypical_loss(support_features, support_y, query_features, query_y, ways, config.proto_refine)
         fast = backbone
         with float32_inner_loop(support_x.device.type):
-            for _ in range(inner_steps):
+            for step in range(inner_steps):
                 grads = grad(self._support_loss)(fast, modulation, support_x, support_y)
                 if config.first_order:
                     grads = {name: g.detach() for name, g in grads.items()}
-                grads = _clip(grads, config.inner_grad_clip)
-                fast = {name: p - self._inner_rate(params, name) * grads[name] for name, p in fast.items()}
+                grads = _clip(grads, config.inner_grad_clip, config.inner_grad_clamp)
+                fast = {
+                    name: p - (self._inner_rate(params, name) if step_rates is None else step_rates[step]) * grads[name]
+                    for name, p in fast.items()
+                }
         logits = self._backbone(fast, query_x, modulation)
         return cross_entropy(logits, query_y), accuracy(logits, query_y)
 
@@ -187,16 +230,19 @@ class MetaLearner(nn.Module):
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
         """Meta-batch loss with every task adapted and evaluated at once (no Python loop over tasks)."""
         if self.batching == "packed":
-            return self._forward_packed(episode, self._steps(inner_steps))
+            steps = self._steps(inner_steps)
+            return self._forward_packed(episode, steps, self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype))
         params, params_dim = self._task_params(episode)
-        task = partial(self._task_loss, inner_steps=self._steps(inner_steps))
-        task_loss, task_accuracy = vmap(task, in_dims=(params_dim, 0, 0, 0, 0))(
-            params, episode.support_x, episode.support_y, episode.query_x, episode.query_y
+        steps = self._steps(inner_steps)
+        step_rates = self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype)
+        task = partial(self._task_loss, inner_steps=steps, ways=episode.ways)
+        task_loss, task_accuracy = vmap(task, in_dims=(params_dim, 0, 0, 0, 0, None if step_rates is None else 0))(
+            params, episode.support_x, episode.support_y, episode.query_x, episode.query_y, step_rates
         )
         return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
 
     # ------------------------------------------------------------ packed path
-    def _forward_packed(self, episode: Episode, inner_steps: int) -> LearnerOutput:
+    def _forward_packed(self, episode: Episode, inner_steps: int, step_rates: torch.Tensor | None = None) -> LearnerOutput:
         config = self.config
         tasks = episode.num_tasks
         params, params_dim = self._task_params(episode)
@@ -215,15 +261,15 @@ class MetaLearner(nn.Module):
                                               template.encoder.label_ways, channels_last)
             modulation = vmap(self._generate, in_dims=(params_dim, 0))(_subset(params, "generator."), embedding)
 
-        layout = config.backbone
+        layout, pool = config.backbone, config.head
         # packed_forward's fused BatchNorm is exact here, second order included: the torch bug that makes
         # the vmap path avoid it is in vmap's batching rule (tests hold both paths to the reference).
         if config.algorithm == "protonet":
             backbone = stacked("backbone.")
-            support_features = packed_forward(backbone, episode.support_x, modulation, layout, channels_last=channels_last)
-            query_features = packed_forward(backbone, episode.query_x, modulation, layout, channels_last=channels_last)
+            support_features = packed_forward(backbone, episode.support_x, modulation, layout, channels_last=channels_last, pool=pool)
+            query_features = packed_forward(backbone, episode.query_x, modulation, layout, channels_last=channels_last, pool=pool)
             task_loss, task_accuracy = prototypical_loss(
-                support_features, episode.support_y, query_features, episode.query_y, config.ways, config.proto_refine
+                support_features, episode.support_y, query_features, episode.query_y, episode.ways, config.proto_refine
             )
             return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
         second_order = not config.first_order and torch.is_grad_enabled()
@@ -235,7 +281,10 @@ class MetaLearner(nn.Module):
             rate_params = stacked("inner_rates.")
             rates = {name: rate_params.get(rate_key(name), config.inner_lr) for name in fast}
             step = partial(self._packed_inner_step, rates=rates, second_order=second_order)
-            for _ in range(inner_steps):
+            for index in range(inner_steps):
+                if step_rates is not None:  # rates (and step counts) by mode: this step's [T] rates
+                    step = partial(self._packed_inner_step, second_order=second_order,
+                                   rates={name: _per_task(step_rates[:, index], p) for name, p in fast.items()})
                 if self.activation_checkpointing and second_order:
                     # keep only each step's parameters; its graph is rebuilt during the outer backward
                     fast = checkpoint(step, fast, modulation, episode.support_x, episode.support_y,
@@ -244,7 +293,7 @@ class MetaLearner(nn.Module):
                     fast = step(fast, modulation, episode.support_x, episode.support_y)
         # Channels-last for the query pass only: it made the step 1.07x (bf16) to 1.09x (float32) faster on
         # our CPU, the inner loop in channels-last 0.85x (its double backward runs badly in that layout).
-        logits = packed_forward(fast, episode.query_x, modulation, layout, channels_last=channels_last)
+        logits = packed_forward(fast, episode.query_x, modulation, layout, channels_last=channels_last, pool=pool)
         task_loss = cross_entropy(logits, episode.query_y)
         return LearnerOutput(task_loss.mean(), task_loss, accuracy(logits, episode.query_y))
 
@@ -260,9 +309,9 @@ class MetaLearner(nn.Module):
         """One inner step of every task: ``fast`` holds ``[T, ...]`` per-task parameters, ``support_x [T, N*K, C, H, W]``."""
         # Task t's loss depends only on slice t of the stacked parameters, so the gradient of
         # the sum holds every task's own inner gradient.
-        support_loss = cross_entropy(packed_forward(fast, support_x, modulation, self.config.backbone), support_y)
+        support_loss = cross_entropy(packed_forward(fast, support_x, modulation, self.config.backbone, pool=self.config.head), support_y)
         grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
-        grads = _clip_per_task(dict(zip(fast, grads)), self.config.inner_grad_clip)
+        grads = _clip_per_task(dict(zip(fast, grads)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
         return {name: p - rates[name] * grads[name] for name, p in fast.items()}
 
     # ---------------------------------------------------------- reference path
@@ -279,19 +328,22 @@ class MetaLearner(nn.Module):
             modulation = model.modulation(support_x, support_y)
             if config.algorithm == "protonet":
                 loss, acc = prototypical_loss(
-                    model(support_x, modulation), support_y, model(query_x, modulation), query_y, config.ways, config.proto_refine
+                    model(support_x, modulation), support_y, model(query_x, modulation), query_y, episode.ways, config.proto_refine
                 )
             else:
+                # Per-mode step counts and rates taken literally here (the batched paths run the longest and mask).
+                task_steps = config.mode_inner_steps[modes[t]] if config.mode_inner_steps and inner_steps is None else steps
+                task_lr = config.mode_inner_lr[modes[t]] if config.mode_inner_lr else config.inner_lr
                 fast = dict(model.backbone.named_parameters())
                 with torch.enable_grad(), float32_inner_loop(support_x.device.type):  # as the batched paths
                     fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
-                    for _ in range(steps):
+                    for _ in range(task_steps):
                         support_loss = cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)
                         grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not config.first_order)
-                        grads = _clip(dict(zip(fast, grads)), config.inner_grad_clip)
+                        grads = _clip(dict(zip(fast, grads)), config.inner_grad_clip, config.inner_grad_clamp)
                         rates = model.inner_rates
                         fast = {
-                            n: p - (rates[rate_key(n)] if rates is not None else config.inner_lr) * grads[n]
+                            n: p - (rates[rate_key(n)] if rates is not None else task_lr) * grads[n]
                             for n, p in fast.items()
                         }
                 logits = functional_call(model.backbone, fast, (query_x, modulation))

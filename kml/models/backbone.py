@@ -26,8 +26,10 @@ Modulation = dict[str, torch.Tensor]
 BN_EPS = 1e-5
 
 
-def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused: bool = False, eps: float = BN_EPS) -> torch.Tensor:
-    """BatchNorm of ``x [B, C, H, W]`` with the batch's own statistics and an affine ``[C]`` transform.
+def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, fused: bool = False,
+               eps: float = BN_EPS) -> torch.Tensor:
+    """BatchNorm of ``x [B, C, H, W]`` with the batch's own statistics and an affine ``[C]`` transform
+    (none when ``weight`` and ``bias`` are ``None``: non-affine BatchNorm).
 
     ``fused=False`` writes it with elementary ops: in torch 2.14 the *batching rule* of
     ``F.batch_norm``'s double backward under ``vmap`` gives wrong second-order meta-gradients
@@ -40,7 +42,10 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, fused:
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     var = (x - mean).pow(2).mean(dim=(0, 2, 3), keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
+    normed = (x - mean) * torch.rsqrt(var + eps)
+    if weight is None or bias is None:
+        return normed
+    return normed * weight[:, None, None] + bias[:, None, None]
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -85,11 +90,15 @@ class Backbone(nn.Module):
         image_size: image side, to size the head.
         layout: ``"published"`` (stride 2, no pooling) or ``"conv4"`` (stride 1, 2x2 max-pool).
         ways: size of the linear head; ``None`` for a feature extractor (ProtoNet).
+        pool: ``"flatten"`` (features ``[8C*s*s]``) or ``"avgpool"`` (spatial mean, ``[8C]``, MMAML's MAML head).
+        affine: BatchNorm with a learned scale and shift (``False``: none, as MMAML's backbones).
     """
 
-    def __init__(self, in_channels: int, base_channels: int, image_size: int, layout: str = "published", ways: int | None = None) -> None:
+    def __init__(self, in_channels: int, base_channels: int, image_size: int, layout: str = "published", ways: int | None = None,
+                 pool: str = "flatten", affine: bool = True) -> None:
         super().__init__()
         self.layout = layout
+        self.pool = pool
         self.stride = 2 if layout == "published" else 1
         # The fused BatchNorm kernel is only exact when the backbone is differentiated once (see batch_norm).
         self.fused_norm = False
@@ -101,10 +110,10 @@ class Backbone(nn.Module):
             nn.init.zeros_(conv.bias)
             self.add_module(f"conv{index}", conv)
             # Holds the affine BatchNorm parameters only; statistics always come from the batch.
-            self.add_module(f"norm{index}", nn.BatchNorm2d(out, track_running_stats=False))
+            self.add_module(f"norm{index}", nn.BatchNorm2d(out, affine=affine, track_running_stats=False))
             previous = out
         self.channels = channels
-        self.feature_dim = channels[-1] * output_side(image_size, layout) ** 2
+        self.feature_dim = channels[-1] * (1 if pool == "avgpool" else output_side(image_size, layout) ** 2)
         self.head: nn.Linear | None = None
         if ways is not None:
             self.head = nn.Linear(self.feature_dim, ways)
@@ -117,7 +126,7 @@ class Backbone(nn.Module):
         return [tuple(getattr(self, f"conv{i}").weight.shape) for i in range(1, 5)]  # type: ignore[misc]
 
     def features(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> flattened features ``[B, feature_dim]``."""
+        """Images ``[B, C, H, W]`` -> features ``[B, feature_dim]`` (the last map flattened or averaged)."""
         for index in range(1, 5):
             conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
             weight, bias = conv.weight, conv.bias
@@ -131,6 +140,8 @@ class Backbone(nn.Module):
             x = F.relu(x)
             if self.layout == "conv4":
                 x = F.max_pool2d(x, 2)
+        if self.pool == "avgpool":
+            return x.mean(dim=(2, 3))
         return x.flatten(1)
 
     def forward(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
@@ -148,6 +159,7 @@ def packed_forward(
     layout: str,
     fused_norm: bool = True,
     channels_last: bool = False,
+    pool: str = "flatten",
 ) -> torch.Tensor:
     """The backbone of T tasks at once, in a task-packed layout, from per-task parameters.
 
@@ -167,6 +179,8 @@ def packed_forward(
     columns are permuted to match (same logits): flattening in memory order lets the gradient
     return channels-last (the ``(C, H, W)`` copy sent it back in the default layout, which made
     the last ReLU's backward 12x slower on our CPU).
+    ``pool="avgpool"``: features are the spatial mean of the last map ``[T, B, 8C]`` (no permutation).
+    Non-affine BatchNorm: ``params`` holds no ``norm{l}.weight`` / ``norm{l}.bias``.
     """
     tasks, batch, channels = x.shape[:3]
     stride = 2 if layout == "published" else 1
@@ -189,14 +203,19 @@ def packed_forward(
             # MAML's inner loop, differentiated again, would then mix layouts (6x slower reductions).
             weight = _ContiguousGradient.apply(weight)
         h = F.conv2d(h, weight, bias.reshape(-1), stride=stride, padding=1, groups=tasks)
-        h = batch_norm(h, params[f"norm{index}.weight"].reshape(-1), params[f"norm{index}.bias"].reshape(-1), fused_norm)
+        norm_weight, norm_bias = params.get(f"norm{index}.weight"), params.get(f"norm{index}.bias")
+        if norm_weight is not None and norm_bias is not None:
+            norm_weight, norm_bias = norm_weight.reshape(-1), norm_bias.reshape(-1)
+        h = batch_norm(h, norm_weight, norm_bias, fused_norm)
         if modulation is not None and f"scale{index}" in modulation:
             h = h * modulation[f"scale{index}"].reshape(1, -1, 1, 1) + modulation[f"shift{index}"].reshape(1, -1, 1, 1)
         h = F.relu(h)
         if layout == "conv4":
             h = F.max_pool2d(h, 2)
     head = params.get("head.weight")
-    if channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
+    if pool == "avgpool":  # spatial mean: [B, T*C] -> [T, B, C], the same in either memory layout
+        features = h.mean(dim=(2, 3)).reshape(batch, tasks, -1).transpose(0, 1)
+    elif channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
         out_channels = h.shape[1] // tasks
         features = h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, out_channels).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
         if head is not None:  # the head's columns reordered to match: [T, N, C*s*s] -> [T, N, s*s*C]

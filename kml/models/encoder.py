@@ -1,8 +1,11 @@
 """The task encoder: a small conv net over a task's support set, pooled to one embedding.
 
-As in the published KML/MMAML code: 4 stride-2 conv blocks with batch-statistics
-BatchNorm, global average pooling per image, then the mean over the set (no RNN
-aggregation). Optionally the one-hot labels enter as extra constant channels.
+4 stride-2 conv blocks with batch-statistics BatchNorm, global average pooling
+per image, then the mean over the set (no RNN aggregation). The published
+KML/MMAML encoders also map each image's pooled features through
+``Linear(8E, 128) + ReLU`` before the mean (``hidden=128``); kml's default
+omits that layer (``hidden=None``). Optionally the one-hot labels enter as extra
+constant channels.
 """
 
 from __future__ import annotations
@@ -37,29 +40,43 @@ class TaskEncoder(nn.Module):
         in_channels: image channels.
         channels: E; the blocks have E, 2E, 4E, 8E channels (``embedding_dim = 8E``).
         label_ways: when given, one-hot labels of this many classes are appended as channels.
+        hidden: when given, ``Linear(8E, hidden) + ReLU`` per image before the mean over the set
+            (``embedding_dim = hidden``), as the published encoders (128).
+        default_init: keep PyTorch's default initialisation of the convs (the released codes); otherwise
+            Xavier-uniform kernels and zero biases.
     """
 
-    def __init__(self, in_channels: int, channels: int = 32, label_ways: int | None = None) -> None:
+    def __init__(self, in_channels: int, channels: int = 32, label_ways: int | None = None, hidden: int | None = None,
+                 default_init: bool = False) -> None:
         super().__init__()
         self.label_ways = label_ways
         previous = in_channels + (label_ways or 0)
         for index in range(1, 5):
             out = channels * 2 ** (index - 1)
             conv = nn.Conv2d(previous, out, 3, padding=1)
-            nn.init.xavier_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
+            if not default_init:
+                nn.init.xavier_uniform_(conv.weight)
+                nn.init.zeros_(conv.bias)
             self.add_module(f"conv{index}", conv)
             self.add_module(f"norm{index}", nn.BatchNorm2d(out, track_running_stats=False))
             previous = out
+        self.hidden: nn.Linear | None = None
+        if hidden is not None:
+            self.hidden = nn.Linear(previous, hidden)  # PyTorch's default initialisation, as published
+            previous = hidden
         self.embedding_dim = previous
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Support images ``[B, C, H, W]`` (+ labels ``[B]``) -> embedding ``[embedding_dim]``."""
         x = with_label_planes(images, labels, self.label_ways)
         for index in range(1, 5):
             conv, norm = getattr(self, f"conv{index}"), getattr(self, f"norm{index}")
             x = F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)
             x = F.relu(batch_norm(x, norm.weight, norm.bias, fused=True))  # differentiated once only
-        return x.mean(dim=(-2, -1)).mean(dim=0)  # average pool per image, then over the set
+        x = x.mean(dim=(-2, -1))  # average pool per image: [B, 8E]
+        if self.hidden is not None:
+            x = F.relu(F.linear(x, self.hidden.weight, self.hidden.bias))
+        return x.mean(dim=0)  # then over the set
 
 
 def packed_task_embedding(
@@ -79,9 +96,8 @@ def packed_task_embedding(
     ``aten::convolution``, which autocast does not cast).
     """
     images = with_label_planes(images, labels, label_ways)
-    features = packed_forward(params, images, None, "published", channels_last=channels_last)
-    tasks, batch = features.shape[:2]
-    channels = params["conv4.weight"].shape[1]
-    if channels_last:  # features flattened (H, W, C) per image, see packed_forward
-        return features.view(tasks, batch, -1, channels).mean(dim=(1, 2))
-    return features.view(tasks, batch, channels, -1).mean(dim=(1, 3))
+    convs = {name: value for name, value in params.items() if not name.startswith("hidden.")}
+    features = packed_forward(convs, images, None, "published", channels_last=channels_last, pool="avgpool")  # [T, B, 8E]
+    if "hidden.weight" in params:  # per image, before the mean over the set
+        features = F.relu(torch.einsum("tbd,thd->tbh", features, params["hidden.weight"]) + params["hidden.bias"].unsqueeze(1))
+    return features.mean(dim=1)

@@ -61,8 +61,12 @@ def _linear(inputs: int, outputs: int, weight: float | None, bias: float | None)
 class KMLLayer(nn.Module):
     """Generates ``(v, u, beta)`` of one conv layer from the task embedding."""
 
-    def __init__(self, embedding_dim: int, rows: int, cols: int, out: int, residual: bool, identity_init: bool) -> None:
+    def __init__(self, embedding_dim: int, rows: int, cols: int, out: int, residual: bool, identity_init: bool,
+                 default_init: bool = False) -> None:
         super().__init__()
+        if default_init:  # PyTorch's default initialisation of all three, as the released KML code
+            self.v, self.u, self.beta = (nn.Linear(embedding_dim, n) for n in (rows, cols, out))
+            return
         if residual:
             # outer(v, u) = 0 at the start with v = 0; u stays non-zero so v still gets gradients.
             self.v = _linear(embedding_dim, rows, 0.0 if identity_init else None, 0.0 if identity_init else None)
@@ -86,16 +90,17 @@ class KMLGenerator(nn.Module):
         form: ``"residual"`` or ``"bare"``.
         split: ``"plain"`` or ``"published"`` (see :func:`factor_shape`).
         identity_init: start with the identity modulation (kernels unchanged, zero bias shift).
+        default_init: PyTorch's default initialisation of every generator layer (overrides ``identity_init``).
     """
 
     def __init__(self, embedding_dim: int, conv_shapes: list[tuple[int, int, int, int]], form: str = "residual",
-                 split: str = "plain", identity_init: bool = True) -> None:
+                 split: str = "plain", identity_init: bool = True, default_init: bool = False) -> None:
         super().__init__()
         self.conv_shapes = [tuple(shape) for shape in conv_shapes]
         self.residual = form == "residual"
         self.split = split
         self.layers = nn.ModuleList(
-            KMLLayer(embedding_dim, *factor_shape(shape, index, split), shape[0], self.residual, identity_init)
+            KMLLayer(embedding_dim, *factor_shape(shape, index, split), shape[0], self.residual, identity_init, default_init)
             for index, shape in enumerate(self.conv_shapes)
         )
 
@@ -114,7 +119,10 @@ class KMLGenerator(nn.Module):
 class FiLMGenerator(nn.Module):
     """Task embedding ``[D]`` -> FiLM modulation ``{"scale{l}": [C, 1, 1], "shift{l}": [C, 1, 1]}``.
 
-    ``scale = 1 + gamma``, so ``identity_init`` (zero last layer) starts at the identity.
+    ``scale = 1 + gamma``, so ``identity_init`` (zero last layer) starts at the identity. Without it the
+    layers keep PyTorch's default initialisation. MMAML generates ``(gamma, beta)`` of block ``l`` with one
+    ``Linear(D, 2C_l)``; here they are two ``Linear(D, C_l)``: the same parameters, count and default
+    initialisation (its bounds depend on the input width only), under other names.
     """
 
     def __init__(self, embedding_dim: int, channels: list[int], identity_init: bool = True) -> None:

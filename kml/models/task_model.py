@@ -28,16 +28,18 @@ class TaskModel(nn.Module):
     def __init__(self, config: LearnerConfig) -> None:
         super().__init__()
         ways = config.ways if config.algorithm == "maml" else None
-        self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways)
+        self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways,
+                                 config.head, config.batchnorm_affine)
         self.backbone.fused_norm = config.algorithm == "protonet" or config.first_order  # no second derivatives
         self.encoder: TaskEncoder | None = None
         self.generator: nn.Module | None = None
         if config.model != "none":
+            default_init = config.init == "pytorch"
             self.encoder = TaskEncoder(config.in_channels, config.encoder_channels,
-                                       config.ways if config.encoder_uses_labels else None)
+                                       config.ways if config.encoder_uses_labels else None, config.encoder_hidden, default_init)
             if config.model == "kml":
                 self.generator = KMLGenerator(self.encoder.embedding_dim, self.backbone.conv_shapes,
-                                              config.modulation, config.factor_split, config.identity_init)
+                                              config.modulation, config.factor_split, config.identity_init, default_init)
             else:
                 self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)
         self.inner_rates: nn.ParameterDict | None = None

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kml.config import LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
@@ -18,6 +20,8 @@ from kml.errors import KMLError
 # Adam 1e-3 halved every 10000 steps, checkpoint every 1000 steps.
 PUBLISHED_STEPS = 30000
 # The no-download demo on synthetic modes: small enough to finish in about a minute on a 2-core CPU (measured 1 min 11 s).
+# Outer learning-rate schedules: KML's halving (every lr_halve_every steps) or MMAML's constant rate.
+LR_SCHEDULES = ("halve", "constant")
 SYNTHETIC_DEMO = {"steps": 150, "val_every": 50, "checkpoint_every": 50, "val_episodes": 40, "meta_batch": 4}
 
 
@@ -33,6 +37,7 @@ class RunConfig:
     steps: int | None = None
     lr: float = 1e-3
     lr_halve_every: int = 10000
+    lr_schedule: str = "halve"
     policy: str = "mixed"
     weights: list[float] | None = None
     seed: int = 0
@@ -53,6 +58,9 @@ class RunConfig:
     transference_batches: int = 1
     task_chunk: int | None = None
     activation_checkpointing: bool = False
+    # The kml.recipes preset the run started from ("name@version") and the recipe values it changed.
+    recipe: str | None = None
+    recipe_overrides: list[str] | None = None
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
@@ -60,6 +68,8 @@ class RunConfig:
             self.learner = LearnerConfig.from_dict(self.learner)
         if self.policy not in MIXTURE_POLICIES:
             raise KMLError(f"unknown --policy {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise KMLError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         for name in ("ways", "shots", "log_every"):
             if getattr(self, name) < 1:
                 raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -116,3 +126,19 @@ class RunConfig:
         values = json.loads(Path(path).read_text())
         values.pop("versions", None)
         return cls.from_dict(values)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:
+    """The outer learning-rate schedule of ``config``, stepped once per outer step.
+
+    ``"halve"``: ``lr * 0.5 ** (step // lr_halve_every)`` (KML); ``"constant"``: ``lr`` throughout (MMAML),
+    written as a StepLR with factor 1 so that checkpoints hold the same scheduler state either way.
+    """
+    gamma = 0.5 if config.lr_schedule == "halve" else 1.0
+    return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halve_every, gamma=gamma)
+
+
+def learning_rate_at(config: RunConfig, step: int) -> float:
+    """The outer learning rate used by outer step ``step`` (0-based) under ``config``'s schedule."""
+    gamma = 0.5 if config.lr_schedule == "halve" else 1.0
+    return config.lr * gamma ** (step // config.lr_halve_every)

@@ -34,7 +34,7 @@ from kml.evaluation import average, evaluate
 from kml.runtime import autocast, check_bf16
 from kml.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
-from kml.training.run_config import RunConfig
+from kml.training.run_config import RunConfig, build_scheduler
 
 Callback = Callable[["Trainer", int, Episode], None]
 
@@ -97,7 +97,7 @@ class Trainer:
                 )
             self.forward = torch.compile(self.learner)
         self.optimizer = torch.optim.Adam(self.parameters, lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_halve_every, gamma=0.5)
+        self.scheduler = build_scheduler(self.optimizer, config)  # per-recipe schedule (halved or constant)
         self.step = 0
         self.best_val = -math.inf
         self.callbacks: list[Callback] = []
