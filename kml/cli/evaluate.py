@@ -2,6 +2,7 @@
 
     kml-eval --checkpoint train_dir/<run>/checkpoints/last.pt
     kml-eval --checkpoint ... --modes omniglot --episodes 600 --inner-steps 10
+    kml-eval --checkpoint <protonet run>/checkpoints/last.pt --ways 20   # trained 5-way, tested 20-way
 
 Prints per-mode mean accuracy with 95% confidence intervals and their average,
 and writes eval_<checkpoint>_<split>.json and .csv beside the checkpoint.
@@ -28,6 +29,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--episodes", type=int, default=1000, help="episodes per mode")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed evaluation episodes")
     parser.add_argument("--inner-steps", type=int, help="MAML inner steps at test time (default: the run's eval_inner_steps)")
+    parser.add_argument("--ways", type=int, help="classes per task (default: the run's); other values only for "
+                        "learners whose parameters do not depend on N (ProtoNet without encoder labels)")
     parser.add_argument("--shots", type=int, help="support images per class (default: the run's)")
     parser.add_argument("--queries", type=int, help="query images per class (default: the run's)")
     parser.add_argument("--tasks-per-batch", type=int, default=10, help="tasks evaluated together")
@@ -36,6 +39,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", help="JSON output path (default: beside the checkpoint)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
+
+
+def ways_refusal(learner) -> str | None:
+    """Why a learner cannot be evaluated at another N, or ``None`` when its parameters do not depend on N."""
+    if learner.algorithm == "maml":
+        return f"this learner's MAML head is Linear(features, {learner.ways}), sized for its training N"
+    if learner.model != "none" and learner.encoder_uses_labels:
+        return f"its task encoder reads {learner.ways} one-hot label planes, sized for its training N"
+    return None
 
 
 @exit_on_kml_error
@@ -68,12 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {s.mode: s for s in stores}
         stores = [by_name[m] for m in config.modes if m in by_name]
     rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
+    if args.ways is not None and args.ways < 2:
+        raise KMLError(f"--ways must be at least 2, got {args.ways}")
+    ways = args.ways or config.ways
+    if ways != config.ways:
+        refusal = ways_refusal(config.learner)
+        if refusal:
+            raise KMLError(f"--ways {ways}: {refusal}; evaluate it {config.ways}-way")
     shots = args.shots or config.shots
     queries = args.queries or config.queries
     bf16 = config.bf16 and bf16_native(device)  # trained with bf16 on another device: float32 here
     torch.manual_seed(args.seed)
     results = evaluate(
-        learner, stores, config.ways, shots, queries, args.episodes, seed=args.seed,
+        learner, stores, ways, shots, queries, args.episodes, seed=args.seed,
         tasks_per_batch=args.tasks_per_batch, inner_steps=args.inner_steps, rotate=rotate,
         bf16=bf16, progress=args.progress,
     )
@@ -86,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(checkpoint),
         "step": state["step"],
         "split": args.split,
-        "ways": config.ways,
+        "ways": ways,
+        "trained_ways": config.ways,
         "shots": shots,
         "queries": queries,
         "episodes_per_mode": args.episodes,
@@ -98,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     output.write_text(json.dumps(report, indent=2))
     table.to_csv(output.with_suffix(".csv"), index=False)
-    print(f"{config.ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {state['step']}")
+    print(f"{ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {state['step']}")
     print(table.to_string(index=False, formatters={"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}))
     print(f"written: {output} and {output.with_suffix('.csv')}")
     return 0

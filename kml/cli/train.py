@@ -1,6 +1,7 @@
 """kml-train: meta-train a learner on one or several modes.
 
     kml-train --modes synthetic                               # no-download demo (about 2 minutes on CPU)
+    kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
     kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
     kml-train --modes omniglot miniimagenet --algorithm protonet --model film
     torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
@@ -47,6 +48,8 @@ LEARNER_FLAGS = {
     "eval_inner_steps": (int, "MAML inner steps at validation and test"),
     "inner_lr": (float, "MAML inner learning rate"),
     "inner_grad_clip": (float, "clip inner-loop gradients to this norm"),
+    "inner_grad_clamp": (float, "clamp every inner-gradient element to [-x, x] (MMAML: 20)"),
+    "encoder_hidden": (int, "Linear(8E, this) + ReLU per image in the task encoder (published: 128)"),
     "base_channels": (int, "channels of the first conv block (C, 2C, 4C, 8C)"),
     "encoder_channels": (int, "channels of the task encoder"),
 }
@@ -56,6 +59,9 @@ CHOICES = {
     "backbone": (("published", "conv4"), "published: stride-2 convs, no pooling; conv4: max-pool blocks"),
     "modulation": (("residual", "bare"), "KML form: W*(1+M) (identity at start) or W*M (released code)"),
     "factor_split": (("plain", "published"), "KML factors: (out, in*k*k) or the released code's split"),
+    "head": (("flatten", "avgpool"), "features: the last map flattened, or its spatial mean (MMAML's MAML head)"),
+    "init": (("kml", "pytorch"), "encoder/generator initialisation: kml's, or PyTorch's default (released codes)"),
+    "lr_schedule": (("halve", "constant"), "outer learning rate halved every --lr-halve-every steps (KML) or constant (MMAML)"),
 }
 SWITCHES = {
     "multi_maml": ("learner", "one set of meta-parameters per mode, told the mode (oracle baseline)"),
@@ -83,6 +89,15 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     for name, (_, text) in SWITCHES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
+    from kml.recipes import RECIPES
+
+    parser.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
+                        help="start from a named, versioned preset (flags given here override it): "
+                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
+    parser.add_argument("--batchnorm-affine", action=argparse.BooleanOptionalAction,
+                        help="learned BatchNorm scale and shift in the backbone (default on; MMAML: off)")
+    parser.add_argument("--identity-init", action=argparse.BooleanOptionalAction,
+                        help="start the modulation generators at the identity (default on; released codes: off)")
     parser.add_argument("--no-rotate-omniglot", dest="rotate_omniglot", action="store_false",
                         help="do not rotate Omniglot classes by random multiples of 90 degrees")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
@@ -117,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = args.pop("progress", True)
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
+    if "recipe" in values:  # the recipe's values first, then the config file's and the flags'
+        if resume:
+            raise KMLError("--resume continues the run's recorded settings; drop --recipe")
+        from kml.recipes import recipe_values
+
+        given = {k: v for k, v in values.items() if k not in ("recipe", "recipe_overrides")}
+        values = recipe_values(values["recipe"], given)
 
     from kml.runtime import tune_cpu_allocator
     from kml.training.distributed import init_distributed, shutdown
