@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kml.errors import KMLError
+from kml.validation import check_fields
 
 ALGORITHMS = ("maml", "protonet")
 MODELS = ("kml", "film", "none")
@@ -121,20 +122,7 @@ class LearnerConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise KMLError(f"invalid learner {name} {value!r}; choose one of {', '.join(choices)}")
-        for name, low in (
-            ("num_modes", 1), ("ways", 2), ("in_channels", 1), ("image_size", 1), ("base_channels", 1),
-            ("inner_steps", 0), ("eval_inner_steps", 0), ("encoder_channels", 1),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise KMLError(f"invalid learner {name} {value!r}; must be an integer of at least {low}")
-        if not isinstance(self.inner_lr, (int, float)) or isinstance(self.inner_lr, bool) or self.inner_lr < 0:
-            raise KMLError(f"invalid learner inner_lr {self.inner_lr!r}; must be a number >= 0")
-        self.inner_lr = float(self.inner_lr)
-        if self.inner_grad_clip is not None:
-            if isinstance(self.inner_grad_clip, bool) or not isinstance(self.inner_grad_clip, (int, float)) or self.inner_grad_clip <= 0:
-                raise KMLError(f"invalid learner inner_grad_clip {self.inner_grad_clip!r}; must be a positive number or None")
-            self.inner_grad_clip = float(self.inner_grad_clip)
+        check_fields(self)  # every numeric field: type, finiteness, range (kml.validation, shared with the CLIs)
         self._check_recipe_fields()
         for name in ("multi_maml", "first_order", "meta_sgd", "encoder_uses_labels", "proto_refine", "identity_init",
                      "batchnorm_affine"):

@@ -20,11 +20,18 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Flag values from a JSON or YAML file (keys are flag names, with - or _)."""
+    """Flag values from a JSON or YAML file (keys are flag names, with - or _), numbers checked (kml.validation)."""
+    from kml.validation import check_values
+
     file = Path(path)
     if not file.is_file():
         raise KMLError(f"config file {path} not found")
-    text = file.read_text()
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise KMLError(f"config file {path} is not a text file; give a JSON or YAML file of flag values") from None
+    except OSError as error:
+        raise KMLError(f"cannot read config file {path}: {error.strerror or error}") from None
     try:
         if file.suffix in (".yaml", ".yml"):
             import yaml  # optional: only for YAML configs
@@ -36,6 +43,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise KMLError("YAML config files need pyyaml: pip install pyyaml (or use JSON)") from None
     except Exception as error:  # noqa: BLE001 - any parse error is the user's file
         raise KMLError(f"cannot parse config file {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(values, dict):
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise KMLError(f"config file {path} must hold a mapping of flag names to values")
-    return {key.replace("-", "_"): value for key, value in values.items()}
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    return check_values(values, where=f"config file {path}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
+from kml.validation import EVAL_NUMBERS, check_device, check_output_path, check_values
 
 
 def build_parser() -> ArgumentParser:
@@ -54,8 +55,11 @@ def ways_refusal(learner) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
     args = build_parser().parse_args(argv)
-    if args.episodes < 1:
-        raise KMLError(f"--episodes must be at least 1, got {args.episodes}")
+    # every number, the device and the output folder are checked before the checkpoint is read (kml.validation)
+    vars(args).update(check_values(vars(args), EVAL_NUMBERS))
+    check_device(args.device)
+    if args.output:
+        check_output_path(args.output)
 
     import dataclasses
 
@@ -87,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         refusal = ways_refusal(config.learner)
         if refusal:
             raise KMLError(f"--ways {ways}: {refusal}; evaluate it {config.ways}-way")
-    shots = args.shots or config.shots
-    queries = args.queries or config.queries
+    if args.inner_steps is not None and config.learner.algorithm != "maml":
+        raise KMLError(f"--inner-steps applies to MAML; this checkpoint is {config.learner.method}, which has no inner loop: drop it")
+    shots = args.shots if args.shots is not None else config.shots
+    queries = args.queries if args.queries is not None else config.queries
     bf16 = config.bf16 and bf16_native(device)  # trained with bf16 on another device: float32 here
     torch.manual_seed(args.seed)
     results = evaluate(

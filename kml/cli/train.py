@@ -18,6 +18,7 @@ from kml.cli.common import ArgumentParser, read_config_file
 from kml.config import LearnerConfig
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
+from kml.validation import check_device, check_run_name, check_values
 
 RUN_FLAGS = {
     # name: (type, help)  -- defaults come from RunConfig
@@ -132,13 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     progress = args.pop("progress", True)
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
+    # every setting is checked before anything is loaded or any folder touched (kml.validation)
+    values = check_values(values)
     if "recipe" in values:  # the recipe's values first, then the config file's and the flags'
         if resume:
             raise KMLError("--resume continues the run's recorded settings; drop --recipe")
         from kml.recipes import recipe_values
 
         given = {k: v for k, v in values.items() if k not in ("recipe", "recipe_overrides")}
-        values = recipe_values(values["recipe"], given)
+        values = check_values(recipe_values(values["recipe"], given))
+    check_device(values.get("device", "auto"))
+    if "run_name" in values:
+        check_run_name(values["run_name"])
+    if resume and overwrite:
+        raise KMLError("--resume continues a run and --overwrite starts it again; pass only one of them")
+    config = None if resume else config_from_values(values)
 
     from kml.runtime import tune_cpu_allocator
     from kml.training.distributed import init_distributed, shutdown
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_directory(RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"]))
             trainer = Trainer.resume(run_dir, values, dist_info, progress)
         else:
-            trainer = Trainer.create(config_from_values(values), overwrite, dist_info, progress)
+            trainer = Trainer.create(config, overwrite, dist_info, progress)
         if trainer.config.transference_every:
             from kml.transference.recorder import TransferenceRecorder
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
+from kml.validation import TRANSFERENCE_NUMBERS, check_device, check_output_path, check_values
 
 
 def build_parser() -> ArgumentParser:
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.source_mode is None) != (args.target_mode is None):
         raise KMLError("--source-mode and --target-mode go together")
-    for name in ("batches", "sources", "targets"):
-        if getattr(args, name) < 1:
-            raise KMLError(f"--{name} must be at least 1")
+    # every number, the device and the output folder are checked before any work (kml.validation)
+    vars(args).update(check_values(vars(args), TRANSFERENCE_NUMBERS))
+    check_device(args.device)
+    if args.output:
+        check_output_path(args.output)
 
     import pandas as pd
     from tqdm.auto import tqdm
@@ -68,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device, DistInfo())
     learner, config, state = load_learner(args.checkpoint, device)
     learner.train()  # the training inner loop, as during meta-training
+    from kml.transference.analyzer import parameter_names
+
+    if not parameter_names(learner, args.parameters):  # no lookahead step at all: every Z would be 0
+        raise KMLError(
+            f"--parameters {args.parameters}: this checkpoint ({config.learner.method}) has no such meta-parameters, "
+            f"so every Z would be 0; use --parameters all"
+        )
     rate = args.rate if args.rate is not None else config.lr
     root = args.data_root or config.data_root
 
@@ -94,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(batch.num_tasks)
     else:
         modes = expand_modes(args.modes) if args.modes else config.modes
-        sampler = sampler_for(modes, args.split, args.meta_batch or config.meta_batch, args.seed)
+        tasks = args.meta_batch if args.meta_batch is not None else config.meta_batch
+        if tasks < 2:  # Z is defined for pairs of tasks of one meta-batch
+            raise KMLError(f"the run's meta-batch has {tasks} task, so there are no task pairs; pass --meta-batch 2 or more")
+        sampler = sampler_for(modes, args.split, tasks, args.seed)
         for batch in tqdm(range(args.batches), desc="meta-batches"):
             result = task_transference(learner, sampler.sample(), rate, parameters=args.parameters)
             rows += result_rows(result, state["step"], batch)

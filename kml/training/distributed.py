@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kml.errors import KMLError
+
 
 @dataclass
 class DistInfo:
@@ -50,6 +52,12 @@ def resolve_device(device: str, info: DistInfo) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and info.enabled:
         device = f"cuda:{info.local_rank}"
+    if device.startswith("cuda"):  # checked here, before torch.load would call a missing GPU a corrupt file
+        if not torch.cuda.is_available():
+            raise KMLError(f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise KMLError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cuda:0")
     return device
 
 

@@ -15,6 +15,7 @@ from kml.config import LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
 from kml.errors import KMLError
+from kml.validation import check_bools, check_device, check_fields, check_run_name
 
 # Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
 # Adam 1e-3 halved every 10000 steps, checkpoint every 1000 steps.
@@ -70,15 +71,13 @@ class RunConfig:
             raise KMLError(f"unknown --policy {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise KMLError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-        for name in ("ways", "shots", "log_every"):
-            if getattr(self, name) < 1:
-                raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("meta_batch", "steps", "val_every", "checkpoint_every", "val_episodes", "image_size", "task_chunk"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise KMLError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise KMLError(f"--lr must be positive, got {self.lr}")
+        check_fields(self)  # every numeric field: type, finiteness, range (kml.validation)
+        check_bools(self, ("rotate_omniglot", "bf16", "compile", "activation_checkpointing"))
+        check_device(self.device)
+        if self.run_name is not None:
+            check_run_name(self.run_name)
+        if not isinstance(self.modes, (list, tuple)) or not all(isinstance(m, str) for m in self.modes):
+            raise KMLError(f"--modes must be a list of mode names, got {self.modes!r}")
 
     @property
     def synthetic_only(self) -> bool:
@@ -112,6 +111,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        if not isinstance(values, dict):
+            raise KMLError(f"run config must be a mapping of settings, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -119,13 +120,26 @@ class RunConfig:
         return cls(**values)
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        Path(path).write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
+        os.replace(tmp, path)  # a kill mid-write leaves the old file or the new one, never half of one
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:
-        values = json.loads(Path(path).read_text())
-        values.pop("versions", None)
-        return cls.from_dict(values)
+        """Read ``config.json``; an unreadable or invalid file is a one-line :class:`KMLError` naming it."""
+        try:
+            values = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise KMLError(f"{path} is corrupt or unreadable ({str(error).splitlines()[0]})") from None
+        if isinstance(values, dict):
+            values.pop("versions", None)
+        try:
+            return cls.from_dict(values)
+        except KMLError as error:
+            raise KMLError(f"{path}: {error}") from None
+        except TypeError as error:  # e.g. a learner that is not a mapping
+            raise KMLError(f"{path}: invalid run config ({error})") from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:

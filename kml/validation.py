@@ -1,0 +1,196 @@
+"""Every setting a user types, checked in one place: flags, config files and saved configs alike.
+
+Numbers are checked for type (an integer is not 2.5, a number is not the text "0.01"), finiteness
+and range; a few string settings for their form (``--device``, ``--run-name``, output paths); and
+combinations that mean nothing (``--first-order`` for ProtoNet) are refused. Every failure is a
+:class:`KMLError` with one line that names the setting, as the user wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kml.errors import KMLError
+
+
+@dataclass(frozen=True)
+class Number:
+    """The type and range of one numeric setting (``None`` allowed when ``optional``)."""
+
+    kind: type  # int or float
+    low: float | None = None
+    above: bool = False  # True: value > low; False: value >= low
+    optional: bool = False
+    many: bool = False  # a list of such numbers (e.g. --weights)
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a finite number"
+        if self.low is not None:
+            what += f" {'>' if self.above else '>='} {self.low:g}"
+        return what
+
+
+INT_1 = Number(int, 1)
+OPT_INT_1 = Number(int, 1, optional=True)
+SEED = Number(int, 0)
+
+# Settings of kml-train (RunConfig and LearnerConfig fields) and of the config files that hold them.
+TRAIN_NUMBERS: dict[str, Number] = {
+    "ways": Number(int, 2), "shots": INT_1, "queries": INT_1, "meta_batch": OPT_INT_1, "steps": OPT_INT_1,
+    "lr": Number(float, 0, above=True), "lr_halve_every": INT_1, "seed": SEED,
+    "image_size": Number(int, 16, optional=True), "val_every": OPT_INT_1, "val_episodes": OPT_INT_1,
+    "checkpoint_every": OPT_INT_1, "log_every": INT_1, "grad_clip": Number(float, 0, above=True, optional=True),
+    "transference_every": Number(int, 0), "transference_batches": INT_1, "task_chunk": OPT_INT_1,
+    "weights": Number(float, 0, optional=True, many=True),
+    # learner
+    "num_modes": INT_1, "in_channels": INT_1, "base_channels": INT_1, "encoder_channels": INT_1,
+    "inner_steps": Number(int, 0), "eval_inner_steps": Number(int, 0), "inner_lr": Number(float, 0),
+    "inner_grad_clip": Number(float, 0, above=True, optional=True),
+    "inner_grad_clamp": Number(float, 0, above=True, optional=True), "encoder_hidden": OPT_INT_1,
+    "mode_inner_lr": Number(float, 0, optional=True, many=True),
+    "mode_inner_steps": Number(int, 0, optional=True, many=True),
+}
+EVAL_NUMBERS: dict[str, Number] = {
+    "episodes": INT_1, "seed": SEED, "inner_steps": Number(int, 0, optional=True), "shots": OPT_INT_1,
+    "queries": OPT_INT_1, "tasks_per_batch": INT_1, "ways": Number(int, 2, optional=True),
+}
+TRANSFERENCE_NUMBERS: dict[str, Number] = {
+    "batches": INT_1, "meta_batch": Number(int, 2, optional=True), "rate": Number(float, 0, above=True, optional=True),
+    "sources": INT_1, "targets": INT_1, "seed": SEED,
+}
+
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def check_number(label: str, value: Any, spec: Number) -> Any:
+    """``value`` converted to ``spec.kind`` (ints stay ints), or a one-line :class:`KMLError` naming ``label``."""
+    if value is None:
+        if spec.optional:
+            return None
+        raise KMLError(f"{label} must be {spec.describe()}, got nothing (null)")
+    if spec.many:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise KMLError(f"{label} must be a list of {spec.describe()[2:]}s, got {value!r}")
+        single = Number(spec.kind, spec.low, spec.above)
+        return [check_number(label, item, single) for item in value]
+    if isinstance(value, str):
+        raise KMLError(
+            f"{label} must be {spec.describe()}, got the text {value!r}; write it without quotes "
+            f"(YAML reads 1e-3 as text: write 1.0e-3)"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise KMLError(f"{label} must be {spec.describe()}, got {value!r}")
+    if not math.isfinite(value):
+        raise KMLError(f"{label} must be {spec.describe()}, got {value}")
+    if spec.kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise KMLError(f"{label} must be {spec.describe()}, got {value}")
+        value = int(value)
+    else:
+        value = float(value)
+    if spec.low is not None and (value <= spec.low if spec.above else value < spec.low):
+        raise KMLError(f"{label} must be {spec.describe()}, got {value:g}")
+    return value
+
+
+def check_values(values: Mapping[str, Any], specs: Mapping[str, Number] = TRAIN_NUMBERS, where: str | None = None) -> dict[str, Any]:
+    """``values`` with every known numeric setting checked and converted; unknown names pass through.
+
+    ``where`` (e.g. ``"config file run.yaml"``) prefixes the message; without it settings are named as flags.
+    """
+    checked = dict(values)
+    for name, value in values.items():
+        if name in specs:
+            label = flag(name) if where is None else f"{where}: {name}"
+            checked[name] = check_number(label, value, specs[name])
+    return checked
+
+
+def check_fields(obj: Any, specs: Mapping[str, Number] = TRAIN_NUMBERS, where: str | None = None) -> None:
+    """Check a dataclass's numeric fields in place (RunConfig, LearnerConfig); ``where=None`` names them as flags."""
+    for name, spec in specs.items():
+        if hasattr(obj, name):
+            label = flag(name) if where is None else f"{where} {name}"
+            setattr(obj, name, check_number(label, getattr(obj, name), spec))
+
+
+def check_bools(obj: Any, names: tuple[str, ...], where: str | None = None) -> None:
+    for name in names:
+        if hasattr(obj, name) and not isinstance(getattr(obj, name), bool):
+            label = flag(name) if where is None else f"{where} {name}"
+            raise KMLError(f"{label} must be true or false, got {getattr(obj, name)!r}")
+
+
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def check_device(device: Any) -> str:
+    """The form of ``--device``: auto, cpu, cuda or cuda:N (availability is checked where torch is loaded)."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise KMLError(f"unsupported --device {device!r}; kml runs on auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_run_name(name: Any) -> str:
+    """A run name must be one plain folder inside the train dir (``..``, ``.``, ``a/b`` or ``/x`` are refused)."""
+    if (
+        not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
+        or "/" in name or os.sep in name or (os.altsep and os.altsep in name) or "\0" in name
+    ):
+        raise KMLError(
+            f"--run-name {name!r} is not a plain folder name; use a name such as my-run "
+            f"(no slashes, not starting with a dot): the run folder is <train-dir>/<run-name>"
+        )
+    return name
+
+
+def check_output_path(path: str | os.PathLike, option: str = "--output") -> Path:
+    """An output file's folder must exist and be writable, checked before the work that fills it."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise KMLError(f"{option} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    if not folder.is_dir():
+        raise KMLError(f"{option} {path}: folder {folder} does not exist; create it first (mkdir -p {folder})")
+    if not os.access(folder, os.W_OK):
+        raise KMLError(f"{option} {path}: folder {folder} is not writable; choose another path")
+    return path
+
+
+def check_learner_combinations(learner: Any) -> None:
+    """Refuse switches that do nothing for the chosen method (they would be recorded as if they did)."""
+    if learner.algorithm == "protonet":
+        maml_only = [
+            name for name, on in (
+                ("--first-order", learner.first_order), ("--meta-sgd", learner.meta_sgd),
+                ("--inner-grad-clip", learner.inner_grad_clip is not None),
+            ) if on
+        ]
+        if maml_only:
+            raise KMLError(
+                f"{' '.join(maml_only)} only apply to MAML's inner loop, which --algorithm protonet does not have; drop "
+                f"{'it' if len(maml_only) == 1 else 'them'}"
+            )
+    if learner.model == "none" and learner.encoder_uses_labels:
+        raise KMLError("--encoder-uses-labels needs a task encoder; --model none has none: drop it or pick --model kml/film")
+
+
+def check_run_combinations(config: Any) -> None:
+    """Combinations of run and learner settings that mean nothing."""
+    check_learner_combinations(config.learner)
+    if getattr(config, "activation_checkpointing", False) and config.learner.algorithm == "protonet":
+        raise KMLError("--activation-checkpointing only applies to MAML's inner loop; drop it for --algorithm protonet")
+    if config.weights is not None and config.policy == "alternate":
+        raise KMLError("--weights is not used by --policy alternate; drop it or use --policy mixed, random or per-batch")
+    if config.weights is not None and len(config.weights) != len(config.modes):
+        raise KMLError(f"--weights needs one weight per mode ({len(config.modes)}: {' '.join(config.modes)}), got {len(config.weights)}")
+    if config.weights is not None and sum(config.weights) <= 0:
+        raise KMLError("--weights must not all be 0")
