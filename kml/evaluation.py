@@ -55,21 +55,25 @@ def evaluate(
     rotate: Sequence[bool] | None = None,
     bf16: bool = False,
     progress: bool = True,
+    mode_indices: Sequence[int] | None = None,
+    mode_names: Sequence[str] | None = None,
 ) -> list[ModeResult]:
     """Evaluate ``learner`` on ``episodes`` seeded tasks per store; the same arguments give the same numbers.
 
-    The learner's own ``mode`` index for a task is the store's position in ``stores``
-    (what Multi-MAML uses to pick its parameter set).
+    The learner's own ``mode`` index for a task (what Multi-MAML uses to pick its parameter set, and
+    per-mode inner rates their rate) is ``mode_indices[i]`` for ``stores[i]``, by default its position;
+    ``mode_names`` are the names those indices refer to (by default the stores' modes).
     """
     was_training = learner.training
     learner.eval()
-    names = tuple(store.mode for store in stores)
+    names = tuple(mode_names) if mode_names is not None else tuple(store.mode for store in stores)
+    indices = list(mode_indices) if mode_indices is not None else list(range(len(stores)))
     results = []
     try:
         for index, store in enumerate(stores):
             sampler = EpisodeSampler(
                 store, ways, shots, queries, rotate=bool(rotate[index]) if rotate else False,
-                seed=episode_seed(seed, store.mode), mode_index=index, mode_names=names, dtype=torch.uint8,
+                seed=episode_seed(seed, store.mode), mode_index=indices[index], mode_names=names, dtype=torch.uint8,
             )
             accuracies, losses = [], []
             bar = tqdm(total=episodes, desc=f"eval {store.mode}", leave=False, disable=not progress)

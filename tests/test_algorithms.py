@@ -107,7 +107,7 @@ def test_batched_path_equals_reference_loop(method, batching, episode):
 
 
 @pytest.mark.parametrize("batching", ["packed", "vmap"])
-@pytest.mark.parametrize("method", ["kml-maml", "kml-protonet"])
+@pytest.mark.parametrize("method", ["kml-maml", "kml-protonet", "recipe-mmaml", "recipe-kml-protonet-released"])
 def test_batched_path_equals_reference_in_eval_under_no_grad(method, batching, episode):
     learner = tiny_learner(**METHODS[method]).eval()
     learner.batching = batching

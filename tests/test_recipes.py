@@ -227,6 +227,21 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
     assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
 
 
+def test_multi_maml_evaluated_on_a_subset_of_modes_uses_each_mode_own_parameters(tmp_path):
+    argv = tiny_recipe_args(tmp_path, "multi-maml")
+    at = argv.index("--meta-batch")
+    del argv[at:at + 2]
+    assert train_cli.main(argv) == 0
+    checkpoint = tmp_path / "train_dir" / "multi-maml" / "checkpoints" / "last.pt"
+    rows = {}
+    for modes in (["glyphs", "textures", "shapes"], ["shapes"]):
+        output = tmp_path / f"{len(modes)}.json"
+        argv = ["--checkpoint", str(checkpoint), "--episodes", "4", "--no-progress", "--output", str(output), "--modes", *modes]
+        assert eval_cli.main(argv) == 0
+        rows[len(modes)] = {r["mode"]: r for r in json.loads(output.read_text())["results"]}
+    assert rows[1]["shapes"] == rows[3]["shapes"]  # was: shapes evaluated with glyphs' parameter set (index 0)
+
+
 # ----------------------------------------------------------------------------- evaluation at another N
 def test_protonet_trained_5_way_evaluates_20_way(tmp_path):
     torch.manual_seed(0)

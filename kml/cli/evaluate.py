@@ -77,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     learner, config, state = load_learner(args.checkpoint, device)
 
     modes = expand_modes(args.modes) if args.modes else config.modes
-    if config.learner.multi_maml and set(modes) - set(config.modes):
-        raise KMLError(f"a Multi-MAML learner only knows its training modes {config.modes}; got {modes}")
+    # Multi-MAML and per-mode inner rates/steps pick by the task's mode index: it must be the run's own index
+    by_mode = config.learner.multi_maml or config.learner.mode_inner_lr is not None or config.learner.mode_inner_steps is not None
+    if by_mode and set(modes) - set(config.modes):
+        raise KMLError(f"this learner ({config.learner.method}, per-mode settings) only knows its training modes {config.modes}; got {modes}")
     stores = load_stores(modes, args.split, args.data_root or config.data_root, config.image_size, 3, device)
-    if config.learner.multi_maml:  # keep each mode at the index of its own parameter set
+    mode_indices = mode_names = None
+    if by_mode:  # keep each mode at the index of its own parameter set / rate, also for a subset of the modes
         by_name = {s.mode: s for s in stores}
         stores = [by_name[m] for m in config.modes if m in by_name]
+        mode_indices, mode_names = [config.modes.index(s.mode) for s in stores], config.modes
     rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
     if args.ways is not None and args.ways < 2:
         raise KMLError(f"--ways must be at least 2, got {args.ways}")
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(
         learner, stores, ways, shots, queries, args.episodes, seed=args.seed,
         tasks_per_batch=args.tasks_per_batch, inner_steps=args.inner_steps, rotate=rotate,
-        bf16=bf16, progress=args.progress,
+        bf16=bf16, progress=args.progress, mode_indices=mode_indices, mode_names=mode_names,
     )
     rows = [r.as_dict() for r in [*results, average(results)]]
     table = pd.DataFrame(rows)

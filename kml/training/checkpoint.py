@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -16,35 +17,118 @@ CHECKPOINT_FORMAT = "kml-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
+TEMP_PATTERN = ".*.tmp-*"  # save_checkpoint's temporary files: .<name>.tmp-<pid>
+
+
+def tensor_checksum(state: Any) -> str:
+    """A digest of every tensor's dtype, shape and bytes and every plain value in ``state``, in order.
+
+    Zip CRCs are not checked by ``torch.load``, so flipped bytes inside tensor data would load as
+    wrong numbers; this digest, stored in the checkpoint, makes them a load error instead.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{list(tensor.shape)}".encode())
+            if tensor.numel():
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key, item in value.items():
+                digest.update(repr(key).encode())
+                visit(item)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                visit(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    visit(state)
+    return f"blake2b:{digest.hexdigest()}"
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` via a temporary file and a rename, so a crash never leaves half a file."""
+    """Write ``state`` to ``path`` via a temporary file and a rename, so a crash never leaves half a file.
+
+    Any failure (a full disk is an OSError or, from torch's zip writer, a RuntimeError) removes the
+    temporary file, keeps the previous ``path`` and is one :class:`KMLError` line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state,
+                    "checksum": tensor_checksum(state)}, tmp)
+        with open(tmp, "rb") as handle:  # on disk before the rename makes it the checkpoint
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         tmp.unlink(missing_ok=True)
-        raise KMLError(f"could not write checkpoint {path}: {error.strerror or error}") from None
+        reason = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0]
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else "no checkpoint was written"
+        raise KMLError(
+            f"could not write checkpoint {path} ({reason}); {kept}; free space on {path.parent} (df -h {path.parent}) "
+            f"and continue with --resume"
+        ) from None
     return path
 
 
+def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary checkpoint files left by a killed writer; call only while holding the run's lock."""
+    removed = []
+    for stale in Path(directory).glob(TEMP_PATTERN):
+        try:
+            stale.unlink()
+            removed.append(stale)
+        except OSError:
+            pass  # tried again at the next start
+    return removed
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+    """Read a checkpoint written by :func:`save_checkpoint`, its tensors verified against its checksum."""
     path = Path(path)
     if not path.is_file():
         raise KMLError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            AttributeError, KeyError, IndexError, TypeError, UnicodeDecodeError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise KMLError(f"checkpoint {path} is truncated or corrupt ({reason}); use another checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise KMLError(f"{path} is not a kml checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
         raise KMLError(f"checkpoint {path} has version {state.get('version')}, this kml reads {CHECKPOINT_VERSION}")
+    expected = state.pop("checksum", None)  # checkpoints written before checksums have none
+    if expected is not None:
+        content = {k: v for k, v in state.items() if k not in ("format", "version")}
+        if tensor_checksum(content) != expected:
+            raise KMLError(
+                f"checkpoint {path} is corrupt (its contents do not match the checksum written with them); "
+                f"{_another(path)}"
+            )
+    model = state.get("model")
+    if isinstance(model, dict):
+        broken = [name for name, value in model.items()
+                  if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise KMLError(
+                f"checkpoint {path} holds non-finite parameters ({len(broken)} tensors, e.g. {broken[0]}); "
+                f"{_another(path)}"
+            )
     return state
+
+
+def _another(path: Path) -> str:
+    """Advice naming the newest other checkpoint beside ``path``."""
+    others = sorted(p for p in path.parent.glob("step_*.pt") if p.name != path.name)
+    return f"use another checkpoint, e.g. {others[-1]}" if others else "use another checkpoint"
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -14,8 +14,10 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +34,11 @@ from kml.data.sampler import MixtureSampler
 from kml.errors import KMLError
 from kml.evaluation import average, evaluate
 from kml.runtime import autocast, check_bf16
-from kml.training.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from kml.training.checkpoint import load_checkpoint, load_model_state, remove_stale_temp_files, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
 from kml.training.run_config import RunConfig, build_scheduler
+from kml.training.run_lock import RunLock
+from kml.validation import check_run_combinations, check_run_name
 
 Callback = Callable[["Trainer", int, Episode], None]
 
@@ -46,7 +50,58 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def run_directory(config: RunConfig) -> Path:
-    return Path(config.train_dir) / (config.run_name or default_run_name(config))
+    return Path(config.train_dir) / check_run_name(config.run_name or default_run_name(config))
+
+
+def _existing_run(run_dir: Path, overwrite: bool) -> bool:
+    """True when ``run_dir`` holds a run that ``overwrite`` will replace; a one-line error when it may not."""
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise KMLError(f"{run_dir} exists and is not a run folder (a file or a link); move it away or choose another --run-name")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return False
+    if not overwrite:
+        if (run_dir / "checkpoints" / "last.pt").is_file():
+            raise KMLError(f"run {run_dir} already exists; pass --resume to continue it or --overwrite to delete it and start again")
+        raise KMLError(
+            f"run {run_dir} already exists but has no checkpoint to resume (it stopped before its first save); "
+            f"add --overwrite to delete it and start again"
+        )
+    if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise KMLError(f"{run_dir} is not a kml run folder (no config.json); --overwrite deletes only runs: choose another --run-name")
+    return True
+
+
+def _discard(run_dir: Path) -> None:
+    """Delete the run that ``--overwrite`` replaces: first renamed aside (one atomic step), then removed."""
+    aside = run_dir.parent / f".{run_dir.name}.overwritten-{os.getpid()}"
+    try:
+        os.replace(run_dir, aside)
+    except OSError as error:
+        raise KMLError(f"cannot move the old run {run_dir} aside for --overwrite: {error.strerror or error}") from None
+    shutil.rmtree(aside, ignore_errors=True)  # leftovers (a kill meanwhile) go at the next start
+
+
+def _step_of(row: dict[str, str]) -> int | None:
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _resume_config(config_path: Path, last: Path) -> RunConfig:
+    """The run's settings from config.json, or from last.pt when config.json is missing or corrupt."""
+    try:
+        return RunConfig.load(config_path)
+    except KMLError as error:
+        if not last.is_file():
+            if not config_path.is_file():
+                raise KMLError(f"cannot resume: {config_path} not found (is {config_path.parent} a kml run folder?)") from None
+            raise KMLError(f"cannot resume: {error}; and there is no {last} to recover the settings from") from None
+        reason = error
+    config = RunConfig.from_dict(load_checkpoint(last)["config"])
+    config.save(config_path, {"versions": versions()})
+    print(f"warning: {reason}; rewrote it from the settings saved in {last}", file=sys.stderr)
+    return config
 
 
 def versions() -> dict[str, str]:
@@ -104,26 +159,36 @@ class Trainer:
         self._stop_signal: int | None = None  # the signal this process received
         self._stop_agreed = False  # under torchrun: some rank was signalled, as of the last step's all-reduce
         self._reset_window()
-        self.logger = self._make_logger()
-        self.tensorboard = self._make_tensorboard()
+        self.lock: RunLock | None = None  # held by the main process from create/resume to the end of fit
+        self.logger = self._make_logger()  # log.txt and TensorBoard open only when the run starts (_open_run_files)
+        self.tensorboard = None
 
     # ------------------------------------------------------------ creation
     @classmethod
     def create(cls, config: RunConfig, overwrite: bool = False, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
+        """Start a new run. With ``overwrite`` an existing run of the same name is deleted, but only once the
+        new one has been built (data loaded, learner made): a setting that fails leaves the old run intact."""
         config = config.resolved()
+        check_run_combinations(config)
         run_dir = run_directory(config)
         info = dist_info or DistInfo()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not overwrite:
-                raise KMLError(f"run {run_dir} already exists; pass --resume to continue it or --overwrite to start again")
+        lock = RunLock(run_dir).acquire() if info.is_main else None
+        try:
+            replace = _existing_run(run_dir, overwrite)
             barrier(info)
+            trainer = cls(config, run_dir, info, progress)
+            trainer.lock = lock
             if info.is_main:
-                shutil.rmtree(run_dir)
-        barrier(info)
-        trainer = cls(config, run_dir, info, progress)
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            trainer.config.save(run_dir / "config.json", {"versions": versions()})
+                if replace:
+                    _discard(run_dir)
+                trainer._open_run_files()
+                trainer.config.save(run_dir / "config.json", {"versions": versions()})
+                trainer.save("last.pt")  # step 0: a run killed before its first checkpoint can still --resume
+            barrier(info)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         trainer.logger.info("new run %s: %s", run_dir, trainer.config.to_dict())
         return trainer
 
@@ -132,18 +197,33 @@ class Trainer:
         """Continue the run in ``run_dir`` from ``checkpoints/last.pt``.
 
         ``overrides`` may change ``steps``, ``device``, ``data_root``, logging cadence and ``bf16`` (a
-        device without native bf16 continues in float32: rounding differs, the method does not); any
-        other change would make the continuation differ from the uninterrupted run and is refused.
+        device without native bf16 continues in float32: rounding differs, the method does not), and
+        ``lr`` / ``grad_clip`` (to continue past a non-finite loss); any other change would make the
+        continuation differ from the uninterrupted run and is refused.
         """
         run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise KMLError(f"cannot resume: {config_path} not found (is {run_dir} a kml run folder?)")
-        config = RunConfig.load(config_path)
+        info = dist_info or DistInfo()
+        lock = RunLock(run_dir).acquire() if info.is_main else None
+        try:
+            trainer = cls._resumed(run_dir, overrides or {}, info, progress)
+            trainer.lock = lock
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        trainer.logger.info("resumed %s at step %d", run_dir, trainer.step)
+        return trainer
+
+    @classmethod
+    def _resumed(cls, run_dir: Path, overrides: dict[str, Any], info: DistInfo, progress: bool) -> Trainer:
+        last = run_dir / "checkpoints" / "last.pt"
+        if not run_dir.is_dir():
+            raise KMLError(f"cannot resume: there is no run folder {run_dir}; start the run by leaving out --resume")
+        config = _resume_config(run_dir / "config.json", last)
         allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir",
-                   "run_name", "bf16", "task_chunk", "activation_checkpointing"}
+                   "run_name", "bf16", "task_chunk", "activation_checkpointing", "lr", "grad_clip"}
         changed = {}
-        for key, value in (overrides or {}).items():
+        for key, value in overrides.items():
             current = getattr(config, key) if hasattr(config, key) else getattr(config.learner, key, None)
             if key == "modes":
                 value = expand_modes(value)
@@ -152,14 +232,53 @@ class Trainer:
         if changed:
             diff = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in changed.items())
             raise KMLError(f"cannot resume {run_dir} with different settings ({diff}); start a new run instead")
-        config = dataclasses.replace(config, **{k: v for k, v in (overrides or {}).items() if k in allowed})
+        config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in allowed})
         if config.run_name != run_dir.name or Path(config.train_dir) != run_dir.parent:
             config = dataclasses.replace(config, train_dir=str(run_dir.parent), run_name=run_dir.name)
-        trainer = cls(config, run_dir, dist_info, progress)
-        trainer.load_state(load_checkpoint(trainer.checkpoint_dir / "last.pt", trainer.device))
+        if not last.is_file():
+            raise KMLError(
+                f"cannot resume {run_dir}: it has no checkpoint (it stopped before its first save); "
+                f"start it again: the same kml-train command with --overwrite instead of --resume"
+            )
+        trainer = cls(config, run_dir, info, progress)
+        trainer.load_state(load_checkpoint(last, trainer.device))
+        trainer._set_base_lr(config.lr)
+        if info.is_main:
+            trainer._open_run_files()
         trainer._truncate_metrics()
-        trainer.logger.info("resumed %s at step %d", run_dir, trainer.step)
         return trainer
+
+    def _set_base_lr(self, lr: float) -> None:
+        """A learning rate changed on resume: the schedule continues from it (halvings already due included)."""
+        if self.scheduler.base_lrs == [lr]:
+            return
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        halvings = self.scheduler.last_epoch // self.scheduler.step_size
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * self.scheduler.gamma**halvings
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _open_run_files(self) -> None:
+        """Create the run folder and open log.txt and TensorBoard; drop temp files a killed run left behind."""
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.run_dir / "log.txt")
+        except OSError as error:
+            raise KMLError(f"cannot write in run folder {self.run_dir}: {error.strerror or error}") from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        self.logger.addHandler(handler)
+        if self.lock is not None and self.lock.stale_holder:
+            self.logger.info("took over the lock of %s, which ended without releasing it", self.lock.stale_holder)
+        for stale in [*remove_stale_temp_files(self.checkpoint_dir), *remove_stale_temp_files(self.run_dir)]:  # ours: we hold the lock
+            self.logger.info("removed %s, left by a process killed while writing it", stale)
+        for stale in self.run_dir.parent.glob(f".{self.run_dir.name}.overwritten-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tensorboard = self._make_tensorboard()
+
+    def release(self) -> None:
+        """Let go of the run folder (end of fit, or a trainer used without fit)."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -194,18 +313,42 @@ class Trainer:
     def save(self, name: str = "last.pt") -> Path | None:
         if not self.dist.is_main:
             return None
+        if not self._parameters_finite():  # a checkpoint on disk is always one that can be resumed
+            self._stop_on_non_finite_loss("non-finite parameters", self.step)
         return save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    def _parameters_finite(self) -> bool:
+        tensors = [t for t in self.learner.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+    def _stop_on_non_finite_loss(self, what: str = "non-finite loss", step: int | None = None) -> None:
+        """Leave on disk parameters that are finite and from before the bad step, and stop with what to change.
+
+        The loss of step k is checked before step k's update, so finite parameters now are exactly those before
+        it; non-finite ones come from an earlier update that overflowed, and then last.pt is left as it was.
+        """
+        last = self.checkpoint_dir / "last.pt"
+        if self._parameters_finite():
+            if self.dist.is_main:
+                save_checkpoint(last, self.state())
+            kept = f"saved the parameters from before it (step {self.step}) in {last}"
+        elif self.dist.is_main and last.is_file():
+            kept = (f"the parameters had already overflowed, so {last} keeps the last checkpoint "
+                    f"(step {load_checkpoint(last)['step']}), all finite")
+        else:
+            kept = f"the parameters had already overflowed; {last} keeps the last checkpoint"
+        run = f"--train-dir {self.run_dir.parent} --run-name {self.run_dir.name}"
+        raise KMLError(
+            f"{what} at step {self.step + 1 if step is None else step}; {kept}; continue with a smaller outer learning rate: "
+            f"kml-train --resume {run} --lr {self.config.lr / 10:g} (or add --grad-clip 10); "
+            f"a lower --inner-lr needs a new run"
+        )
 
     # ------------------------------------------------------------ logging
     def _make_logger(self) -> logging.Logger:
         logger = logging.getLogger(f"kml.train.{id(self)}")
         logger.setLevel(logging.INFO)
         logger.propagate = False
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(self.run_dir / "log.txt")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            logger.addHandler(handler)
         return logger
 
     def _make_tensorboard(self):
@@ -215,7 +358,11 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        try:
+            return SummaryWriter(str(self.run_dir / "tensorboard"))
+        except (OSError, RuntimeError) as error:  # e.g. a full disk: train on, the CSV files hold the metrics
+            self.logger.info("no TensorBoard events: %s", error)
+            return None
 
     def _reset_window(self) -> None:
         modes = len(self.config.modes)
@@ -233,14 +380,18 @@ class Trainer:
             path = self.run_dir / name
             if not path.is_file():
                 continue
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                fields = reader.fieldnames or []
-                rows = [row for row in reader if int(row["step"]) <= self.step]
-            with path.open("w", newline="") as handle:
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # a row cut by a kill: drop it (it is logged again)
+                text = text[: text.rfind("\n") + 1]
+            reader = csv.DictReader(text.splitlines())
+            fields = reader.fieldnames or []
+            rows = [row for row in reader if _step_of(row) is not None and _step_of(row) <= self.step]
+            tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+            with tmp.open("w", newline="") as handle:  # written aside and renamed: a kill now loses no row
                 writer = csv.DictWriter(handle, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(rows)
+            os.replace(tmp, path)
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
         path = self.run_dir / "metrics.csv"
@@ -322,12 +473,7 @@ class Trainer:
             if requests > 0:
                 self._stop_agreed = True
         if not torch.isfinite(global_loss):
-            self.save()
-            raise KMLError(
-                f"non-finite loss at step {self.step + 1}; saved the parameters from before it in "
-                f"{self.checkpoint_dir / 'last.pt'} (--resume continues after the offending meta-batch; "
-                f"a lower --lr or --inner-lr needs a new run)"
-            )
+            self._stop_on_non_finite_loss()
         sum_gradients(self.parameters, self.dist)
         if self.config.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
@@ -343,6 +489,13 @@ class Trainer:
             self.window["tasks"] += torch.bincount(local.mode, minlength=modes).double()
 
     def fit(self) -> Path:
+        """Train to ``config.steps`` (see :meth:`_fit`), then let go of the run folder's lock."""
+        try:
+            return self._fit()
+        finally:
+            self.release()
+
+    def _fit(self) -> Path:
         """Train to ``config.steps``; on SIGINT/SIGTERM save ``last.pt`` and return early.
 
         Alone, a signal stops the run after the current step. Under torchrun the ranks learn of it in the
