@@ -90,7 +90,7 @@ def load_store(mode: str, split: str, root: str | os.PathLike = "data") -> Image
             f"no cache for mode {mode!r} split {split!r} under {directory}; "
             f"run: python download.py --datasets {mode} --root {root}"
         )
-    return ImageStore.load(directory)
+    return ImageStore.load(directory, rebuild=f"rebuild it: python download.py --datasets {mode} --root {root} --force")
 
 
 def load_stores(

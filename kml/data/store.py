@@ -186,11 +186,11 @@ class ImageStore:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the store atomically: into a temporary folder, renamed into place when complete."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
             np.save(tmp / IMAGES_FILE, self.images.cpu().numpy())
             (tmp / MANIFEST_FILE).write_text(json.dumps(self.manifest(), indent=1))
             if directory.exists():
@@ -198,21 +198,31 @@ class ImageStore:
             os.replace(tmp, directory)
         except OSError as error:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise KMLError(f"could not write cache {directory}: {error.strerror or error}") from None
+            raise KMLError(
+                f"could not write cache {directory}: {error.strerror or error}; pass --data-root a writable folder"
+            ) from None
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, mmap: bool = True) -> ImageStore:
-        """Load a store saved by :meth:`save` (a memory map of the images by default)."""
+    def load(cls, directory: str | os.PathLike, mmap: bool = True, rebuild: str | None = None) -> ImageStore:
+        """Load a store saved by :meth:`save` (a memory map of the images by default).
+
+        ``rebuild`` is the advice of every error, a command that rebuilds this cache (its caller knows the mode).
+        """
         directory = Path(directory)
         manifest_path = directory / MANIFEST_FILE
-        rebuild = f"delete {directory} and rebuild it (python download.py --force ...)"
+        rebuild = rebuild or f"delete {directory} and rebuild it (rm -r {directory}, then rerun)"
         if not manifest_path.is_file():
             raise KMLError(f"no complete cache at {directory} (missing {MANIFEST_FILE}); {rebuild}")
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise KMLError(f"corrupt cache manifest {manifest_path} ({error}); {rebuild}") from None
+            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise KMLError(f"corrupt cache manifest {manifest_path} ({str(error).splitlines()[0]}); {rebuild}") from None
+        except OSError as error:
+            raise KMLError(f"cannot read cache manifest {manifest_path}: {error.strerror or error}") from None
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise KMLError(f"corrupt cache manifest {manifest_path} ({problem}); {rebuild}")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise KMLError(
@@ -221,8 +231,9 @@ class ImageStore:
         images_path = directory / IMAGES_FILE
         try:
             array = np.load(images_path, mmap_mode="r" if mmap else None)
-        except (OSError, ValueError) as error:
-            raise KMLError(f"corrupt cache file {images_path} ({error}); {rebuild}") from None
+        except (OSError, ValueError, EOFError) as error:  # EOFError: a 0-byte file
+            reason = (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+            raise KMLError(f"corrupt cache file {images_path} ({reason}); {rebuild}") from None
         expected = (manifest["num_images"], *manifest["image_shape"])
         if array.shape != tuple(expected) or array.dtype != np.uint8:
             raise KMLError(
@@ -232,14 +243,38 @@ class ImageStore:
         with warnings.catch_warnings():  # a read-only memory map is fine: stores are never written in place
             warnings.simplefilter("ignore", UserWarning)
             images = torch.from_numpy(array)
-        return cls(
-            images,
-            torch.tensor(manifest["class_offsets"], dtype=torch.int64),
-            list(manifest["class_names"]),
-            manifest["mode"],
-            manifest["split"],
-            manifest.get("info", {}),
-        )
+        try:
+            return cls(
+                images,
+                torch.tensor(manifest["class_offsets"], dtype=torch.int64),
+                list(manifest["class_names"]),
+                manifest["mode"],
+                manifest["split"],
+                manifest.get("info", {}),
+            )
+        except KMLError as error:  # offsets that do not fit the images
+            raise KMLError(f"corrupt cache {directory}: {error}; {rebuild}") from None
+
+
+def _manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's structure, or ``None`` (checked before any field is used)."""
+    if not isinstance(manifest, dict):
+        return f"a {type(manifest).__name__}, not a mapping"
+    kinds = {"format_version": int, "mode": str, "split": str, "image_shape": list, "num_images": int,
+             "class_names": list, "class_offsets": list}
+    missing = [key for key in kinds if key not in manifest]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [key for key, kind in kinds.items() if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)]
+    if wrong:
+        return f"{', '.join(wrong)} of the wrong type"
+    if len(manifest["image_shape"]) != 3 or not all(isinstance(v, int) and v > 0 for v in manifest["image_shape"]):
+        return f"image_shape {manifest['image_shape']} is not three positive integers"
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in manifest["class_offsets"]):
+        return "class_offsets are not integers"
+    if "info" in manifest and not isinstance(manifest["info"], dict):
+        return "info is not a mapping"
+    return None
 
 
 @contextmanager
@@ -250,13 +285,19 @@ def locked(directory: Path) -> Iterator[None]:
     once; the first converts or generates it, the others wait and reuse it.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         yield
         return
-    with open(directory.parent / f".{directory.name}.lock", "a") as handle:
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(directory.parent / f".{directory.name}.lock", "a")
+    except OSError as error:
+        raise KMLError(
+            f"cannot write the cache folder {directory.parent}: {error.strerror or error}; pass --data-root a writable folder"
+        ) from None
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -24,6 +24,7 @@ import zlib
 import torch
 
 from kml.data.store import SPLITS, ImageStore, cache_dir, locked
+from kml.errors import KMLError
 
 SYNTHETIC_MODES = ("glyphs", "textures", "shapes")
 SYNTHETIC_CLASSES = {"train": 256, "val": 64, "test": 64}
@@ -181,8 +182,11 @@ def load_synthetic(mode: str, split: str, root: str | os.PathLike | None = None,
     directory = cache_dir(root, mode if seed == 0 else f"{mode}-seed{seed}", split)
     with locked(directory):  # the ranks of a torchrun job: one generates, the others load its cache
         if (directory / "manifest.json").is_file():
-            store = ImageStore.load(directory)
-            if store.info.get("generator_version") == GENERATOR_VERSION:
+            try:
+                store = ImageStore.load(directory)
+            except KMLError:  # a damaged cache of generated images: generate them again
+                store = None
+            if store is not None and store.info.get("generator_version") == GENERATOR_VERSION:
                 return store
         store = generate_store(mode, split, seed)
         store.save(directory)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from kml.data.sources.base import ConversionPlan, split_by_fractions
 from kml.data.sources.cache import is_complete, locked, read_marker, write_dataset
-from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, image_is_grey, load_image
+from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, CorruptImage, image_is_grey, load_image
 from kml.data.store import SPLITS, ImageStore
 from kml.errors import KMLError
 
@@ -132,9 +132,23 @@ def load_folder(
     options = {"side": side, "fractions": list(fractions), "seed": seed, "fingerprint": _fingerprint(folder)}
     with locked(directory):
         if not is_complete(directory, options):
-            plan = plan_folder(folder, side, fractions, seed)
-            info = {"source": f"image folder {folder}", "side": side}
-            write_dataset(directory, mode, plan, info, options, on_corrupt, None, progress)
+            try:
+                plan = plan_folder(folder, side, fractions, seed)
+                info = {"source": f"image folder {folder}", "side": side}
+                write_dataset(directory, mode, plan, info, options, on_corrupt, None, progress)
+            except CorruptImage as error:  # kml-train has no --on-corrupt: the fix is the file itself
+                raise KMLError(
+                    f"cannot decode image {error.described} in folder:{folder}; nothing was cached. "
+                    f"Replace it or move it out of the folder, then rerun"
+                ) from None
+            except OSError as error:  # e.g. a class folder without read permission
+                where = error.filename or folder
+                if not str(where).startswith(str(folder)):
+                    raise KMLError(f"cannot write {where} ({error.strerror or error}); pass --data-root a writable folder") from None
+                raise KMLError(
+                    f"cannot read {where} ({error.strerror or error}); make it readable (chmod -R u+rX {folder}) "
+                    f"or move it out of the folder, then rerun"
+                ) from None
     counts = {s: (read_marker(directory) or {}).get("splits", {}).get(s, {}).get("classes", 0) for s in SPLITS}
     if counts[split] < MIN_CLASSES:
         raise KMLError(
@@ -143,4 +157,4 @@ def load_folder(
             f"a task needs at least {MIN_CLASSES}: "
             f"add class folders, or lay it out as PATH/train|val|test/<class>/"
         )
-    return ImageStore.load(directory / split)
+    return ImageStore.load(directory / split, rebuild=f"delete the cache (rm -r {directory}) and rerun to convert the folder again")

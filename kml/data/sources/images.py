@@ -91,6 +91,14 @@ class DecodeResult:
     dropped_classes: list[str] = field(default_factory=list)
 
 
+class CorruptImage(KMLError):
+    """An image that cannot be decoded; ``described`` names it (its callers word the advice for their tool)."""
+
+    def __init__(self, message: str, described: str) -> None:
+        super().__init__(message)
+        self.described = described
+
+
 def decode_classes(
     classes: Sequence[ClassPlan],
     decode: Callable[[Any], np.ndarray],
@@ -124,9 +132,10 @@ def decode_classes(
         ):
             if isinstance(result, str):
                 if on_corrupt == "stop":
-                    raise KMLError(
+                    raise CorruptImage(
                         f"cannot decode image {result}; nothing was cached. Replace the file, or rerun with "
-                        f"--on-corrupt skip (on_corrupt='skip') to leave such images out"
+                        f"--on-corrupt skip (on_corrupt='skip') to leave such images out",
+                        result,
                     )
                 warnings.warn(f"skipping unreadable image {result}", stacklevel=2)
                 skipped.append(result)
