@@ -16,9 +16,19 @@ their path ``images_background/...`` then ``images_evaluation/...``):
   published meta-test size and rule).
 - ``vinyals``: the common 1200 / 100 / 323 split (Vinyals et al. 2016) on the
   same sorted order.
+- ``lake``: by alphabet, as Omniglot's authors split it: the background
+  archive's alphabets for meta-train (its last 10% of alphabets by name, at
+  least one, held out for meta-val), the evaluation archive's alphabets for
+  meta-test (964 / 659 characters less the validation alphabets). Test
+  characters come from alphabets never seen in training. It also accepts
+  partial archives (e.g. the authors' small background sets repackaged), since
+  it needs no fixed character count.
 
 Stored grey at 28 x 28 (Lanczos, as the published code), inverted so strokes
 are bright on black; the store tiles grey to 3 channels when modes are mixed.
+``download.py --omniglot-side 84`` stores it at 84 instead: the 105-pixel
+originals Lanczos-resized straight to 84, as the published mixtures use it (a
+28-pixel store is brought up to a mixture's side bilinearly at load).
 Reuses torchvision's / learn2learn's ``<root>/omniglot-py/`` when present.
 """
 
@@ -58,8 +68,11 @@ RESOURCES = (
 TOP_FOLDERS = ("images_background", "images_evaluation")
 NUM_CHARACTERS = 1623
 # variant -> (train, val, test) character counts on the sorted folder list
-VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323)}
+VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323), "lake": None}
+LAKE_VAL_FRACTION = 0.1
 SPLIT_RULES = {
+    "lake": "by alphabet: train = images_background alphabets sorted by name except the last 10% (at least one), "
+    "val = those last background alphabets, test = every images_evaluation alphabet",
     "published": "1623 character folders of both archives sorted by path; train = first 1000, val = next 100 "
     "(the published meta-train is the first 1100), test = last 523 (the published meta-test)",
     "vinyals": "1623 character folders of both archives sorted by path; "
@@ -81,6 +94,24 @@ def _characters(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def _alphabet_split(characters: list[str]) -> dict[str, list[str]]:
+    """The ``lake`` split of ``images_*/<Alphabet>/<character>`` paths: held-out alphabets for val and test."""
+    background = sorted({c.split("/")[1] for c in characters if c.startswith("images_background/")})
+    evaluation = [c for c in characters if c.startswith("images_evaluation/")]
+    if len(background) < 2 or not evaluation:
+        raise KMLError(
+            f"omniglot --split lake needs at least 2 alphabets in images_background and 1 in images_evaluation, "
+            f"found {len(background)} and {len({c.split('/')[1] for c in evaluation})}"
+        )
+    held_out = set(background[-max(1, round(LAKE_VAL_FRACTION * len(background))):])
+    in_background = [c for c in characters if c.startswith("images_background/")]
+    return {
+        "train": [c for c in in_background if c.split("/")[1] not in held_out],
+        "val": [c for c in in_background if c.split("/")[1] in held_out],
+        "test": evaluation,
+    }
+
+
 def build(ctx: Context) -> ConversionPlan:
     folder = ctx.obtain(
         RESOURCES,
@@ -89,17 +120,21 @@ def build(ctx: Context) -> ConversionPlan:
         archive_dirs=[ctx.root / "omniglot-py"],
     )
     characters = _characters(folder)
-    if len(characters) != NUM_CHARACTERS:
+    side = int(ctx.options.get("omniglot_side", SIDE))  # 84 for the published mixtures (105 -> 84 Lanczos)
+    if ctx.variant == "lake":
+        cuts = _alphabet_split(characters)
+    elif len(characters) != NUM_CHARACTERS:
         raise KMLError(
             f"omniglot: found {len(characters)} character folders under {folder}/images_*, expected {NUM_CHARACTERS}; "
             f"the archives are incomplete (delete {folder} and rerun)"
         )
-    n_train, n_val, _ = VARIANTS[ctx.variant]
-    cuts = {
-        "train": characters[:n_train],
-        "val": characters[n_train : n_train + n_val],
-        "test": characters[n_train + n_val :],
-    }
+    else:
+        n_train, n_val, _ = VARIANTS[ctx.variant]
+        cuts = {
+            "train": characters[:n_train],
+            "val": characters[n_train : n_train + n_val],
+            "test": characters[n_train + n_val :],
+        }
     splits = {
         split: [
             ClassPlan(rel.split("/", 1)[1], sorted(p for p in (folder / rel).iterdir() if p.suffix.lower() == ".png"))
@@ -109,10 +144,10 @@ def build(ctx: Context) -> ConversionPlan:
     }
     return ConversionPlan(
         splits,
-        decode=lambda path: load_image(path, SIDE, 1, invert=True),
+        decode=lambda path: load_image(path, side, 1, invert=True),
         describe=lambda path: str(Path(path).relative_to(folder)),
         info={
             "split_rule": SPLIT_RULES[ctx.variant],
-            "preprocessing": f"grey, Lanczos resize to {SIDE}x{SIDE}, inverted (255 - x) so strokes are bright",
+            "preprocessing": f"grey, Lanczos resize to {side}x{side}, inverted (255 - x) so strokes are bright",
         },
     )
