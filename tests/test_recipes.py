@@ -272,3 +272,27 @@ def test_kml_eval_ways(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "MAML head" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- published preprocessing
+def test_omniglot_stored_at_84_is_the_105_pixel_original_lanczos_resized(tmp_path):
+    import io
+
+    import fixtures_datasets as fx
+    from PIL import Image
+
+    from kml.data.modes import load_store
+    from kml.data.sources import prepare
+
+    files = fx.omniglot_archives(drawers=1)
+    (tmp_path / "raw" / "omniglot").mkdir(parents=True)
+    for name, data in files.items():
+        (tmp_path / "raw" / "omniglot" / name).write_bytes(data)
+    checksums = {name: fx.md5(data) for name, data in files.items()}
+    prepare(["omniglot"], tmp_path, mirrors=[fx.dead_url()], checksums=checksums, omniglot_side=84,
+            progress=False, workers=2)
+    store = load_store("omniglot", "test", tmp_path)
+    assert store.image_shape == (1, 84, 84) and "84x84" in store.info["preprocessing"]
+    page = Image.open(io.BytesIO(fx.omniglot_character_png())).convert("L").resize((84, 84), Image.LANCZOS)
+    expected = 255 - torch.from_numpy(__import__("numpy").asarray(page)).to(torch.int16)
+    assert (store.images[0, 0].to(torch.int16) - expected).abs().max() <= 1

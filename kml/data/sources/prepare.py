@@ -176,6 +176,7 @@ def prepare(
     checksums: Mapping[str, str] | None = None,
     on_corrupt: str = "stop",
     crop: bool = True,
+    omniglot_side: int = 28,
     cleanup: bool = False,
     progress: bool = True,
     workers: int | None = None,
@@ -199,6 +200,7 @@ def prepare(
             (for archives repackaged by a local mirror).
         on_corrupt: ``"stop"`` (default) or ``"skip"`` for an image that cannot be decoded.
         crop: crop aircraft photos to their bounding box.
+        omniglot_side: stored Omniglot side (28; 84 as the published mixtures: Lanczos from 105).
         cleanup: delete extracted folders after converting (archives are kept).
         progress: tqdm bars.
         workers: decoding threads (default: cores, at most 8).
@@ -212,6 +214,8 @@ def prepare(
     """
     if on_corrupt not in ON_CORRUPT:
         raise KMLError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
+    if isinstance(omniglot_side, bool) or not isinstance(omniglot_side, int) or omniglot_side < 16:
+        raise KMLError(f"--omniglot-side must be an integer of at least 16, got {omniglot_side!r}")
     names = resolve_datasets(datasets)
     variants = resolve_variants(names, split_variant)
     root = Path(root)
@@ -219,14 +223,15 @@ def prepare(
     rows = []
     for name in names:
         started = time.time()
-        options = {"variant": variants[name], **({"crop": bool(crop)} if name == "aircraft" else {})}
+        options = {"variant": variants[name], **({"crop": bool(crop)} if name == "aircraft" else {}),
+                   **({"omniglot_side": int(omniglot_side)} if name == "omniglot" and omniglot_side != 28 else {})}
         ctx = Context(
             name,
             root,
             variants[name],
             mirrors,
             dict(checksums or {}),
-            {"crop": bool(crop)},
+            {"crop": bool(crop), "omniglot_side": int(omniglot_side)},
             progress,
             retries,
             backoff,
