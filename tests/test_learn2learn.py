@@ -158,6 +158,21 @@ def test_maml_forward_equals_learner_forward(l2l, episode):
         integration.maml_forward(tiny_learner(algorithm="protonet"), episode)
 
 
+@pytest.mark.l2l
+def test_maml_forward_equals_learner_forward_for_mmaml_network(l2l, episode):
+    """The MMAML recipe's pieces (spatial-mean head, non-affine BatchNorm, 128-d-style encoder layer, default init)
+    give the same loss and meta-gradients through learn2learn's MAML as through kml's forward."""
+    learner = tiny_learner(model="film", head="avgpool", batchnorm_affine=False, encoder_hidden=8, init="pytorch",
+                           identity_init=False)
+    names, params = zip(*learner.named_parameters())
+    kml, ours = learner(episode), integration.maml_forward(learner, episode)
+    assert_close(kml.task_loss.detach(), ours.task_loss.detach(), "query loss")
+    for name, a, b in zip(names, grads_of(kml.loss, list(params)), grads_of(ours.loss, list(params))):
+        assert_close(a, b, f"meta-gradient {name}")
+    with pytest.raises(KMLError, match="clamp"):
+        integration.maml_forward(tiny_learner(inner_grad_clamp=20.0), episode)
+
+
 # ----------------------------------------------------------------- learn2learn's MAML adapts a kml backbone
 @pytest.mark.l2l
 def test_learn2learn_maml_adapts_kml_backbone(l2l, episode):

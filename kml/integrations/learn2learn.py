@@ -472,6 +472,10 @@ def _check_maml(config: Any) -> None:
         raise KMLError("learn2learn.algorithms.MAML has one inner rate; use learn2learn.algorithms.MetaSGD for meta_sgd learners")
     if config.inner_grad_clip is not None:
         raise KMLError("learn2learn.algorithms.MAML does not clip inner gradients; build the learner with inner_grad_clip=None")
+    if config.inner_grad_clamp is not None:
+        raise KMLError("learn2learn.algorithms.MAML does not clamp inner gradients; build the learner with inner_grad_clamp=None")
+    if config.mode_inner_lr is not None or config.mode_inner_steps is not None:
+        raise KMLError("learn2learn.algorithms.MAML has one inner rate and step count; build the learner without mode_inner_lr/steps")
 
 
 def task_module(
