@@ -15,7 +15,13 @@ ProtoNet                  ``algorithm="protonet", model="none"``
 Multi-ProtoNet            ``algorithm="protonet", model="none", multi_maml=True``
 MProtoNet (FiLM)          ``algorithm="protonet", model="film"``
 KML + ProtoNet (released) ``algorithm="protonet", model="kml", modulation="bare", factor_split="published"``
+                          plus its network and initialisation (see below)
 ========================  =====================================================
+
+The published networks differ from kml's defaults in more than the method switch (head,
+BatchNorm, encoder layer, initialisation, inner clamp): :mod:`kml.recipes` holds each published
+method's complete settings (``kml-train --recipe NAME``), and the README's Fidelity section lists
+every difference.
 """
 
 from __future__ import annotations
