@@ -68,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="aircraft: keep the whole photo (minus its copyright banner) instead of the bounding box",
     )
     parser.add_argument(
+        "--aircraft-banner",
+        action="store_true",
+        help="aircraft with --no-crop: keep the 20-pixel copyright banner too, as the released MMAML/KML converters",
+    )
+    parser.add_argument(
         "--omniglot-side",
         type=int,
         default=28,
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         on_corrupt=args.on_corrupt,
         crop=not args.no_crop,
         omniglot_side=args.omniglot_side,
+        aircraft_banner=args.aircraft_banner,
         cleanup=args.cleanup,
         progress=not args.quiet,
         workers=args.workers,

@@ -296,3 +296,20 @@ def test_omniglot_stored_at_84_is_the_105_pixel_original_lanczos_resized(tmp_pat
     page = Image.open(io.BytesIO(fx.omniglot_character_png())).convert("L").resize((84, 84), Image.LANCZOS)
     expected = 255 - torch.from_numpy(__import__("numpy").asarray(page)).to(torch.int16)
     assert (store.images[0, 0].to(torch.int16) - expected).abs().max() <= 1
+
+
+def test_aircraft_whole_photo_with_its_banner_as_the_released_converters(tmp_path):
+    import fixtures_datasets as fx
+
+    from kml.data.modes import load_store
+    from kml.data.sources import prepare
+
+    files = fx.aircraft_archive()
+    (tmp_path / "raw" / "aircraft").mkdir(parents=True)
+    for name, data in files.items():
+        (tmp_path / "raw" / "aircraft" / name).write_bytes(data)
+    prepare(["aircraft"], tmp_path, mirrors=[fx.dead_url()], crop=False, aircraft_banner=True, progress=False, workers=2)
+    store = load_store("aircraft", "train", tmp_path)
+    whole = store.images[0].float()
+    assert whole[2, 2, 2] > 200 and whole[1, -1].mean() > 100  # the sky and the green copyright banner are there
+    assert store.info["crop"] == "none (whole photo, banner kept)"

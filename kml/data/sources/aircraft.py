@@ -16,7 +16,9 @@ Crop: by default each image is cropped to its bounding box (images_box.txt,
 1-based inclusive pixel coordinates, the common few-shot practice; it also
 removes the copyright banner). With ``crop=False`` (``--no-crop``) the whole
 photo is kept except the 20-pixel copyright banner at the bottom, which the
-dataset's README asks users to remove. Then squashed to 84 x 84 RGB.
+dataset's README asks users to remove; ``keep_banner`` (``--no-crop
+--aircraft-banner``) keeps it too, as the released MMAML/KML converters resize
+the whole photo. Then squashed to 84 x 84 RGB.
 No published checksum of the archive is known to kml: the computed md5 is
 recorded in the manifest. Reuses learn2learn's ``<root>/fgvc_aircraft/`` and
 torchvision's ``<root>/fgvc-aircraft-2013b/`` when present.
@@ -66,6 +68,7 @@ def _pairs(path: Path) -> list[tuple[str, str]]:
 
 def build(ctx: Context) -> ConversionPlan:
     crop = bool(ctx.options.get("crop", True))
+    banner = 0 if ctx.options.get("keep_banner", False) else BANNER  # the released converters keep it
     expect = [
         f"{DATA}/images",
         f"{DATA}/variants.txt",
@@ -107,7 +110,7 @@ def build(ctx: Context) -> ConversionPlan:
             return load_image(path, SIDE, 3, box=boxes[image])
         with Image.open(path) as header:  # the size is needed to cut the banner off
             width, height = header.size
-        return load_image(path, SIDE, 3, box=(0, 0, width, max(1, height - BANNER)))
+        return load_image(path, SIDE, 3, box=(0, 0, width, max(1, height - banner)))
 
     return ConversionPlan(
         splits,
@@ -117,7 +120,7 @@ def build(ctx: Context) -> ConversionPlan:
             "split_rule": SPLIT_RULES[ctx.variant],
             "crop": "bounding box (images_box.txt)"
             if crop
-            else f"none (bottom {BANNER}-pixel copyright banner removed)",
+            else (f"none (bottom {banner}-pixel copyright banner removed)" if banner else "none (whole photo, banner kept)"),
             "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
             f"Lanczos resize (squash) to {SIDE}x{SIDE}",
         },

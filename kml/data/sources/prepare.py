@@ -177,6 +177,7 @@ def prepare(
     on_corrupt: str = "stop",
     crop: bool = True,
     omniglot_side: int = 28,
+    aircraft_banner: bool = False,
     cleanup: bool = False,
     progress: bool = True,
     workers: int | None = None,
@@ -201,6 +202,7 @@ def prepare(
         on_corrupt: ``"stop"`` (default) or ``"skip"`` for an image that cannot be decoded.
         crop: crop aircraft photos to their bounding box.
         omniglot_side: stored Omniglot side (28; 84 as the published mixtures: Lanczos from 105).
+        aircraft_banner: with ``crop=False``, keep the photos' copyright banner (the released converters do).
         cleanup: delete extracted folders after converting (archives are kept).
         progress: tqdm bars.
         workers: decoding threads (default: cores, at most 8).
@@ -224,6 +226,7 @@ def prepare(
     for name in names:
         started = time.time()
         options = {"variant": variants[name], **({"crop": bool(crop)} if name == "aircraft" else {}),
+                   **({"keep_banner": True} if name == "aircraft" and aircraft_banner and not crop else {}),
                    **({"omniglot_side": int(omniglot_side)} if name == "omniglot" and omniglot_side != 28 else {})}
         ctx = Context(
             name,
@@ -231,7 +234,7 @@ def prepare(
             variants[name],
             mirrors,
             dict(checksums or {}),
-            {"crop": bool(crop), "omniglot_side": int(omniglot_side)},
+            {"crop": bool(crop), "omniglot_side": int(omniglot_side), "keep_banner": bool(aircraft_banner) and not crop},
             progress,
             retries,
             backoff,
