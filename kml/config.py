@@ -40,6 +40,7 @@ MODULATIONS = ("residual", "bare")
 FACTOR_SPLITS = ("plain", "published")
 HEADS = ("flatten", "avgpool")
 INITS = ("kml", "pytorch")
+KML_BIASES = ("conv", "after_norm")
 
 
 @dataclass
@@ -83,6 +84,9 @@ class LearnerConfig:
         mode_inner_lr, mode_inner_steps: per-mode inner rate / step count (one entry per mode index,
             training and evaluation alike; ``None``: ``inner_lr`` / ``inner_steps`` for every mode),
             as MMAML's Multi-MAML runs each dataset with its own rates.
+        kml_bias: where KML's generated bias shift acts: ``"conv"`` (added to the conv bias, as the method
+            defines it; a batch-statistics BatchNorm right after normalises it away) or ``"after_norm"``
+            (added after the BatchNorm, where it reaches the output: an ablation).
     """
 
     algorithm: str = "maml"
@@ -114,6 +118,7 @@ class LearnerConfig:
     inner_grad_clamp: float | None = None
     mode_inner_lr: list[float] | None = None
     mode_inner_steps: list[int] | None = None
+    kml_bias: str = "conv"
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -124,6 +129,7 @@ class LearnerConfig:
             ("factor_split", FACTOR_SPLITS),
             ("head", HEADS),
             ("init", INITS),
+            ("kml_bias", KML_BIASES),
         ):
             value = getattr(self, name)
             if value not in choices:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -17,16 +17,22 @@ from kml.runtime import autocast
 
 @dataclass
 class ModeResult:
-    """Accuracy over the episodes of one mode (``accuracy`` and ``ci95`` in percent)."""
+    """Accuracy over the episodes of one mode (``accuracy`` and ``ci95`` in percent).
+
+    ``episode_accuracy`` holds each episode's accuracy in percent, in the fixed episode order, so that two
+    learners evaluated with the same seed can be compared episode by episode (empty for an average).
+    """
 
     mode: str
     accuracy: float
     ci95: float
     loss: float
     episodes: int
+    episode_accuracy: list[float] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The summary figures (without the per-episode list)."""
+        return {k: v for k, v in asdict(self).items() if k != "episode_accuracy"}
 
 
 def confidence_interval95(values: torch.Tensor) -> float:
@@ -90,7 +96,8 @@ def evaluate(
             bar.close()
             accuracy = torch.cat(accuracies) * 100
             results.append(
-                ModeResult(store.mode, float(accuracy.mean()), confidence_interval95(accuracy), float(torch.cat(losses).mean()), episodes)
+                ModeResult(store.mode, float(accuracy.mean()), confidence_interval95(accuracy), float(torch.cat(losses).mean()),
+                           episodes, accuracy.tolist())
             )
     finally:
         learner.train(was_training)

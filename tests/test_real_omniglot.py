@@ -23,6 +23,7 @@ import fixtures_datasets as fx
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
 from kml.data.sources import prepare
+from kml.data.sources.omniglot import small_archives
 from kml.data.store import ImageStore, cache_dir
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "omniglot-small"
@@ -34,24 +35,9 @@ EVALUATION = {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
 MIN_ACCURACY = {"protonet": 60.0, "maml": 55.0}
 
 
-def repackage(source: str, top: str, alphabets: set[str]) -> bytes:
-    """The entries of a small archive under ``top/`` instead of its own top folder, for the given alphabets."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(FIXTURE / source) as archive, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as repacked:
-        for name in archive.namelist():
-            parts = name.split("/", 2)
-            if len(parts) < 3 or parts[1] not in alphabets or name.endswith("/"):
-                continue
-            repacked.writestr(f"{top}/{parts[1]}/{parts[2]}", archive.read(name))
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def real_root(tmp_path_factory):
-    files = {
-        "images_background.zip": repackage("images_background_small1.zip", "images_background", BACKGROUND),
-        "images_evaluation.zip": repackage("images_background_small2.zip", "images_evaluation", EVALUATION),
-    }
+    files = small_archives(FIXTURE / "images_background_small1.zip", FIXTURE / "images_background_small2.zip")
     root = tmp_path_factory.mktemp("real")
     with fx.ArchiveServer(files, ranges=True) as server:
         rows = prepare(["omniglot"], root, split_variant="omniglot=lake", mirrors=[server.url],

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": "bf16" if bf16 else "float32",
         "method": dataclasses.asdict(config.learner),
         "results": rows,
+        "episode_accuracy": {r.mode: r.episode_accuracy for r in results},  # per episode, for paired comparisons
     }
     output.write_text(json.dumps(report, indent=2))
     table.to_csv(output.with_suffix(".csv"), index=False)

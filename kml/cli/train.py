@@ -62,6 +62,7 @@ CHOICES = {
     "factor_split": (("plain", "published"), "KML factors: (out, in*k*k) or the released code's split"),
     "head": (("flatten", "avgpool"), "features: the last map flattened, or its spatial mean (MMAML's MAML head)"),
     "init": (("kml", "pytorch"), "encoder/generator initialisation: kml's, or PyTorch's default (released codes)"),
+    "kml_bias": (("conv", "after_norm"), "KML's bias shift: on the conv bias (as defined; a batch-statistics BatchNorm removes it) or after the BatchNorm (ablation)"),
     "lr_schedule": (("halve", "constant"), "outer learning rate halved every --lr-halve-every steps (KML) or constant (MMAML)"),
 }
 SWITCHES = {

@@ -20,7 +20,7 @@ from torch import nn
 #   "kernel{l}" [out, in, k, k] multiplies conv l's kernel (KML)
 #   "bias{l}"   [out]           is added to conv l's bias (KML)
 #   "scale{l}"  [out, 1, 1]     multiplies block l's normalised activations (FiLM)
-#   "shift{l}"  [out, 1, 1]     is added to them (FiLM)
+#   "shift{l}"  [out, 1, 1]     is added to them (FiLM; KML's bias with kml_bias="after_norm")
 Modulation = dict[str, torch.Tensor]
 
 BN_EPS = 1e-5
@@ -132,11 +132,14 @@ class Backbone(nn.Module):
             weight, bias = conv.weight, conv.bias
             if modulation is not None and f"kernel{index}" in modulation:
                 weight = weight * modulation[f"kernel{index}"]
+            if modulation is not None and f"bias{index}" in modulation:
                 bias = bias + modulation[f"bias{index}"]
             x = F.conv2d(x, weight, bias, stride=self.stride, padding=1)
             x = batch_norm(x, norm.weight, norm.bias, self.fused_norm)
             if modulation is not None and f"scale{index}" in modulation:
-                x = x * modulation[f"scale{index}"] + modulation[f"shift{index}"]
+                x = x * modulation[f"scale{index}"]
+            if modulation is not None and f"shift{index}" in modulation:
+                x = x + modulation[f"shift{index}"]
             x = F.relu(x)
             if self.layout == "conv4":
                 x = F.max_pool2d(x, 2)
@@ -196,6 +199,7 @@ def packed_forward(
         weight, bias = params[f"conv{index}.weight"], params[f"conv{index}.bias"]
         if modulation is not None and f"kernel{index}" in modulation:
             weight = weight * modulation[f"kernel{index}"]
+        if modulation is not None and f"bias{index}" in modulation:
             bias = bias + modulation[f"bias{index}"]
         weight = weight.reshape(-1, *weight.shape[2:])
         if channels_last:
@@ -208,7 +212,9 @@ def packed_forward(
             norm_weight, norm_bias = norm_weight.reshape(-1), norm_bias.reshape(-1)
         h = batch_norm(h, norm_weight, norm_bias, fused_norm)
         if modulation is not None and f"scale{index}" in modulation:
-            h = h * modulation[f"scale{index}"].reshape(1, -1, 1, 1) + modulation[f"shift{index}"].reshape(1, -1, 1, 1)
+            h = h * modulation[f"scale{index}"].reshape(1, -1, 1, 1)
+        if modulation is not None and f"shift{index}" in modulation:
+            h = h + modulation[f"shift{index}"].reshape(1, -1, 1, 1)
         h = F.relu(h)
         if layout == "conv4":
             h = F.max_pool2d(h, 2)

@@ -84,6 +84,10 @@ class KMLLayer(nn.Module):
 class KMLGenerator(nn.Module):
     """Task embedding ``[D]`` -> KML modulation ``{"kernel{l}": [out, in, k, k], "bias{l}": [out]}``.
 
+    With ``bias_after_norm`` the bias shift is emitted as ``"shift{l}": [out, 1, 1]`` instead, which the
+    backbone adds after its BatchNorm, where batch statistics do not normalise it away (an ablation of the
+    method as defined, whose bias acts before the BatchNorm).
+
     Args:
         embedding_dim: D.
         conv_shapes: kernel shapes of the modulated convs, in order.
@@ -94,9 +98,11 @@ class KMLGenerator(nn.Module):
     """
 
     def __init__(self, embedding_dim: int, conv_shapes: list[tuple[int, int, int, int]], form: str = "residual",
-                 split: str = "plain", identity_init: bool = True, default_init: bool = False) -> None:
+                 split: str = "plain", identity_init: bool = True, default_init: bool = False,
+                 bias_after_norm: bool = False) -> None:
         super().__init__()
         self.conv_shapes = [tuple(shape) for shape in conv_shapes]
+        self.bias_after_norm = bias_after_norm
         self.residual = form == "residual"
         self.split = split
         self.layers = nn.ModuleList(
@@ -112,7 +118,10 @@ class KMLGenerator(nn.Module):
         modulation: Modulation = {}
         for index, ((v, u, beta), shape) in enumerate(zip(self.factors(embedding), self.conv_shapes), start=1):
             modulation[f"kernel{index}"] = kernel_factor(v, u, shape, self.residual)
-            modulation[f"bias{index}"] = beta
+            if self.bias_after_norm:
+                modulation[f"shift{index}"] = beta.unsqueeze(-1).unsqueeze(-1)
+            else:
+                modulation[f"bias{index}"] = beta
         return modulation
 
 

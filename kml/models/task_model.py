@@ -39,7 +39,8 @@ class TaskModel(nn.Module):
                                        config.ways if config.encoder_uses_labels else None, config.encoder_hidden, default_init)
             if config.model == "kml":
                 self.generator = KMLGenerator(self.encoder.embedding_dim, self.backbone.conv_shapes,
-                                              config.modulation, config.factor_split, config.identity_init, default_init)
+                                              config.modulation, config.factor_split, config.identity_init, default_init,
+                                              bias_after_norm=config.kml_bias == "after_norm")
             else:
                 self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)
         self.inner_rates: nn.ParameterDict | None = None

@@ -94,6 +94,33 @@ def _characters(folder: Path) -> list[str]:
     return sorted(found)
 
 
+def small_archives(small1: Path, small2: Path) -> dict[str, bytes]:
+    """Omniglot's two small background sets as ``images_background.zip`` and ``images_evaluation.zip``.
+
+    ``small1`` (5 alphabets) becomes the background archive; ``small2``'s alphabets that ``small1`` lacks (it
+    repeats Greek and Latin) become the evaluation archive: 242 distinct characters in the real layout, for
+    ``--split lake`` (held-out alphabets). Both are real handwriting, published by Omniglot's authors (MIT).
+    """
+    import io
+    import zipfile
+
+    def repackage(source: Path, top: str, keep) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(source) as archive, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as repacked:
+            for name in archive.namelist():
+                parts = name.split("/", 2)
+                if len(parts) == 3 and parts[2] and not name.endswith("/") and keep(parts[1]):
+                    repacked.writestr(f"{top}/{parts[1]}/{parts[2]}", archive.read(name))
+        return out.getvalue()
+
+    with zipfile.ZipFile(small1) as archive:
+        background = {name.split("/")[1] for name in archive.namelist() if name.count("/") >= 2}
+    return {
+        "images_background.zip": repackage(small1, "images_background", lambda alphabet: True),
+        "images_evaluation.zip": repackage(small2, "images_evaluation", lambda alphabet: alphabet not in background),
+    }
+
+
 def _alphabet_split(characters: list[str]) -> dict[str, list[str]]:
     """The ``lake`` split of ``images_*/<Alphabet>/<character>`` paths: held-out alphabets for val and test."""
     background = sorted({c.split("/")[1] for c in characters if c.startswith("images_background/")})

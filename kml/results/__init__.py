@@ -1,0 +1,9 @@
+"""Runs -> results tables: train every (setup, method, seed), evaluate each on fixed episodes, and tabulate.
+
+* :mod:`kml.results.runs`: which runs to make and making (or resuming, or reusing) them;
+* :mod:`kml.results.table`: means over seeds, 95% intervals over seeds and over episodes, paired differences;
+* :mod:`kml.results.published`: the published numbers, for rows where the setup matches;
+* :mod:`kml.results.plots`: the bar chart.
+
+``kml-results`` (:mod:`kml.cli.results`) is the command line.
+"""
