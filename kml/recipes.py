@@ -232,7 +232,10 @@ def recipe_values(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     if chosen.mode_inner:
         table = chosen.mode_inner.get(ways, chosen.mode_inner.get(5, {}))
         pairs = [table.get(mode, table["*"]) for mode in modes]
-        values["mode_inner_lr"] = [lr for lr, _ in pairs]
-        values["mode_inner_steps"] = [steps for _, steps in pairs]
+        # a rate or step count given for the run replaces the per-mode ones (one value for every mode)
+        if "inner_lr" not in given:
+            values["mode_inner_lr"] = [lr for lr, _ in pairs]
+        if "inner_steps" not in given and "eval_inner_steps" not in given:
+            values["mode_inner_steps"] = [steps for _, steps in pairs]
     overrides = sorted(key for key, value in given.items() if key in values and value != values[key])
     return {**values, **given, "recipe": chosen.tag, "recipe_overrides": overrides}

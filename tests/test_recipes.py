@@ -139,6 +139,8 @@ def test_multi_maml_per_mode_rates_and_meta_batch():
     assert values["meta_batch"] == 12 and values["steps"] == 80000 and values["multi_maml"] is True
     twenty = recipe_values("multi-maml", {"ways": 20, "modes": ["omniglot", "cub"]})
     assert twenty["mode_inner_lr"] == [0.1, 0.01] and twenty["mode_inner_steps"] == [5, 5]
+    one_rate = recipe_values("multi-maml", {"modes": ["omniglot", "cub"], "inner_lr": 0.1})
+    assert "mode_inner_lr" not in one_rate and one_rate["mode_inner_steps"] == [1, 5]  # --inner-lr: one rate for all
 
 
 def test_per_mode_step_counts_stop_each_task_at_its_own_count():
@@ -209,9 +211,10 @@ def tiny_recipe_args(tmp_path: Path, name: str) -> list[str]:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_trains_and_evaluates(name, tmp_path):
     argv = tiny_recipe_args(tmp_path, name)
-    if name == "multi-maml":  # its per-mode meta-batch (4 per mode) is the recipe's; keep it
-        at = argv.index("--meta-batch")
-        del argv[at:at + 2]
+    if name == "multi-maml":  # its per-mode meta-batch (4 per mode) and per-mode step counts are the recipe's: keep them
+        for flag in ("--meta-batch", "--inner-steps", "--eval-inner-steps"):
+            at = argv.index(flag)
+            del argv[at:at + 2]
     assert train_cli.main(argv) == 0
     run = tmp_path / "train_dir" / name
     config = json.loads((run / "config.json").read_text())
@@ -222,6 +225,8 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
         value = resolved[key]
         recorded = config["learner"][key] if key in LEARNER_FIELDS else config[key]
         assert recorded == value or key in config["recipe_overrides"], key
+    if name == "multi-maml":
+        assert config["learner"]["mode_inner_lr"] == [0.01] * 3 and config["learner"]["mode_inner_steps"] == [5] * 3
     assert eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "3", "--no-progress"]) == 0
     report = json.loads((run / "checkpoints" / "eval_last_test.json").read_text())
     assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
