@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,28 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
+        written = tmp.stat().st_size if tmp.is_file() else 0
         tmp.unlink(missing_ok=True)
         reason = (error.strerror if isinstance(error, OSError) else None) or str(error).splitlines()[0]
+        if isinstance(error, RuntimeError) and _disk_nearly_full(path.parent, max(written, _size(path))):
+            reason = f"no space left on device; torch: {reason}"  # torch's zip writer reports a full disk cryptically
         kept = f"the previous {path.name} is unchanged" if path.is_file() else "no checkpoint was written"
         raise KMLError(
             f"could not write checkpoint {path} ({reason}); {kept}; free space on {path.parent} (df -h {path.parent}) "
             f"and continue with --resume"
         ) from None
     return path
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
+
+
+def _disk_nearly_full(folder: Path, needed: int) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < max(needed, 1 << 20)
+    except OSError:
+        return False
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
