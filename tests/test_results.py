@@ -96,3 +96,7 @@ def test_kml_results_runs_tabulates_and_then_reuses(tmp_path, capsys):
     assert capsys.readouterr().out.count("reused, step 3") == 6
     assert results_cli.main([*argv[:argv.index("--steps")], "--steps", "6", *argv[argv.index("--steps") + 2:]]) == 0
     assert capsys.readouterr().out.count("resumed, step 6") == 6
+    # other settings for the same run folders: refused in one line, nothing retrained
+    with pytest.raises(SystemExit):
+        results_cli.main([*argv, "queries=3"])
+    assert "trained with other settings (queries)" in capsys.readouterr().err

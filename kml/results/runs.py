@@ -107,18 +107,25 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     """Make sure ``run`` is trained to ``steps``; returns what was done (trained, resumed, reused)."""
     from kml.cli import train as train_cli
 
+    values = {**common, **run.method.overrides, "modes": modes, "ways": run.setup.ways, "shots": run.setup.shots,
+              "seed": run.seed}
+    request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
+    if step is not None:  # a run made before: only with the same settings (the step budget may grow)
+        made = json.loads(request.read_text()) if request.is_file() else {}
+        made.pop("steps", None)
+        changed = sorted(k for k in {*made, *values} if made.get(k) != values.get(k))
+        if changed:
+            raise KMLError(f"{run.folder} was trained with other settings ({', '.join(changed)}); "
+                           f"use another --out, or delete that run folder to train it again")
     if step is not None and step >= steps:
         return "reused"
     location = ["--train-dir", str(run.folder.parent), "--run-name", run.folder.name, *([] if progress else ["--no-progress"])]
     if step is not None:
         argv, done = ["--resume", "--steps", str(steps), *location], "resumed"
     else:
-        values = {**common, **run.method.overrides, "modes": modes, "ways": run.setup.ways, "shots": run.setup.shots,
-                  "seed": run.seed, "steps": steps}
         run.folder.parent.mkdir(parents=True, exist_ok=True)
-        request = run.folder.parent / f"{run.folder.name}.request.json"
-        request.write_text(json.dumps(values, indent=2))
+        request.write_text(json.dumps({**values, "steps": steps}, indent=2))
         overwrite = ["--overwrite"] if run.folder.exists() else []  # killed before its first checkpoint
         argv, done = ["--recipe", run.method.recipe, "--config", str(request), *overwrite, *location], "trained"
     try:
