@@ -17,6 +17,7 @@ from kml.data.modes import DATASET_MODES
 from kml.data.sources import format_summary, prepare
 from kml.data.sources.base import MIRROR_ENV
 from kml.errors import KMLError, exit_on_kml_error
+from kml.validation import Number, check_number
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_number("--workers", args.workers, Number(int, 1, optional=True))  # 0 or -1 would reach the thread pool
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     checksums = {}
     for item in args.checksum:

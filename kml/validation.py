@@ -28,17 +28,25 @@ class Number:
     above: bool = False  # True: value > low; False: value >= low
     optional: bool = False
     many: bool = False  # a list of such numbers (e.g. --weights)
+    high: float | None = None  # value <= high
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{what} from {_show(self.low)} to {_show(self.high)}"
         if self.low is not None:
-            what += f" {'>' if self.above else '>='} {self.low:g}"
+            what += f" {'>' if self.above else '>='} {_show(self.low)}"
         return what
+
+
+def _show(value: float) -> str:
+    """2**32 - 1 as 4294967295, 0.001 as 0.001, -5.0 as -5."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e16 else f"{value:g}"
 
 
 INT_1 = Number(int, 1)
 OPT_INT_1 = Number(int, 1, optional=True)
-SEED = Number(int, 0)
+SEED = Number(int, 0, high=2**32 - 1)  # numpy's RandomState takes seeds below 2**32
 
 # Settings of kml-train (RunConfig and LearnerConfig fields) and of the config files that hold them.
 TRAIN_NUMBERS: dict[str, Number] = {
@@ -79,7 +87,7 @@ def check_number(label: str, value: Any, spec: Number) -> Any:
     if spec.many:
         if not isinstance(value, (list, tuple)) or not value:
             raise KMLError(f"{label} must be a list of {spec.describe()[2:]}s, got {value!r}")
-        single = Number(spec.kind, spec.low, spec.above)
+        single = Number(spec.kind, spec.low, spec.above, high=spec.high)
         return [check_number(label, item, single) for item in value]
     if isinstance(value, str):
         raise KMLError(
@@ -96,8 +104,10 @@ def check_number(label: str, value: Any, spec: Number) -> Any:
         value = int(value)
     else:
         value = float(value)
-    if spec.low is not None and (value <= spec.low if spec.above else value < spec.low):
-        raise KMLError(f"{label} must be {spec.describe()}, got {value:g}")
+    if (spec.low is not None and (value <= spec.low if spec.above else value < spec.low)) or (
+        spec.high is not None and value > spec.high
+    ):
+        raise KMLError(f"{label} must be {spec.describe()}, got {_show(value)}")
     return value
 
 

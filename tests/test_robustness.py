@@ -119,10 +119,18 @@ def test_stale_lock_of_a_crashed_run_is_taken_over(tmp_path):
     (("--weights", "nan", "1", "1"), "--weights must be a finite number >= 0, got nan"),
     (("--device", "tpu"), "unsupported --device 'tpu'; kml runs on auto, cpu, cuda or cuda:N"),
     (("--device", "mps"), "unsupported --device 'mps'"),
-], ids=["queries-0", "lr-nan", "halve-0", "weights-nan", "tpu", "mps"])
+    (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
+], ids=["queries-0", "lr-nan", "halve-0", "weights-nan", "tpu", "mps", "seed"])
 def test_bad_flag_values_are_one_line(tmp_path, capsys, flags, message):
     assert message in one_line_error(capsys, tiny_args(tmp_path, *flags, steps=2))
     assert not (tmp_path / "train_dir").exists()
+
+
+def test_download_workers_is_checked(tmp_path, capsys):
+    import download
+
+    err = one_line_error(capsys, ["--workers", "0", "--datasets", "omniglot", "--root", str(tmp_path)], download)
+    assert "--workers must be an integer >= 1, got 0" in err
 
 
 def test_binary_config_file_is_one_line(tmp_path, capsys):
