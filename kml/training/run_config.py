@@ -76,6 +76,11 @@ class RunConfig:
         check_device(self.device)
         if self.run_name is not None:
             check_run_name(self.run_name)
+        for name in ("data_root", "train_dir"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise KMLError(f"--{name.replace('_', '-')} must be a folder path, got {getattr(self, name)!r}")
         if not isinstance(self.modes, (list, tuple)) or not all(isinstance(m, str) for m in self.modes):
             raise KMLError(f"--modes must be a list of mode names, got {self.modes!r}")
 
