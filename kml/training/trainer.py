@@ -96,7 +96,10 @@ def _resume_config(config_path: Path, last: Path) -> RunConfig:
         if not last.is_file():
             if not config_path.is_file():
                 raise KMLError(f"cannot resume: {config_path} not found (is {config_path.parent} a kml run folder?)") from None
-            raise KMLError(f"cannot resume: {error}; and there is no {last} to recover the settings from") from None
+            raise KMLError(
+                f"cannot resume: {error}; and there is no {last} to recover the settings from: start it again with "
+                f"the same kml-train command, --overwrite instead of --resume"
+            ) from None
         reason = error
     config = RunConfig.from_dict(load_checkpoint(last)["config"])
     config.save(config_path, {"versions": versions()})
