@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import time
 
 from kml.runtime import configure_threads
 
@@ -67,3 +68,17 @@ def peak_memory_mib(device: str, baseline: float = 0.0) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+
+
+def seconds_per_step(step, steps: int, warmup: int, device: str) -> float:
+    """Run ``step()`` ``warmup`` times untimed, reset CUDA's peak memory, then time ``steps`` calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps

@@ -20,9 +20,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
-from common import add_setup_arguments, peak_memory_mib, random_episode, synchronize
+from common import add_setup_arguments, peak_memory_mib, random_episode, seconds_per_step
 import torch
 
 from kml.algorithms import build_learner
@@ -50,17 +49,8 @@ def measure(method: str, path: str, bf16: bool, args) -> tuple[float, float]:
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(args.device)
-    seconds = time.perf_counter() - start
-    return args.steps * args.meta_batch / seconds, peak_memory_mib(args.device, baseline)
+    seconds = seconds_per_step(step, args.steps, args.warmup, args.device)
+    return args.meta_batch / seconds, peak_memory_mib(args.device, baseline)
 
 
 def main() -> None:

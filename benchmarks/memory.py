@@ -16,9 +16,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
-from common import add_setup_arguments, peak_memory_mib, random_episode, synchronize
+from common import add_setup_arguments, peak_memory_mib, random_episode, seconds_per_step
 import torch
 
 from kml.algorithms import build_learner
@@ -49,15 +48,7 @@ def measure(meta_batch: int, inner_steps: int, chunk: int | None, checkpointing:
         accumulate_meta_gradient(forward, episode, chunk)
         optimizer.step()
 
-    step()  # warm-up
-    synchronize(args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    synchronize(args.device)
-    return (time.perf_counter() - start) / args.steps, peak_memory_mib(args.device, baseline)
+    return seconds_per_step(step, args.steps, 1, args.device), peak_memory_mib(args.device, baseline)
 
 
 def main() -> None:

@@ -14,10 +14,8 @@ differences.csv, episodes.csv and results.png; the same command again continues 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
@@ -45,26 +43,11 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def common_values(pairs: list[str], data_root: str | None) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise KMLError(f"--set {pair!r} is not key=value")
-        try:
-            values[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            values[key.replace("-", "_")] = value
-    if data_root:
-        values["data_root"] = data_root
-    return values
-
-
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP
     args = build_parser().parse_args(argv)
-    from kml.results.runs import Method, Setup, plan
+    from kml.results.runs import Method, Setup, parse_assignments, plan
 
     methods = [Method.parse(text) for text in args.methods]
     labels = [m.label for m in methods]
@@ -78,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KMLError(f"--seeds {args.seeds} repeats a seed")
     if args.episodes < 2 or (args.steps is not None and args.steps < 1):
         raise KMLError("--episodes must be at least 2 and --steps at least 1")
-    common = common_values(args.common, args.data_root)
+    common = parse_assignments(args.common, "--set") | ({"data_root": args.data_root} if args.data_root else {})
 
     import pandas as pd
 

@@ -17,6 +17,20 @@ from typing import Any
 from kml.errors import KMLError
 
 
+def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}`` (keys with ``_`` for ``-``; values read as JSON where they parse)."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KMLError(f"{where}: {pair!r} is not key=value")
+        try:
+            values[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            values[key.replace("-", "_")] = value
+    return values
+
+
 @dataclass(frozen=True)
 class Method:
     """A row of the table: a recipe (``kml-train --recipe``) and values that override it.
@@ -38,15 +52,7 @@ class Method:
             label, rest = text, text
         name, *pairs = rest.split(",")
         recipe(name)  # a one-line error for an unknown recipe
-        overrides: dict[str, Any] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise KMLError(f"method {text!r}: {pair!r} is not key=value")
-            try:
-                overrides[key.replace("-", "_")] = json.loads(value)
-            except json.JSONDecodeError:
-                overrides[key.replace("-", "_")] = value
+        overrides = parse_assignments(pairs, f"method {text!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
             raise KMLError(f"method label {label!r} must be letters, digits and . _ + - (it names a folder)")
         return cls(label, name, overrides)

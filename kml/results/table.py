@@ -91,27 +91,27 @@ def markdown(summary_rows: pd.DataFrame, differences: pd.DataFrame, published: d
     lines = []
     for setup, rows in summary_rows.groupby("setup", sort=False):
         seeds = int(rows["seeds"].max())
-        lines += [f"### {setup}", "",
-                  f"Accuracy (%) on meta-test episodes: mean over {seeds} seeds ± 95% interval over seeds "
-                  f"(± a run's 95% interval over its episodes).", "",
-                  "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for method, cells in rows.groupby("method", sort=False):
-            by_mode = cells.set_index("mode")
-            lines.append(f"| {method} | " + " | ".join(
-                _cell(by_mode.loc[m]) if m in by_mode.index else "" for m in columns) + " |")
-        for method, value in published.get(setup, {}).items():
-            lines.append(f"| *{method}, published* | " + " | ".join([""] * len(modes)) + f" | *{value:.2f}* |")
+        lines += [f"### {setup}", "", f"Accuracy (%) on meta-test episodes: mean over {seeds} seeds ± 95% interval over "
+                  f"seeds (± a run's 95% interval over its episodes).", ""]
+        lines += _table(rows, columns, _cell)
+        lines += [f"| *{method}, published* | " + " | ".join([""] * len(modes)) + f" | *{value:.2f}* |"
+                  for method, value in published.get(setup, {}).items()]
         diff = differences[differences["setup"] == setup]
         if len(diff):
             lines += ["", f"Paired differences with {diff['baseline'].iloc[0]} (percentage points; ± 95% interval "
-                          f"over seeds, then over paired episodes):", "",
-                      "| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-            for method, cells in diff.groupby("method", sort=False):
-                by_mode = cells.set_index("mode")
-                lines.append(f"| {method} | " + " | ".join(
-                    _difference(by_mode.loc[m]) if m in by_mode.index else "" for m in columns) + " |")
+                          f"over seeds, then over paired episodes):", ""]
+            lines += _table(diff, columns, _difference)
         lines.append("")
     return "\n".join(lines)
+
+
+def _table(rows: pd.DataFrame, columns: list[str], cell) -> list[str]:
+    """Markdown lines: a header, then one line per method with ``cell(row)`` under each column it has."""
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method, cells in rows.groupby("method", sort=False):
+        by_mode = cells.set_index("mode")
+        lines.append(f"| {method} | " + " | ".join(cell(by_mode.loc[m]) if m in by_mode.index else "" for m in columns) + " |")
+    return lines
 
 
 def _cell(row: pd.Series) -> str:
