@@ -121,8 +121,8 @@ def test_encoder_with_labels_requires_labels():
 
 @pytest.mark.parametrize(
     "field,value,message",
-    [("algorithm", "reptile", "maml, protonet"), ("model", "lora", "kml, film, none"), ("ways", 1, "at least 2"),
-     ("inner_lr", -1.0, ">= 0"), ("image_size", 8, "at least 16"), ("first_order", "yes", "true or false")],
+    [("algorithm", "reptile", "maml, protonet"), ("model", "lora", "kml, film, none"), ("ways", 1, "ways must be an integer >= 2"),
+     ("inner_lr", -1.0, ">= 0"), ("image_size", 8, "image-size must be an integer >= 16"), ("first_order", "yes", "true or false")],
 )
 def test_config_rejects_bad_values_in_one_line(field, value, message):
     with pytest.raises(KMLError, match=message) as info:
