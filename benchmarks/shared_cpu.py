@@ -3,8 +3,8 @@
 Each policy runs a KML+MAML meta-training step (default: the issue's Omniglot-sized setup, 5w1s15q,
 28 px, meta-batch 10, 5 second-order inner steps) in a fresh process: alone, then two such processes
 side by side ("pair"), then next to a pure-Python busy loop ("beside a busy loop"). Workers start
-timing together, after their warm-up, and time steps for ``--seconds``. Prints s/step per scenario and
-the ratio to solo.
+timing together, after their warm-up, and time steps for ``--seconds``. Prints s/step per scenario (both
+processes of the pair) and the ratio to solo (the pair's mean).
 
 Policies: ``kml`` (what kml's entry points set: kml.runtime.configure_threads), ``torch`` (torch's and
 libgomp's defaults), ``passive`` (OMP_WAIT_POLICY=PASSIVE), ``spin:N`` (GOMP_SPINCOUNT=N), ``threads:N``
@@ -125,7 +125,8 @@ def main() -> None:
     setup = [a for a in sys.argv[1:] if a not in args.policies and a != "--policies"]
     print(f"KML+MAML {args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
           f"channels={args.channels} inner-steps={args.inner_steps}, cpus={len(os.sched_getaffinity(0))}")
-    print(f"{'policy':<14}{'threads':>8}{'solo s/step':>13}{'pair s/step':>13}{'pair/solo':>11}{'busy s/step':>13}{'busy/solo':>11}")
+    print(f"{'policy':<14}{'threads':>8}{'solo s/step':>13}{'pair s/step (each)':>20}{'pair/solo':>11}"
+          f"{'busy s/step':>13}{'busy/solo':>11}")
     for policy in args.policies:
         env = policy_environment(policy)
         argv = [sys.executable, os.path.abspath(__file__), *setup, "--worker"]
@@ -135,7 +136,8 @@ def main() -> None:
         solo_s = solo["seconds_per_step"]
         pair_s = sum(r["seconds_per_step"] for r in pair) / len(pair)
         busy_s = busy["seconds_per_step"]
-        print(f"{policy:<14}{solo['threads']:>8}{solo_s:>13.3f}{pair_s:>13.3f}{pair_s / solo_s:>10.2f}x"
+        each = " / ".join(f"{r['seconds_per_step']:.3f}" for r in pair)
+        print(f"{policy:<14}{solo['threads']:>8}{solo_s:>13.3f}{each:>20}{pair_s / solo_s:>10.2f}x"
               f"{busy_s:>13.3f}{busy_s / solo_s:>10.2f}x", flush=True)
 
 
