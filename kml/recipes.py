@@ -67,6 +67,17 @@ _MMAML_SCHEDULE: dict[str, Any] = {
 # 20-way: 400000 tasks / meta-batch 5.
 _MMAML_20WAY: dict[str, Any] = {"meta_batch": 5, "steps": 80000}
 
+# The released KML code's optimisation (its main.py defaults), which kml's own recipes keep.
+_KML_SCHEDULE: dict[str, Any] = {
+    "queries": 15,
+    "meta_batch": 10,
+    "steps": 30000,
+    "lr": 1e-3,
+    "lr_schedule": "halve",
+    "lr_halve_every": 10000,
+    "policy": "mixed",
+}
+
 # The released KML code's network and optimisation (its main.py defaults).
 _KML_RELEASED: dict[str, Any] = {
     "algorithm": "protonet",
@@ -81,13 +92,7 @@ _KML_RELEASED: dict[str, Any] = {
     "identity_init": False,
     "proto_refine": True,
     "multi_maml": False,
-    "queries": 15,
-    "meta_batch": 10,
-    "steps": 30000,
-    "lr": 1e-3,
-    "lr_schedule": "halve",
-    "lr_halve_every": 10000,
-    "policy": "mixed",
+    **_KML_SCHEDULE,
 }
 
 # kml's own defaults, written out so that a later change of a default does not change the recipe.
@@ -104,13 +109,7 @@ _KML_OWN: dict[str, Any] = {
     "modulation": "residual",
     "factor_split": "plain",
     "multi_maml": False,
-    "queries": 15,
-    "meta_batch": 10,
-    "steps": 30000,
-    "lr": 1e-3,
-    "lr_schedule": "halve",
-    "lr_halve_every": 10000,
-    "policy": "mixed",
+    **_KML_SCHEDULE,
 }
 
 
