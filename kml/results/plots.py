@@ -19,9 +19,10 @@ def bar_chart(summary_rows: pd.DataFrame, modes: list[str], path: str | Path) ->
     setups = list(dict.fromkeys(summary_rows["setup"]))
     methods = list(dict.fromkeys(summary_rows["method"]))
     columns = [*modes, AVERAGE]
-    figure, axes = plt.subplots(len(setups), 1, figsize=(1.6 + 1.3 * len(columns) * max(1, len(methods)) / 3, 3.2 * len(setups)),
-                                squeeze=False)
+    width_inches = min(16.0, 2.0 + 0.22 * len(columns) * len(methods))
+    figure, axes = plt.subplots(len(setups), 1, figsize=(width_inches, 4.2 * len(setups)), squeeze=False)
     width = 0.8 / max(1, len(methods))
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10").colors
     for axis, setup in zip(axes[:, 0], setups):
         rows = summary_rows[summary_rows["setup"] == setup].set_index(["method", "mode"])
         for i, method in enumerate(methods):
@@ -29,14 +30,14 @@ def bar_chart(summary_rows: pd.DataFrame, modes: list[str], path: str | Path) ->
             axis.bar([c + (i - (len(methods) - 1) / 2) * width for c in range(len(columns))],
                      [v["accuracy"] if v is not None else 0 for v in values], width,
                      yerr=[0 if v is None or pd.isna(v["ci95_seeds"]) else v["ci95_seeds"] for v in values],
-                     capsize=2, label=method)
+                     capsize=2, label=method, color=colours[i % len(colours)])
         axis.set_xticks(range(len(columns)), columns)
         axis.set_ylabel("accuracy (%)")
         axis.set_title(f"{setup}: mean over seeds, 95% interval over seeds")
         low = float(summary_rows["accuracy"].min())
         axis.set_ylim(max(0.0, low - 10), 100)
         axis.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize="small", ncol=min(len(methods), 4), loc="lower right")
+    axes[-1, 0].legend(fontsize="small", ncol=min(len(methods), 7), loc="upper center", bbox_to_anchor=(0.5, -0.12))
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
