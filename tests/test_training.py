@@ -212,7 +212,7 @@ def test_bad_checkpoints(tmp_path, capsys):
     assert "does not fit this model" in err and first in err
 
 
-def test_out_of_memory_suggests_smaller_meta_batch(tmp_path, capsys, monkeypatch):
+def test_out_of_memory_suggests_task_chunks(tmp_path, capsys, monkeypatch):
     from kml.training.trainer import Trainer
 
     def boom(self, episode):
@@ -220,7 +220,7 @@ def test_out_of_memory_suggests_smaller_meta_batch(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(Trainer, "train_step", boom)
     err = one_line_error(capsys, tiny_args(tmp_path, steps=2))
-    assert "out of GPU memory" in err and "--meta-batch 1" in err
+    assert "out of GPU memory" in err and "--resume" in err and "--task-chunk 1" in err  # meta-batch 3: chunks of 1
 
 
 def test_non_finite_loss_stops_with_step(tmp_path, capsys):

@@ -517,9 +517,11 @@ class Trainer:
                 try:
                     self.train_step(episode)
                 except torch.OutOfMemoryError:
+                    chunk = max(1, (config.task_chunk or config.meta_batch) // 2)
                     raise KMLError(
-                        f"out of GPU memory at step {self.step + 1} with --meta-batch {config.meta_batch}; "
-                        f"try --meta-batch {max(1, config.meta_batch // 2)} or --bf16"
+                        f"out of GPU memory at step {self.step + 1} with --meta-batch {config.meta_batch}; the same update "
+                        f"in less memory: kml-train --resume --train-dir {self.run_dir.parent} --run-name {self.run_dir.name} "
+                        f"--task-chunk {chunk} (MAML: add --activation-checkpointing; or --bf16)"
                     ) from None
                 self.step += 1
                 bar.update(1)
