@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -28,3 +31,12 @@ def device(request: pytest.FixtureRequest) -> str:
         if not torch.cuda.is_available():
             pytest.fail(f"--device {name} asked for, but CUDA is not available")
     return name
+
+
+@pytest.fixture(scope="session")
+def download_cli() -> ModuleType:
+    """The repository's ``download.py``, loaded by path (it is a script at the root, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("kml_download_cli", Path(__file__).resolve().parents[1] / "download.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

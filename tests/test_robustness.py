@@ -126,10 +126,8 @@ def test_bad_flag_values_are_one_line(tmp_path, capsys, flags, message):
     assert not (tmp_path / "train_dir").exists()
 
 
-def test_download_workers_is_checked(tmp_path, capsys):
-    import download
-
-    err = one_line_error(capsys, ["--workers", "0", "--datasets", "omniglot", "--root", str(tmp_path)], download)
+def test_download_workers_is_checked(tmp_path, capsys, download_cli):
+    err = one_line_error(capsys, ["--workers", "0", "--datasets", "omniglot", "--root", str(tmp_path)], download_cli)
     assert "--workers must be an integer >= 1, got 0" in err
 
 
@@ -158,15 +156,14 @@ def train_omniglot(tmp_path: Path) -> list[str]:
     return ["--modes", "omniglot", "--data-root", str(tmp_path / "data"), "--train-dir", str(tmp_path / "t")]
 
 
-def test_empty_images_file_is_one_line_with_a_working_rebuild_command(tmp_path, capsys):
+def test_empty_images_file_is_one_line_with_a_working_rebuild_command(tmp_path, capsys, download_cli):
     directory = dataset_cache(tmp_path)
     (directory / "images.npy").write_bytes(b"")
     err = one_line_error(capsys, train_omniglot(tmp_path))
     assert f"corrupt cache file {directory / 'images.npy'}" in err
     assert f"python download.py --datasets omniglot --root {tmp_path / 'data'} --force" in err
-    from download import parse_args  # the advised command parses
-
-    assert parse_args(["--datasets", "omniglot", "--root", str(tmp_path / "data"), "--force"]).force
+    # the advised command parses
+    assert download_cli.parse_args(["--datasets", "omniglot", "--root", str(tmp_path / "data"), "--force"]).force
 
 
 @pytest.mark.parametrize("manifest, problem", [

@@ -10,7 +10,6 @@ not the real archives), passed the way a user passes them for a mirror's copy.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import json
 import pickle
@@ -32,7 +31,6 @@ from kml.data.sources.folder import load_folder
 from kml.data.store import ImageStore, cache_dir
 from kml.errors import KMLError
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = {"progress": False, "backoff": 0.01, "workers": 2}
 
 
@@ -462,15 +460,8 @@ def test_folder_with_too_few_classes(tmp_path):
 
 
 # ------------------------------------------------------------------ command line
-def _cli():
-    spec = importlib.util.spec_from_file_location("kml_download_cli", REPO / "download.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_help_unknown_dataset_and_summary_table(tmp_path, capsys):
-    cli = _cli()
+def test_cli_help_unknown_dataset_and_summary_table(tmp_path, capsys, download_cli):
+    cli = download_cli
     with pytest.raises(SystemExit) as exit_help:
         cli.main(["--help"])
     assert exit_help.value.code == 0 and "--datasets" in capsys.readouterr().out
