@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         given = {**common, **run.method.overrides, "ways": run.setup.ways, "modes": modes}
         steps = run.method.overrides.get("steps", args.steps) or recipe_values(run.method.recipe, given)["steps"]
         print(f"[{number}/{len(todo)}] {run.setup.tag} {run.method.label} seed {run.seed}: ", end="", flush=True)
-        done = runs.train(run, modes, int(steps), common, args.progress)
-        report = runs.evaluate(run, args.episodes, args.eval_seed, args.progress)
+        done, step = runs.train(run, modes, int(steps), common, args.progress)
+        report = runs.evaluate(run, step, args.episodes, args.eval_seed, args.progress)
         average = next(r["accuracy"] for r in report["results"] if r["mode"] == "average")
         print(f"{done}, step {report['step']}, average {average:.2f}%", flush=True)
         rows += runs.episode_rows(run, report)
@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     summary = table.summary(episodes)
     differences = table.paired_differences(episodes, baseline)
     published = {s.tag: published_rows(modes, s.ways, s.shots) for s in setups}
-    published = {tag: {m: v for m, v in rows.items()} for tag, rows in published.items() if rows}
     text = table.markdown(summary, differences, published, modes)
     out.mkdir(parents=True, exist_ok=True)
     episodes.to_csv(out / "episodes.csv", index=False)

@@ -109,8 +109,9 @@ def _trained_step(run: Run) -> int | None:
     return int(load_checkpoint(run.checkpoint)["step"])
 
 
-def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], progress: bool) -> str:
-    """Make sure ``run`` is trained to ``steps``; returns what was done (trained, resumed, reused)."""
+def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], progress: bool) -> tuple[str, int]:
+    """Make sure ``run`` is trained to ``steps``; returns what was done (trained, resumed, reused) and the step
+    of its last checkpoint now."""
     from kml.cli import train as train_cli
 
     values = {**common, **run.method.overrides, "modes": modes, "ways": run.setup.ways, "shots": run.setup.shots,
@@ -125,7 +126,7 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
             raise KMLError(f"{run.folder} was trained with other settings ({', '.join(changed)}); "
                            f"use another --out, or delete that run folder to train it again")
     if step is not None and step >= steps:
-        return "reused"
+        return "reused", step
     location = ["--train-dir", str(run.folder.parent), "--run-name", run.folder.name, *([] if progress else ["--no-progress"])]
     if step is not None:
         argv, done = ["--resume", "--steps", str(steps), *location], "resumed"
@@ -141,14 +142,14 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     if status != 0:
         raise KMLError(f"training {run.method.label} {run.setup.tag} seed {run.seed} stopped (exit {status}); "
                        f"see {run.folder / 'log.txt'} and rerun the same command to continue")
-    return done
+    return done, steps
 
 
-def evaluate(run: Run, episodes: int, eval_seed: int, progress: bool) -> dict[str, Any]:
-    """The run's ``kml-eval`` report on meta-test episodes, reused when episodes, seed and step match."""
+def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool) -> dict[str, Any]:
+    """The run's ``kml-eval`` report on meta-test episodes, reused when episodes, seed and ``step`` (that of
+    its last checkpoint, as :func:`train` returns it) match."""
     from kml.cli import evaluate as eval_cli
 
-    step = _trained_step(run)
     if run.evaluation.is_file():
         report = json.loads(run.evaluation.read_text())
         if (report.get("episodes_per_mode"), report.get("seed"), report.get("step")) == (episodes, eval_seed, step):
