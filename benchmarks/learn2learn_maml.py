@@ -33,7 +33,7 @@ from kml.errors import exit_on_kml_error
 from kml.integrations.learn2learn import maml_forward, require_learn2learn
 from kml.runtime import autocast, check_bf16, tune_cpu_allocator
 
-METHODS = {"maml": dict(algorithm="maml", model="none"), "kml-maml": dict(algorithm="maml", model="kml")}
+METHODS = {"maml": dict(algorithm="maml", modulation="none"), "kml-maml": dict(algorithm="maml", modulation="kml")}
 
 
 def measure(learner: torch.nn.Module, forward, episode: Episode, args) -> tuple[float, float]:

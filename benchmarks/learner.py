@@ -28,7 +28,7 @@ from kml.algorithms import build_learner
 from kml.config import LearnerConfig
 from kml.runtime import autocast, check_bf16, tune_cpu_allocator
 
-METHODS = {"kml-maml": dict(algorithm="maml", model="kml"), "kml-protonet": dict(algorithm="protonet", model="kml")}
+METHODS = {"kml-maml": dict(algorithm="maml", modulation="kml"), "kml-protonet": dict(algorithm="protonet", modulation="kml")}
 
 
 def measure(method: str, path: str, bf16: bool, args) -> tuple[float, float]:

@@ -31,9 +31,9 @@ from kml.transference.aggregate import load_records, mode_matrix
 from kml.transference.recorder import TransferenceRecorder
 
 METHODS = {
-    "MAML": dict(model="none"),
-    "MMAML (FiLM)": dict(model="film"),
-    "KML + MAML": dict(model="kml"),
+    "MAML": dict(modulation="none"),
+    "MMAML (FiLM)": dict(modulation="film"),
+    "KML + MAML": dict(modulation="kml"),
 }
 
 

@@ -38,7 +38,7 @@ def measure(config: dict) -> dict:
     store = store.conformed(config["side"], 3).to(device)
     sampler = MixtureSampler([store], config["ways"], config["shots"], config["queries"], config["meta_batch"], seed=0)
     learner = build_learner(LearnerConfig(
-        algorithm=config["algorithm"], model="kml", ways=config["ways"], image_size=config["side"],
+        algorithm=config["algorithm"], modulation="kml", ways=config["ways"], image_size=config["side"],
         base_channels=config["channels"], encoder_channels=config["channels"], inner_steps=config["inner_steps"],
     )).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)

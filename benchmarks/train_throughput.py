@@ -53,7 +53,7 @@ def reference_throughput(store, args, folder: Path) -> float:
 
 def kml_throughput(args, root: Path, train_dir: Path, algorithm: str, compile: bool = False) -> tuple[float, Trainer]:
     # No transductive refinement: the reference step (like a released-code step with it off) has none.
-    learner = LearnerConfig(algorithm=algorithm, model="kml", base_channels=args.channels,
+    learner = LearnerConfig(algorithm=algorithm, modulation="kml", base_channels=args.channels,
                             encoder_channels=args.channels, inner_steps=args.inner_steps, proto_refine=False)
     config = RunConfig(
         modes=[args.mode], ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch,

@@ -7,14 +7,14 @@ method maps onto it:
 ========================  =====================================================
 method                    settings
 ========================  =====================================================
-MAML                      ``algorithm="maml", model="none"``
-Multi-MAML (oracle)       ``algorithm="maml", model="none", multi_maml=True``
-MMAML (FiLM)              ``algorithm="maml", model="film"``
-KML + MAML                ``algorithm="maml", model="kml"``
-ProtoNet                  ``algorithm="protonet", model="none"``
-Multi-ProtoNet            ``algorithm="protonet", model="none", multi_maml=True``
-MProtoNet (FiLM)          ``algorithm="protonet", model="film"``
-KML + ProtoNet (released) ``algorithm="protonet", model="kml", modulation="bare", factor_split="published"``
+MAML                      ``algorithm="maml", modulation="none"``
+Multi-MAML (oracle)       ``algorithm="maml", modulation="none", multi_maml=True``
+MMAML (FiLM)              ``algorithm="maml", modulation="film"``
+KML + MAML                ``algorithm="maml", modulation="kml"``
+ProtoNet                  ``algorithm="protonet", modulation="none"``
+Multi-ProtoNet            ``algorithm="protonet", modulation="none", multi_maml=True``
+MProtoNet (FiLM)          ``algorithm="protonet", modulation="film"``
+KML + ProtoNet (released) ``algorithm="protonet", modulation="kml", kml_form="bare", factor_split="published"``
                           plus its network and initialisation (see below)
 ========================  =====================================================
 
@@ -34,13 +34,26 @@ from kml.errors import KMLError
 from kml.validation import check_fields
 
 ALGORITHMS = ("maml", "protonet")
-MODELS = ("kml", "film", "none")
+MODULATIONS = ("kml", "film", "none")
 BACKBONES = ("published", "conv4")
-MODULATIONS = ("residual", "bare")
+KML_FORMS = ("residual", "bare")
 FACTOR_SPLITS = ("plain", "published")
 HEADS = ("flatten", "avgpool")
 INITS = ("kml", "pytorch")
 KML_BIASES = ("conv", "after_norm")
+# The allowed values of each string field (the CLIs build their choice lists from this).
+FIELD_CHOICES = {
+    "algorithm": ALGORITHMS,
+    "modulation": MODULATIONS,
+    "backbone": BACKBONES,
+    "kml_form": KML_FORMS,
+    "factor_split": FACTOR_SPLITS,
+    "head": HEADS,
+    "init": INITS,
+    "kml_bias": KML_BIASES,
+}
+# Fields renamed in 0.2, old name -> new name; the old ``modulation`` (form) is read before ``model`` takes its name.
+RENAMED_FIELDS = {"modulation": "kml_form", "model": "modulation"}
 
 
 @dataclass
@@ -49,7 +62,8 @@ class LearnerConfig:
 
     Attributes:
         algorithm: ``"maml"`` (inner loop + linear head) or ``"protonet"`` (prototypes, no inner loop).
-        model: task modulation: ``"kml"`` (Kernel ModuLation), ``"film"`` (MMAML) or ``"none"``.
+        modulation: the kind of task modulation: ``"kml"`` (Kernel ModuLation), ``"film"`` (MMAML) or ``"none"``
+            (named ``model`` in checkpoints before 0.2; those still load).
         multi_maml: one set of meta-parameters per mode, picked by ``episode.mode`` (oracle baseline).
         num_modes: number of parameter sets when ``multi_maml`` (the modes of the run).
         ways: N, the classes per task (size of the MAML head).
@@ -61,7 +75,8 @@ class LearnerConfig:
         first_order: drop second derivatives (the inner gradients are treated as constants).
         meta_sgd: learn one inner learning rate per inner-loop parameter element (Meta-SGD).
         inner_grad_clip: clip each task's inner gradient to this L2 norm (all inner parameters jointly).
-        modulation: ``"residual"``: ``W * (1 + outer(v, u))``; ``"bare"``: ``W * outer(v, u)`` (released code).
+        kml_form: the form of KML's kernel factor: ``"residual"``: ``W * (1 + outer(v, u))``; ``"bare"``:
+            ``W * outer(v, u)`` (released code); named ``modulation`` before 0.2.
         factor_split: ``"plain"``: ``outer`` is ``(out, in*k*k)``; ``"published"``: ``(k*out, k*in)``
             for layers 2-4 and ``(out, in*k*k)`` for layer 1, as the released code splits.
         encoder_channels: E; the task encoder has 4 conv blocks E, 2E, 4E, 8E.
@@ -90,7 +105,7 @@ class LearnerConfig:
     """
 
     algorithm: str = "maml"
-    model: str = "kml"
+    modulation: str = "kml"
     multi_maml: bool = False
     num_modes: int = 1
     ways: int = 5
@@ -104,7 +119,7 @@ class LearnerConfig:
     first_order: bool = False
     meta_sgd: bool = False
     inner_grad_clip: float | None = None
-    modulation: str = "residual"
+    kml_form: str = "residual"
     factor_split: str = "plain"
     encoder_channels: int = 32
     encoder_uses_labels: bool = False
@@ -121,16 +136,7 @@ class LearnerConfig:
     kml_bias: str = "conv"
 
     def __post_init__(self) -> None:
-        for name, choices in (
-            ("algorithm", ALGORITHMS),
-            ("model", MODELS),
-            ("backbone", BACKBONES),
-            ("modulation", MODULATIONS),
-            ("factor_split", FACTOR_SPLITS),
-            ("head", HEADS),
-            ("init", INITS),
-            ("kml_bias", KML_BIASES),
-        ):
+        for name, choices in FIELD_CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
                 raise KMLError(f"invalid learner {name} {value!r}; choose one of {', '.join(choices)}")
@@ -168,8 +174,8 @@ class LearnerConfig:
     def method(self) -> str:
         """A short human name of the method, e.g. ``kml-maml`` or ``multi-protonet``."""
         prefix = "multi-" if self.multi_maml else ""
-        model = "" if self.model == "none" else f"{self.model}-"
-        return f"{prefix}{model}{self.algorithm}"
+        modulation = "" if self.modulation == "none" else f"{self.modulation}-"
+        return f"{prefix}{modulation}{self.algorithm}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,8 +185,21 @@ class LearnerConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys or invalid values raise :class:`KMLError`."""
         if not isinstance(values, dict):
             raise KMLError(f"learner config must be a mapping, got {type(values).__name__}")
+        values = upgrade_field_names(values)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise KMLError(f"unknown learner config fields {unknown}; known: {', '.join(known)}")
         return cls(**values)
+
+
+def upgrade_field_names(values: dict[str, Any]) -> dict[str, Any]:
+    """Learner fields saved before 0.2 (``model``: the kind of modulation, ``modulation``: KML's form) under
+    their current names (``modulation``, ``kml_form``); current dicts pass unchanged (they have no ``model``)."""
+    if "model" not in values:
+        return values
+    upgraded = {key: value for key, value in values.items() if key not in RENAMED_FIELDS}
+    for old, new in RENAMED_FIELDS.items():
+        if old in values:
+            upgraded[new] = values[old]
+    return upgraded

@@ -106,7 +106,7 @@ _KML_OWN: dict[str, Any] = {
     "encoder_uses_labels": False,
     "init": "kml",
     "identity_init": True,
-    "modulation": "residual",
+    "kml_form": "residual",
     "factor_split": "plain",
     "multi_maml": False,
     **_KML_SCHEDULE,
@@ -150,52 +150,52 @@ RECIPES: dict[str, Recipe] = {
     for recipe in (
         Recipe(
             "mmaml", 1, "MMAML (FiLM) as its released code: avg-pooled head, non-affine BatchNorm, clamp 20, 60000 constant-lr steps",
-            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "model": "film"},
+            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "modulation": "film"},
             by_ways={20: _MMAML_20WAY},
             published="MMAML (Vuorio et al. 2019), shaohua0116/MMAML-Classification, --mmaml-model True",
         ),
         Recipe(
             "maml", 1, "MMAML's MAML baseline: its network without the task encoder",
-            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "model": "none"},
+            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "modulation": "none"},
             by_ways={20: _MMAML_20WAY},
             published="MMAML's MAML baseline, shaohua0116/MMAML-Classification, --maml-model True",
         ),
         Recipe(
             "multi-maml", 1, "MMAML's Multi-MAML: one MAML per mode with its published rates (Omniglot 0.4 x 1 step)",
             {**{k: v for k, v in _MMAML_SCHEDULE.items() if k != "meta_batch"},  # meta-batch: 4 per mode
-             **_MMAML_NETWORK, "model": "none", "multi_maml": True, "steps": 80000},
+             **_MMAML_NETWORK, "modulation": "none", "multi_maml": True, "steps": 80000},
             mode_inner={5: {"omniglot": (0.4, 1), "*": (0.01, 5)}, 20: {"omniglot": (0.1, 5), "*": (0.01, 5)}},
             tasks_per_mode=4,
             published="MMAML README's Multi-MAML commands (one run per dataset)",
         ),
         Recipe(
             "kml-protonet-released", 1, "the released KML code (ProtoNet + bare KML, its factor split) with kml's three fixes",
-            {**_KML_RELEASED, "model": "kml", "modulation": "bare", "factor_split": "published"},
+            {**_KML_RELEASED, "modulation": "kml", "kml_form": "bare", "factor_split": "published"},
             published="KML (Abdollahzadeh et al. 2021), sutd-visual-computing-group/KML-Classification",
         ),
         Recipe(
             "protonet", 1, "the KML paper's ProtoNet row: the released KML setup without modulation",
-            {**_KML_RELEASED, "model": "none"},
+            {**_KML_RELEASED, "modulation": "none"},
             published="KML paper, ProtoNet row (released code's --vanilla-model; its conv_net.py is not in the repository)",
         ),
         Recipe(
             "multi-protonet", 1, "the KML paper's Multi-ProtoNet row: one ProtoNet per mode, told the mode",
-            {**_KML_RELEASED, "model": "none", "multi_maml": True},
+            {**_KML_RELEASED, "modulation": "none", "multi_maml": True},
             published="KML paper, Multi-ProtoNet row (no released code)",
         ),
         Recipe(
             "mprotonet", 1, "the KML paper's MProtoNet row: ProtoNet with MMAML's FiLM encoder and generators",
-            {**_KML_RELEASED, "model": "film", "batchnorm_affine": False},
+            {**_KML_RELEASED, "modulation": "film", "batchnorm_affine": False},
             published="KML paper, MProtoNet (FiLM) row (no released code; MMAML's FiLM network assumed)",
         ),
         Recipe(
             "kml-maml", 1, "kml's KML + MAML: residual KML from the identity, kml's network and schedule",
-            {**_KML_OWN, "algorithm": "maml", "model": "kml", "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.05,
+            {**_KML_OWN, "algorithm": "maml", "modulation": "kml", "inner_steps": 5, "eval_inner_steps": 5, "inner_lr": 0.05,
              "first_order": False, "meta_sgd": False, "inner_grad_clip": None, "inner_grad_clamp": None},
         ),
         Recipe(
             "kml-protonet", 1, "kml's KML + ProtoNet: residual KML from the identity, corrected refinement",
-            {**_KML_OWN, "algorithm": "protonet", "model": "kml", "proto_refine": True},
+            {**_KML_OWN, "algorithm": "protonet", "modulation": "kml", "proto_refine": True},
         ),
     )
 }

@@ -189,8 +189,8 @@ def check_learner_combinations(learner: Any) -> None:
                 f"{' '.join(maml_only)} only apply to MAML's inner loop, which --algorithm protonet does not have; drop "
                 f"{'it' if len(maml_only) == 1 else 'them'}"
             )
-    if learner.model == "none" and learner.encoder_uses_labels:
-        raise KMLError("--encoder-uses-labels needs a task encoder; --model none has none: drop it or pick --model kml/film")
+    if learner.modulation == "none" and learner.encoder_uses_labels:
+        raise KMLError("--encoder-uses-labels needs a task encoder; --modulation none has none: drop it or pick --modulation kml/film")
 
 
 def check_run_combinations(config: Any) -> None:

@@ -41,7 +41,7 @@ def gradients(learner, loss) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("algorithm", ["maml", "protonet"])
 @pytest.mark.parametrize("batching", ["packed", "vmap"])
 def test_bias_after_norm_keeps_batched_paths_equal_to_the_reference(algorithm, batching, episode):
-    learner = learner_for(episode.device, algorithm=algorithm, model="kml", kml_bias="after_norm")
+    learner = learner_for(episode.device, algorithm=algorithm, modulation="kml", kml_bias="after_norm")
     reference = learner.reference_forward(episode)
     expected = gradients(learner, reference.loss)
     with learner.batched_with(batching):
@@ -55,7 +55,7 @@ def test_bias_after_norm_keeps_batched_paths_equal_to_the_reference(algorithm, b
 
 @pytest.mark.parametrize(("kml_bias", "live"), [("conv", False), ("after_norm", True)])
 def test_the_bias_branch_reaches_the_output_only_after_the_norm(kml_bias, live, episode):
-    learner = learner_for(episode.device, algorithm="protonet", model="kml", kml_bias=kml_bias)
+    learner = learner_for(episode.device, algorithm="protonet", modulation="kml", kml_bias=kml_bias)
     model = learner.models[0]
     x, y = episode.support_x[0], episode.support_y[0]
     before = model(episode.query_x[0], model.modulation(x, y))

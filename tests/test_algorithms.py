@@ -21,17 +21,17 @@ from kml.recipes import RECIPES
 TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, num_modes=3, inner_steps=2, eval_inner_steps=3, inner_lr=0.3)
 
 METHODS = {
-    "maml": dict(algorithm="maml", model="none"),
-    "multi-maml": dict(algorithm="maml", model="none", multi_maml=True),
-    "mmaml-film": dict(algorithm="maml", model="film"),
-    "kml-maml": dict(algorithm="maml", model="kml"),
-    "kml-maml-released": dict(algorithm="maml", model="kml", modulation="bare", factor_split="published"),
-    "kml-maml-first-order": dict(algorithm="maml", model="kml", first_order=True),
-    "kml-maml-meta-sgd-clip": dict(algorithm="maml", model="kml", meta_sgd=True, inner_grad_clip=0.5),
-    "kml-maml-labels-conv4": dict(algorithm="maml", model="kml", encoder_uses_labels=True, backbone="conv4"),
-    "protonet": dict(algorithm="protonet", model="none", proto_refine=False),
-    "kml-protonet": dict(algorithm="protonet", model="kml"),
-    "multi-film-protonet": dict(algorithm="protonet", model="film", multi_maml=True),
+    "maml": dict(algorithm="maml", modulation="none"),
+    "multi-maml": dict(algorithm="maml", modulation="none", multi_maml=True),
+    "mmaml-film": dict(algorithm="maml", modulation="film"),
+    "kml-maml": dict(algorithm="maml", modulation="kml"),
+    "kml-maml-released": dict(algorithm="maml", modulation="kml", kml_form="bare", factor_split="published"),
+    "kml-maml-first-order": dict(algorithm="maml", modulation="kml", first_order=True),
+    "kml-maml-meta-sgd-clip": dict(algorithm="maml", modulation="kml", meta_sgd=True, inner_grad_clip=0.5),
+    "kml-maml-labels-conv4": dict(algorithm="maml", modulation="kml", encoder_uses_labels=True, backbone="conv4"),
+    "protonet": dict(algorithm="protonet", modulation="none", proto_refine=False),
+    "kml-protonet": dict(algorithm="protonet", modulation="kml"),
+    "multi-film-protonet": dict(algorithm="protonet", modulation="film", multi_maml=True),
 }
 
 
@@ -207,19 +207,19 @@ def test_inner_parameters_are_the_backbone_only():
 def test_fresh_kml_learner_equals_plain_maml(episode):
     """Identity-at-start: a fresh KML learner computes exactly what the plain backbone computes."""
     torch.manual_seed(0)
-    kml = build_learner(LearnerConfig(**{**TINY, "model": "kml"})).double()
-    plain = build_learner(LearnerConfig(**{**TINY, "model": "none"})).double()
+    kml = build_learner(LearnerConfig(**{**TINY, "modulation": "kml"})).double()
+    plain = build_learner(LearnerConfig(**{**TINY, "modulation": "none"})).double()
     plain.models[0].backbone.load_state_dict(kml.models[0].backbone.state_dict())
     torch.testing.assert_close(kml(episode).task_loss, plain(episode).task_loss, rtol=0, atol=0)
 
 
 LEARNING = {
-    "maml": dict(algorithm="maml", model="none"),
-    "multi-maml": dict(algorithm="maml", model="none", multi_maml=True),
-    "mmaml": dict(algorithm="maml", model="film"),
-    "kml-maml": dict(algorithm="maml", model="kml"),
-    "protonet": dict(algorithm="protonet", model="none"),
-    "kml-protonet": dict(algorithm="protonet", model="kml"),
+    "maml": dict(algorithm="maml", modulation="none"),
+    "multi-maml": dict(algorithm="maml", modulation="none", multi_maml=True),
+    "mmaml": dict(algorithm="maml", modulation="film"),
+    "kml-maml": dict(algorithm="maml", modulation="kml"),
+    "protonet": dict(algorithm="protonet", modulation="none"),
+    "kml-protonet": dict(algorithm="protonet", modulation="kml"),
 }
 
 

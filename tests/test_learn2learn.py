@@ -142,7 +142,7 @@ def test_inner_loop_matches_learn2learn_maml(l2l, episode, model, first_order):
 
 @pytest.mark.l2l
 def test_maml_forward_equals_learner_forward(l2l, episode):
-    learner = tiny_learner(model="film")
+    learner = tiny_learner(modulation="film")
     names, params = zip(*learner.named_parameters())
     kml, ours = learner(episode), integration.maml_forward(learner, episode)
     assert_close(kml.task_loss.detach(), ours.task_loss.detach(), "query loss")
@@ -162,7 +162,7 @@ def test_maml_forward_equals_learner_forward(l2l, episode):
 def test_maml_forward_equals_learner_forward_for_mmaml_network(l2l, episode):
     """The MMAML recipe's pieces (spatial-mean head, non-affine BatchNorm, 128-d-style encoder layer, default init)
     give the same loss and meta-gradients through learn2learn's MAML as through kml's forward."""
-    learner = tiny_learner(model="film", head="avgpool", batchnorm_affine=False, encoder_hidden=8, init="pytorch",
+    learner = tiny_learner(modulation="film", head="avgpool", batchnorm_affine=False, encoder_hidden=8, init="pytorch",
                            identity_init=False)
     names, params = zip(*learner.named_parameters())
     kml, ours = learner(episode), integration.maml_forward(learner, episode)
@@ -176,7 +176,7 @@ def test_maml_forward_equals_learner_forward_for_mmaml_network(l2l, episode):
 # ----------------------------------------------------------------- learn2learn's MAML adapts a kml backbone
 @pytest.mark.l2l
 def test_learn2learn_maml_adapts_kml_backbone(l2l, episode):
-    learner = tiny_learner(model="kml")
+    learner = tiny_learner(modulation="kml")
     backbone = learner.models[0].backbone
     support_x, support_y = episode.support_x[0], episode.support_y[0]
     module = integration.task_module(learner, support_x, support_y)  # detached modulation: a fixed task module
@@ -238,7 +238,7 @@ def test_taskset_sampler_drives_training_loop(l2l, glyphs):
 
     fixed = [sampler.sample() for _ in range(3)]  # fixed meta-batches to measure on
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(**{**TINY, "model": "none", "base_channels": 8, "inner_steps": 1, "inner_lr": 0.1}))
+    learner = build_learner(LearnerConfig(**{**TINY, "modulation": "none", "base_channels": 8, "inner_steps": 1, "inner_lr": 0.1}))
     optimizer = torch.optim.Adam(learner.train().parameters(), lr=1e-2)
 
     def held_out_loss() -> float:

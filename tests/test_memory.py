@@ -15,11 +15,11 @@ from kml.training.trainer import Trainer
 
 TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_steps=2, eval_inner_steps=2, inner_lr=0.3)
 METHODS = {
-    "maml": dict(algorithm="maml", model="none"),
-    "kml-maml": dict(algorithm="maml", model="kml"),
-    "film-maml-meta-sgd": dict(algorithm="maml", model="film", meta_sgd=True),
-    "multi-maml": dict(algorithm="maml", model="none", multi_maml=True, num_modes=3),
-    "kml-protonet": dict(algorithm="protonet", model="kml"),
+    "maml": dict(algorithm="maml", modulation="none"),
+    "kml-maml": dict(algorithm="maml", modulation="kml"),
+    "film-maml-meta-sgd": dict(algorithm="maml", modulation="film", meta_sgd=True),
+    "multi-maml": dict(algorithm="maml", modulation="none", multi_maml=True, num_modes=3),
+    "kml-protonet": dict(algorithm="protonet", modulation="kml"),
 }
 
 

@@ -103,7 +103,7 @@ def test_film_generator_identity_start():
 
 
 def test_modulation_comes_from_the_support_set_and_varies_by_task():
-    config = LearnerConfig(model="kml", image_size=20, base_channels=4, encoder_channels=4, identity_init=False)
+    config = LearnerConfig(modulation="kml", image_size=20, base_channels=4, encoder_channels=4, identity_init=False)
     model = TaskModel(config).double()
     a = model.modulation(random_images(seed=1), torch.arange(6) % 5)
     b = model.modulation(random_images(seed=2), torch.arange(6) % 5)
@@ -111,7 +111,7 @@ def test_modulation_comes_from_the_support_set_and_varies_by_task():
 
 
 def test_encoder_with_labels_requires_labels():
-    config = LearnerConfig(model="film", image_size=20, base_channels=4, encoder_channels=4, encoder_uses_labels=True)
+    config = LearnerConfig(modulation="film", image_size=20, base_channels=4, encoder_channels=4, encoder_uses_labels=True)
     model = TaskModel(config)
     labels = torch.arange(6) % 5
     assert model.modulation(torch.randn(6, 3, 20, 20), labels)["scale1"].shape == (4, 1, 1)
@@ -121,7 +121,7 @@ def test_encoder_with_labels_requires_labels():
 
 @pytest.mark.parametrize(
     "field,value,message",
-    [("algorithm", "reptile", "maml, protonet"), ("model", "lora", "kml, film, none"), ("ways", 1, "ways must be an integer >= 2"),
+    [("algorithm", "reptile", "maml, protonet"), ("modulation", "lora", "kml, film, none"), ("ways", 1, "ways must be an integer >= 2"),
      ("inner_lr", -1.0, ">= 0"), ("image_size", 8, "image-size must be an integer >= 16"), ("first_order", "yes", "true or false")],
 )
 def test_config_rejects_bad_values_in_one_line(field, value, message):
@@ -131,8 +131,21 @@ def test_config_rejects_bad_values_in_one_line(field, value, message):
 
 
 def test_config_round_trip_and_unknown_fields():
-    config = LearnerConfig(algorithm="protonet", model="film", multi_maml=True, num_modes=3)
+    config = LearnerConfig(algorithm="protonet", modulation="film", multi_maml=True, num_modes=3)
     assert LearnerConfig.from_dict(config.to_dict()) == config
     assert config.method == "multi-film-protonet"
     with pytest.raises(KMLError, match="unknown learner config fields"):
         LearnerConfig.from_dict({**config.to_dict(), "depth": 5})
+
+
+def test_config_saved_before_the_rename_still_loads():
+    """0.1 checkpoints say ``model`` (the kind of modulation) and ``modulation`` (KML's form)."""
+    from kml.training.run_config import RunConfig
+
+    old = LearnerConfig(modulation="film", kml_form="bare").to_dict()
+    old["model"], old["modulation"] = old.pop("modulation"), old.pop("kml_form")
+    assert LearnerConfig.from_dict(old) == LearnerConfig(modulation="film", kml_form="bare")
+    run = RunConfig.from_dict({"modes": ["synthetic"], "learner": old, "recipe": "kml-maml@1",
+                               "recipe_overrides": ["model", "modulation", "steps"]})
+    assert run.learner.modulation == "film" and run.learner.kml_form == "bare"
+    assert run.recipe_overrides == ["modulation", "kml_form", "steps"]

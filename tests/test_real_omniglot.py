@@ -67,7 +67,7 @@ def test_real_archives_convert_with_held_out_alphabets(real_root):
 def test_short_training_on_real_omniglot_beats_the_stated_held_out_accuracy(algorithm, real_root, tmp_path):
     flags = [
         "--modes", "omniglot", "--data-root", str(real_root), "--image-size", "28", "--algorithm", algorithm,
-        "--model", "none", "--steps", "300", "--meta-batch", "4", "--queries", "5", "--base-channels", "16",
+        "--modulation", "none", "--steps", "300", "--meta-batch", "4", "--queries", "5", "--base-channels", "16",
         "--inner-steps", "1", "--eval-inner-steps", "3", "--inner-lr", "0.4", "--lr", "0.003",
         "--val-every", "300", "--val-episodes", "20", "--checkpoint-every", "300", "--no-progress",
         "--train-dir", str(tmp_path), "--run-name", algorithm,

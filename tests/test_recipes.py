@@ -145,7 +145,7 @@ def test_multi_maml_per_mode_rates_and_meta_batch():
 
 def test_per_mode_step_counts_stop_each_task_at_its_own_count():
     torch.manual_seed(0)
-    base = dict(ways=3, image_size=16, base_channels=4, num_modes=3, algorithm="maml", model="none", inner_lr=0.2)
+    base = dict(ways=3, image_size=16, base_channels=4, num_modes=3, algorithm="maml", modulation="none", inner_lr=0.2)
     learner = build_learner(LearnerConfig(**base, mode_inner_steps=[0, 2, 1], mode_inner_lr=[0.2, 0.2, 0.2])).double()
     plain = build_learner(LearnerConfig(**base)).double()
     plain.load_state_dict(learner.state_dict())
@@ -250,7 +250,7 @@ def test_multi_maml_evaluated_on_a_subset_of_modes_uses_each_mode_own_parameters
 # ----------------------------------------------------------------------------- evaluation at another N
 def test_protonet_trained_5_way_evaluates_20_way(tmp_path):
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(algorithm="protonet", model="kml", ways=5, image_size=16, base_channels=4,
+    learner = build_learner(LearnerConfig(algorithm="protonet", modulation="kml", ways=5, image_size=16, base_channels=4,
                                           encoder_channels=4, num_modes=3))
     stores = load_stores(["synthetic"], "test", root=tmp_path, side=16)
     episode = MixtureSampler(stores, ways=20, shots=1, queries=2, meta_batch=3, seed=0).sample().to_float()

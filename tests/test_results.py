@@ -53,8 +53,8 @@ def test_unpaired_noise_shows_in_the_difference_intervals():
 
 def test_method_and_setup_specifications():
     assert Method.parse("kml-maml") == Method("kml-maml", "kml-maml", {})
-    bare = Method.parse("bare=kml-maml,modulation=bare,steps=40,identity_init=false")
-    assert bare == Method("bare", "kml-maml", {"modulation": "bare", "steps": 40, "identity_init": False})
+    bare = Method.parse("bare=kml-maml,kml_form=bare,steps=40,identity_init=false")
+    assert bare == Method("bare", "kml-maml", {"kml_form": "bare", "steps": 40, "identity_init": False})
     assert Setup.parse("20w5s") == Setup(20, 5) and Setup.parse("5w1s").tag == "5w1s"
     for bad in ("no-such-recipe", "x=kml-maml,steps", "a/b=kml-maml"):
         with pytest.raises(KMLError):
@@ -76,7 +76,7 @@ TINY = ["image_size=16", "base_channels=4", "encoder_channels=4", "meta_batch=3"
 
 
 def test_kml_results_runs_tabulates_and_then_reuses(tmp_path, capsys):
-    argv = ["--methods", "kml-maml", "ablation=kml-maml,modulation=bare", "protonet", "--seeds", "0", "1",
+    argv = ["--methods", "kml-maml", "ablation=kml-maml,kml_form=bare", "protonet", "--seeds", "0", "1",
             "--steps", "3", "--episodes", "4", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data"),
             "--no-progress", "--set", *TINY]
     assert results_cli.main(argv) == 0
@@ -90,7 +90,7 @@ def test_kml_results_runs_tabulates_and_then_reuses(tmp_path, capsys):
     assert "| ablation |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "results.png").stat().st_size > 0
     config = (tmp_path / "out" / "runs" / "5w1s" / "ablation" / "seed1" / "config.json").read_text()
-    assert '"modulation": "bare"' in config and '"recipe": "kml-maml@1"' in config
+    assert '"kml_form": "bare"' in config and '"recipe": "kml-maml@1"' in config
     # again: every run and evaluation is reused; then a longer budget resumes each run from its checkpoint
     assert results_cli.main(argv) == 0
     assert capsys.readouterr().out.count("reused, step 3") == 6

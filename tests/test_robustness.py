@@ -313,7 +313,7 @@ def test_new_runs_write_a_step_0_checkpoint(tmp_path):
     (("--grad-clip", "-1"), "--grad-clip must be a finite number > 0, got -1"),
     (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
     (("--meta-batch", "0"), "--meta-batch must be an integer >= 1, got 0"),
-    (("--model", "none", "--encoder-uses-labels"), "--encoder-uses-labels needs a task encoder"),
+    (("--modulation", "none", "--encoder-uses-labels"), "--encoder-uses-labels needs a task encoder"),
 ], ids=["protonet-maml-switches", "transference-every", "grad-clip", "shots-0", "meta-batch-0", "labels-no-encoder"])
 def test_meaningless_training_settings_are_refused(tmp_path, capsys, flags, message):
     assert message in one_line_error(capsys, tiny_args(tmp_path, *flags, steps=2))
@@ -334,7 +334,7 @@ def test_eval_inner_steps_on_protonet_is_refused(tmp_path, capsys):
 
 
 def test_transference_modulation_on_unmodulated_checkpoint_is_refused(tmp_path, capsys):
-    assert train_cli.main(tiny_args(tmp_path, "--model", "none", steps=1)) == 0
+    assert train_cli.main(tiny_args(tmp_path, "--modulation", "none", steps=1)) == 0
     checkpoint = str(run_dir(tmp_path) / "checkpoints" / "last.pt")
     err = one_line_error(capsys, ["--checkpoint", checkpoint, "--parameters", "modulation"], transference_cli)
     assert "has no such meta-parameters, so every Z would be 0; use --parameters all" in err

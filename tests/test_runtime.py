@@ -99,8 +99,8 @@ def test_packed_task_embedding_equals_the_encoder_per_task(label_ways, channels_
     torch.testing.assert_close(packed, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", [dict(algorithm="protonet", model="kml", proto_refine=True),
-                                    dict(algorithm="maml", model="kml", encoder_uses_labels=True)])
+@pytest.mark.parametrize("method", [dict(algorithm="protonet", modulation="kml", proto_refine=True),
+                                    dict(algorithm="maml", modulation="kml", encoder_uses_labels=True)])
 def test_packed_path_equals_reference_where_the_last_map_is_larger_than_1x1(method, tmp_path):
     """At 32 px the maps end 2x2, so the channels-last feature order and the encoder's pooling matter."""
     stores = load_stores(["synthetic"], "train", root=tmp_path, side=32)
@@ -153,7 +153,7 @@ def test_cpu_bf16_forward_and_meta_gradient_follow_float32(algorithm, inner_step
     in bf16 the adapted weights drifted and this meta-gradient's cosine with float32 was 0.47.
     """
     torch.manual_seed(0)
-    config = LearnerConfig(algorithm=algorithm, model="kml", ways=3, image_size=16, base_channels=8, encoder_channels=8,
+    config = LearnerConfig(algorithm=algorithm, modulation="kml", ways=3, image_size=16, base_channels=8, encoder_channels=8,
                            num_modes=3, inner_steps=inner_steps, inner_lr=0.1)
     learner = build_learner(config).train()
     params = list(learner.parameters())
@@ -188,7 +188,7 @@ def test_maml_inner_loop_runs_in_float32_under_bf16_autocast(batching, episode, 
         return conv2d(x, weight, *args, **kwargs)
 
     torch.manual_seed(0)
-    config = LearnerConfig(algorithm="maml", model="none", ways=3, image_size=16, base_channels=4, num_modes=3,
+    config = LearnerConfig(algorithm="maml", modulation="none", ways=3, image_size=16, base_channels=4, num_modes=3,
                            inner_steps=1, inner_lr=0.1)
     learner = build_learner(config).train()
     monkeypatch.setattr(F, "conv2d", recording_conv2d)
@@ -222,7 +222,7 @@ from kml.data.episode import Episode
 from kml.runtime import tune_cpu_allocator
 tuned = tune_cpu_allocator()
 torch.manual_seed(0)
-learner = build_learner(LearnerConfig(algorithm="protonet", model="kml", ways=5, image_size=84, base_channels=16,
+learner = build_learner(LearnerConfig(algorithm="protonet", modulation="kml", ways=5, image_size=84, base_channels=16,
                                       encoder_channels=16)).train()
 labels = lambda n: torch.arange(5).repeat_interleave(n).expand(4, -1)
 episode = Episode(torch.rand(4, 5, 3, 84, 84), labels(1), torch.rand(4, 75, 3, 84, 84), labels(15),

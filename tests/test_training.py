@@ -189,7 +189,7 @@ def test_existing_run_refused_without_resume_or_overwrite(tmp_path, capsys):
 
 def test_resume_with_other_method_refused(tmp_path, capsys):
     assert train_cli.main(tiny_args(tmp_path, steps=2)) == 0
-    err = one_line_error(capsys, tiny_args(tmp_path, "--resume", "--model", "film", steps=4))
+    err = one_line_error(capsys, tiny_args(tmp_path, "--resume", "--modulation", "film", steps=4))
     assert "cannot resume" in err and "model" in err
 
 

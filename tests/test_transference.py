@@ -19,9 +19,9 @@ from kml.transference.aggregate import mode_matrix, mode_pair_stats
 from kml.transference.analyzer import COLUMNS, parameter_names, result_rows, task_transference
 
 METHODS = [
-    dict(algorithm="maml", model="kml"),
-    dict(algorithm="maml", model="none"),
-    dict(algorithm="protonet", model="film"),
+    dict(algorithm="maml", modulation="kml"),
+    dict(algorithm="maml", modulation="none"),
+    dict(algorithm="protonet", modulation="film"),
 ]
 
 
@@ -72,7 +72,7 @@ def test_z_equals_direct_computation(method, episode):
 
 
 def test_parameter_groups(episode):
-    learner = tiny_learner(algorithm="maml", model="kml")
+    learner = tiny_learner(algorithm="maml", modulation="kml")
     backbone, modulation = parameter_names(learner, "backbone"), parameter_names(learner, "modulation")
     assert backbone and modulation and not set(backbone) & set(modulation)
     assert sorted(backbone + modulation) == sorted(parameter_names(learner, "all"))
@@ -82,7 +82,7 @@ def test_parameter_groups(episode):
 
 
 def test_self_transference_positive_for_small_rate(episode):
-    learner = tiny_learner(algorithm="maml", model="kml")
+    learner = tiny_learner(algorithm="maml", modulation="kml")
     # Small enough that the first-order term dominates: Z(i->i) ~ rate * |grad L_i|^2 / L_i > 0.
     # (These tiny perturbed learners have meta-gradient norms around 1e2, hence the small rate.)
     z = task_transference(learner, episode, rate=1e-7).z
@@ -97,21 +97,21 @@ def test_zero_gradient_source_gives_zero(episode):
     support_x, query_x = flat.support_x.clone(), flat.query_x.clone()
     support_x[0], query_x[0] = 0.5, 0.5
     sources = dataclasses.replace(flat, support_x=support_x, query_x=query_x)
-    learner = tiny_learner(algorithm="protonet", model="none")
+    learner = tiny_learner(algorithm="protonet", modulation="none")
     result = task_transference(learner, sources, rate=0.5, targets=episode)
     assert result.z[0].abs().max() < 1e-12
     assert result.z[1:].abs().min() > 1e-6  # the other sources do move the targets
     # Zero steps in two other ways: a zero rate, and a parameter group that is empty.
-    z = task_transference(tiny_learner(algorithm="maml", model="kml"), episode, rate=0.0).z
+    z = task_transference(tiny_learner(algorithm="maml", modulation="kml"), episode, rate=0.0).z
     assert z.abs().max() < 1e-12
-    plain = tiny_learner(algorithm="maml", model="none")
+    plain = tiny_learner(algorithm="maml", modulation="none")
     assert parameter_names(plain, "modulation") == []
     z = task_transference(plain, episode, rate=0.5, parameters="modulation").z
     assert z.abs().max() < 1e-12
 
 
 def test_analysis_leaves_learner_and_optimiser_unchanged(episode):
-    learner = tiny_learner(algorithm="maml", model="kml")
+    learner = tiny_learner(algorithm="maml", modulation="kml")
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     learner(episode).loss.backward()
     optimizer.step()
@@ -128,7 +128,7 @@ def test_analysis_leaves_learner_and_optimiser_unchanged(episode):
 
 
 def test_csv_schema(episode):
-    learner = tiny_learner(algorithm="protonet", model="kml")
+    learner = tiny_learner(algorithm="protonet", modulation="kml")
     result = task_transference(learner, episode, rate=0.05)
     rows = result_rows(result, step=7, batch=2)
     frame = pd.DataFrame(rows)
@@ -171,7 +171,7 @@ def two_runs(tmp_path_factory):
     runs = {}
     for model in ("none", "kml"):
         argv = [
-            "--modes", "synthetic", "--model", model, "--image-size", "16", "--base-channels", "4",
+            "--modes", "synthetic", "--modulation", model, "--image-size", "16", "--base-channels", "4",
             "--encoder-channels", "4", "--meta-batch", "3", "--queries", "2", "--inner-steps", "1",
             "--eval-inner-steps", "1", "--steps", "4", "--log-every", "2", "--val-every", "4", "--val-episodes", "3",
             "--checkpoint-every", "4", "--transference-every", "2", "--no-progress",

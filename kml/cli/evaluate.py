@@ -46,7 +46,7 @@ def ways_refusal(learner) -> str | None:
     """Why a learner cannot be evaluated at another N, or ``None`` when its parameters do not depend on N."""
     if learner.algorithm == "maml":
         return f"this learner's MAML head is Linear(features, {learner.ways}), sized for its training N"
-    if learner.model != "none" and learner.encoder_uses_labels:
+    if learner.modulation != "none" and learner.encoder_uses_labels:
         return f"its task encoder reads {learner.ways} one-hot label planes, sized for its training N"
     return None
 

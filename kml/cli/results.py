@@ -5,7 +5,7 @@ seeds and over episodes, paired differences with a baseline method, published nu
     kml-results --modes synthetic --seeds 0 1 2 --steps 300 --set image_size=32 base_channels=16
     kml-results --methods maml mmaml kml-maml protonet kml-protonet --modes omniglot miniimagenet FC100 \\
                 --setups 5w1s 5w5s --seeds 0 1 2                          # the published schedules: a GPU's work
-    kml-results --methods kml-maml bare=kml-maml,modulation=bare --baseline kml-maml ...   # an ablation
+    kml-results --methods kml-maml bare=kml-maml,kml_form=bare --baseline kml-maml ...   # an ablation
 
 A method is a recipe (kml-train --recipe) or LABEL=RECIPE,key=value,... Writes <out>/results.md, results.csv,
 differences.csv, episodes.csv and results.png; the same command again continues where it stopped.

@@ -3,7 +3,7 @@
     kml-train --modes synthetic                               # no-download demo (about 2 minutes on CPU)
     kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
     kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
-    kml-train --modes omniglot miniimagenet --algorithm protonet --model film
+    kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
     torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
 """
 
@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from kml.cli.common import ArgumentParser, read_config_file
-from kml.config import LearnerConfig
+from kml.config import FIELD_CHOICES, LearnerConfig
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import check_device, check_run_name, check_values
@@ -54,16 +54,17 @@ LEARNER_FLAGS = {
     "base_channels": (int, "channels of the first conv block (C, 2C, 4C, 8C)"),
     "encoder_channels": (int, "channels of the task encoder"),
 }
-CHOICES = {
-    "algorithm": (("maml", "protonet"), "meta-learner: MAML inner loop or prototypical head"),
-    "model": (("kml", "film", "none"), "task modulation: Kernel ModuLation, FiLM (MMAML) or none (plain)"),
-    "backbone": (("published", "conv4"), "published: stride-2 convs, no pooling; conv4: max-pool blocks"),
-    "modulation": (("residual", "bare"), "KML form: W*(1+M) (identity at start) or W*M (released code)"),
-    "factor_split": (("plain", "published"), "KML factors: (out, in*k*k) or the released code's split"),
-    "head": (("flatten", "avgpool"), "features: the last map flattened, or its spatial mean (MMAML's MAML head)"),
-    "init": (("kml", "pytorch"), "encoder/generator initialisation: kml's, or PyTorch's default (released codes)"),
-    "kml_bias": (("conv", "after_norm"), "KML's bias shift: on the conv bias (as defined; a batch-statistics BatchNorm removes it) or after the BatchNorm (ablation)"),
-    "lr_schedule": (("halve", "constant"), "outer learning rate halved every --lr-halve-every steps (KML) or constant (MMAML)"),
+CHOICE_HELP = {
+    # name: help -- the choices come from kml.config.FIELD_CHOICES and kml.training.run_config.LR_SCHEDULES
+    "algorithm": "meta-learner: MAML inner loop or prototypical head",
+    "modulation": "task modulation: Kernel ModuLation, FiLM (MMAML) or none (plain)",
+    "backbone": "published: stride-2 convs, no pooling; conv4: max-pool blocks; resnet12: 64-160-320-640 residual blocks",
+    "kml_form": "KML form: W*(1+M) (identity at start) or W*M (released code)",
+    "factor_split": "KML factors: (out, in*k*k) or the released code's split",
+    "head": "features: the last map flattened, or its spatial mean (MMAML's MAML head)",
+    "init": "encoder/generator initialisation: kml's, or PyTorch's default (released codes)",
+    "kml_bias": "KML's bias shift: on the conv bias (as defined; a batch-statistics BatchNorm removes it) or after the BatchNorm (ablation)",
+    "lr_schedule": "outer learning rate halved every --lr-halve-every steps (KML) or constant (MMAML)",
 }
 SWITCHES = {
     "multi_maml": ("learner", "one set of meta-parameters per mode, told the mode (oracle baseline)"),
@@ -81,12 +82,16 @@ def build_parser() -> ArgumentParser:
         prog="kml-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
+    from kml.data.sampler import MIXTURE_POLICIES  # here: importing kml.cli.train must not import torch
+    from kml.training.run_config import LR_SCHEDULES
+
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH")
-    parser.add_argument("--policy", choices=("mixed", "random", "per-batch", "alternate"), help="how tasks of a meta-batch pick their mode")
+    parser.add_argument("--policy", choices=MIXTURE_POLICIES, help="how tasks of a meta-batch pick their mode")
     parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="mode weights for the mixture (one per mode)")
-    for name, (choices, text) in CHOICES.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", choices=choices, help=text)
+    choices = {**FIELD_CHOICES, "lr_schedule": LR_SCHEDULES}
+    for name, text in CHOICE_HELP.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", choices=choices[name], help=text)
     for name, (kind, text) in {**RUN_FLAGS, **LEARNER_FLAGS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     for name, (_, text) in SWITCHES.items():

@@ -20,7 +20,7 @@ class TaskModel(nn.Module):
     """Backbone (+ MAML head) with an optional task encoder and modulation generator.
 
     Submodules: ``backbone`` (adapted in MAML's inner loop), ``encoder`` and
-    ``generator`` (``None`` for ``model="none"``; updated by the outer loop only),
+    ``generator`` (``None`` for ``modulation="none"``; updated by the outer loop only),
     ``inner_rates`` (Meta-SGD: one learned inner rate per backbone parameter element,
     keyed by the parameter's name with ``.`` written ``__``; ``None`` otherwise).
     """
@@ -33,13 +33,13 @@ class TaskModel(nn.Module):
         self.backbone.fused_norm = config.algorithm == "protonet" or config.first_order  # no second derivatives
         self.encoder: TaskEncoder | None = None
         self.generator: nn.Module | None = None
-        if config.model != "none":
+        if config.modulation != "none":
             default_init = config.init == "pytorch"
             self.encoder = TaskEncoder(config.in_channels, config.encoder_channels,
                                        config.ways if config.encoder_uses_labels else None, config.encoder_hidden, default_init)
-            if config.model == "kml":
+            if config.modulation == "kml":
                 self.generator = KMLGenerator(self.encoder.embedding_dim, self.backbone.conv_shapes,
-                                              config.modulation, config.factor_split, config.identity_init, default_init,
+                                              config.kml_form, config.factor_split, config.identity_init, default_init,
                                               bias_after_norm=config.kml_bias == "after_norm")
             else:
                 self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)

@@ -36,7 +36,7 @@ class Method:
     """A row of the table: a recipe (``kml-train --recipe``) and values that override it.
 
     Written ``RECIPE`` or ``LABEL=RECIPE,key=value,...`` (values read as JSON where they parse,
-    e.g. ``kml-bare=kml-maml,modulation=bare`` or ``long=kml-maml,steps=2000``).
+    e.g. ``kml-bare=kml-maml,kml_form=bare`` or ``long=kml-maml,steps=2000``).
     """
 
     label: str

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from kml.config import LearnerConfig
+from kml.config import RENAMED_FIELDS, LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
 from kml.errors import KMLError
@@ -66,6 +66,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.learner, dict):
+            if "model" in self.learner and self.recipe_overrides:  # saved before 0.2: its override names too
+                self.recipe_overrides = [RENAMED_FIELDS.get(name, name) for name in self.recipe_overrides]
             self.learner = LearnerConfig.from_dict(self.learner)
         if self.policy not in MIXTURE_POLICIES:
             raise KMLError(f"unknown --policy {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")

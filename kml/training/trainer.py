@@ -45,7 +45,7 @@ Callback = Callable[["Trainer", int, Episode], None]
 
 def default_run_name(config: RunConfig) -> str:
     learner = config.learner
-    method = f"{'multi-' if learner.multi_maml else ''}{learner.algorithm}-{learner.model}"
+    method = f"{'multi-' if learner.multi_maml else ''}{learner.algorithm}-{learner.modulation}"
     return f"{method}_{'-'.join(m.replace('folder:', '').replace('/', '_') for m in config.modes)}_{config.ways}w{config.shots}s"
 
 
