@@ -35,7 +35,7 @@ from kml.validation import check_fields
 
 ALGORITHMS = ("maml", "protonet")
 MODULATIONS = ("kml", "film", "none")
-BACKBONES = ("published", "conv4")
+BACKBONES = ("published", "conv4", "resnet12")
 KML_FORMS = ("residual", "bare")
 FACTOR_SPLITS = ("plain", "published")
 HEADS = ("flatten", "avgpool")
@@ -68,8 +68,11 @@ class LearnerConfig:
         num_modes: number of parameter sets when ``multi_maml`` (the modes of the run).
         ways: N, the classes per task (size of the MAML head).
         in_channels, image_size: input images ``[in_channels, image_size, image_size]``.
-        base_channels: C; the published backbone uses C, 2C, 4C, 8C, the ``conv4`` one C in every block.
-        backbone: ``"published"`` (3x3 stride-2 convs, no pooling) or ``"conv4"`` (stride 1 + 2x2 max-pool).
+        base_channels: C; the published backbone uses C, 2C, 4C, 8C, the ``conv4`` one C in every block,
+            ``resnet12`` 2C, 5C, 10C, 20C (64-160-320-640 at the default C = 32).
+        backbone: ``"published"`` (3x3 stride-2 convs, no pooling), ``"conv4"`` (stride 1 + 2x2 max-pool) or
+            ``"resnet12"`` (:class:`kml.models.resnet12.ResNet12`; KML modulates its 16 convs, FiLM its 16
+            BatchNorms; it runs the ``vmap`` path, not the packed one).
         inner_steps, eval_inner_steps: MAML inner steps when ``learner.training`` is True / False.
         inner_lr: MAML inner learning rate (initial value of the per-parameter rates with ``meta_sgd``).
         first_order: drop second derivatives (the inner gradients are treated as constants).
@@ -146,6 +149,8 @@ class LearnerConfig:
                      "batchnorm_affine"):
             if not isinstance(getattr(self, name), bool):
                 raise KMLError(f"invalid learner {name} {getattr(self, name)!r}; must be true or false")
+        if self.backbone == "resnet12" and self.kml_bias != "conv":
+            raise KMLError("kml_bias 'after_norm' is defined for the 4-block backbones; ResNet-12 takes KML's bias on its convs")
         if self.image_size < 16:  # four halvings must leave at least one pixel
             raise KMLError(f"invalid learner image_size {self.image_size}; the 4-block backbones need at least 16")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kml.algorithms import build_learner
-from kml.algorithms.learner import _clip_per_task
+from kml.algorithms.functional import clip_task_gradients
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
 from kml.config import LearnerConfig
@@ -106,7 +106,7 @@ def test_mmaml_inner_loop_settings():
 
 def test_inner_clamp_is_element_wise():
     grads = {"a": torch.tensor([[30.0, -25.0, 3.0]]), "b": torch.tensor([[[-0.5, 21.0]]])}
-    clamped = _clip_per_task(grads, None, 20.0)
+    clamped = clip_task_gradients(grads, None, 20.0)
     assert clamped["a"].tolist() == [[20.0, -20.0, 3.0]] and clamped["b"].tolist() == [[[-0.5, 20.0]]]
 
 

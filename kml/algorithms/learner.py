@@ -34,6 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
+from kml.algorithms.functional import Params, clip_gradients, clip_task_gradients, exact_batch_norm, subset
 from kml.algorithms.losses import accuracy, cross_entropy, prototypical_loss
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
@@ -43,7 +44,7 @@ from kml.models.encoder import packed_task_embedding
 from kml.models.task_model import TaskModel, rate_key
 from kml.runtime import float32_inner_loop
 
-Params = dict[str, torch.Tensor]
+__all__ = ["LearnerOutput", "MetaLearner", "build_learner"]
 
 
 @dataclass
@@ -59,29 +60,6 @@ class LearnerOutput:
     loss: torch.Tensor
     task_loss: torch.Tensor
     task_accuracy: torch.Tensor
-
-
-def _subset(params: Params, prefix: str) -> Params:
-    """Entries of ``params`` under ``prefix``, with the prefix removed."""
-    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
-
-
-def _clip_per_task(grads: Params, max_norm: float | None, clamp: float | None = None) -> Params:
-    """Scale each task's inner gradients (stacked ``[T, ...]``) to at most ``max_norm``, L2 over all jointly,
-    then clamp every element to ``[-clamp, clamp]`` (MMAML's inner-loop clip)."""
-    if max_norm is not None:
-        norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
-        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        grads = {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
-    if clamp is not None:
-        grads = {name: g.clamp(-clamp, clamp) for name, g in grads.items()}
-    return grads
-
-
-def _clip(grads: Params, max_norm: float | None, clamp: float | None = None) -> Params:
-    """:func:`_clip_per_task` for one task's gradients."""
-    clipped = _clip_per_task({name: g.unsqueeze(0) for name, g in grads.items()}, max_norm, clamp)
-    return {name: g.squeeze(0) for name, g in clipped.items()}
 
 
 def _per_task(rate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -112,7 +90,10 @@ class MetaLearner(nn.Module):
         if config.mode_inner_lr is not None and config.meta_sgd:
             raise KMLError("per-mode inner rates (mode_inner_lr) and learned Meta-SGD rates exclude each other; choose one")
         self.models = nn.ModuleList(TaskModel(config) for _ in range(count))
-        self.batching = "packed"  # or "vmap" (see the module docstring); not part of the config: same numbers
+        # "packed" or "vmap" (see the module docstring); not part of the config: same numbers. The packed
+        # layout is written for the 4-block backbones; ResNet-12 runs the vmap path.
+        self.packable = config.backbone != "resnet12"
+        self.batching = "packed" if self.packable else "vmap"
         # Second-order MAML on the packed path: recompute each inner step in the outer backward instead of
         # keeping its graph (memory of one step instead of all; same numbers, more compute).
         self.activation_checkpointing = False
@@ -122,6 +103,8 @@ class MetaLearner(nn.Module):
         """Temporarily compute :meth:`forward` with the ``"packed"`` or ``"vmap"`` path."""
         if batching not in ("packed", "vmap"):
             raise ValueError(f"unknown batching {batching!r}; choose packed or vmap")
+        if batching == "packed" and not self.packable:
+            raise KMLError(f"the packed path runs the 4-block backbones only; backbone {self.config.backbone!r} runs vmap")
         previous, self.batching = self.batching, batching
         try:
             yield self
@@ -162,8 +145,8 @@ class MetaLearner(nn.Module):
         template = self.models[0]
         if template.encoder is None or template.generator is None:
             return None
-        embedding = functional_call(template.encoder, _subset(params, "encoder."), (support_x, support_y))
-        return self._generate(_subset(params, "generator."), embedding)
+        embedding = functional_call(template.encoder, subset(params, "encoder."), (support_x, support_y))
+        return self._generate(subset(params, "generator."), embedding)
 
     def _generate(self, generator_params: Params, embedding: torch.Tensor) -> Modulation:
         """One task's modulation from its task embedding ``[D]``."""
@@ -200,7 +183,7 @@ class MetaLearner(nn.Module):
         """
         config = self.config
         modulation = self._modulation(params, support_x, support_y)  # from the support set only
-        backbone = _subset(params, "backbone.")
+        backbone = subset(params, "backbone.")
         if config.algorithm == "protonet":
             support_features = self._backbone(backbone, support_x, modulation)
             query_features = self._backbone(backbone, query_x, modulation)
@@ -211,7 +194,7 @@ class MetaLearner(nn.Module):
                 grads = grad(self._support_loss)(fast, modulation, support_x, support_y)
                 if config.first_order:
                     grads = {name: g.detach() for name, g in grads.items()}
-                grads = _clip(grads, config.inner_grad_clip, config.inner_grad_clamp)
+                grads = clip_gradients(grads, config.inner_grad_clip, config.inner_grad_clamp)
                 fast = {
                     name: p - (self._inner_rate(params, name) if step_rates is None else step_rates[step]) * grads[name]
                     for name, p in fast.items()
@@ -223,8 +206,8 @@ class MetaLearner(nn.Module):
         """Parameters per task and their vmap dimension: shared (``None``) or gathered by mode (``0``)."""
         params = dict(self.named_parameters())
         if not self.config.multi_maml:
-            return _subset(params, "models.0."), None
-        per_mode = [_subset(params, f"models.{m}.") for m in range(len(self.models))]
+            return subset(params, "models.0."), None
+        per_mode = [subset(params, f"models.{m}.") for m in range(len(self.models))]
         return {name: torch.stack([p[name] for p in per_mode])[episode.mode] for name in per_mode[0]}, 0
 
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
@@ -236,9 +219,12 @@ class MetaLearner(nn.Module):
         steps = self._steps(inner_steps)
         step_rates = self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype)
         task = partial(self._task_loss, inner_steps=steps, ways=episode.ways)
-        task_loss, task_accuracy = vmap(task, in_dims=(params_dim, 0, 0, 0, 0, None if step_rates is None else 0))(
-            params, episode.support_x, episode.support_y, episode.query_x, episode.query_y, step_rates
-        )
+        # ResNet-12's nn.BatchNorm2d calls the fused kernel, whose second derivative under vmap is not exact
+        exact = not self.packable and self.config.algorithm == "maml" and not self.config.first_order
+        with exact_batch_norm(exact):
+            task_loss, task_accuracy = vmap(task, in_dims=(params_dim, 0, 0, 0, 0, None if step_rates is None else 0))(
+                params, episode.support_x, episode.support_y, episode.query_x, episode.query_y, step_rates
+            )
         return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
 
     # ------------------------------------------------------------ packed path
@@ -248,8 +234,8 @@ class MetaLearner(nn.Module):
         params, params_dim = self._task_params(episode)
 
         def stacked(prefix: str) -> Params:  # per task [T, ...]: shared parameters are expanded, not copied
-            subset = _subset(params, prefix)
-            return subset if params_dim == 0 else {n: p.expand(tasks, *p.shape) for n, p in subset.items()}
+            selected = subset(params, prefix)
+            return selected if params_dim == 0 else {n: p.expand(tasks, *p.shape) for n, p in selected.items()}
 
         # Channels-last made the ProtoNet step and the encoder 1.1x-1.2x faster on the CPU we measured (MAML's
         # query pass: below); not measured on a GPU yet, so CUDA keeps the default layout.
@@ -259,7 +245,7 @@ class MetaLearner(nn.Module):
         if template.encoder is not None and template.generator is not None:  # from the support set only
             embedding = packed_task_embedding(stacked("encoder."), episode.support_x, episode.support_y,
                                               template.encoder.label_ways, channels_last)
-            modulation = vmap(self._generate, in_dims=(params_dim, 0))(_subset(params, "generator."), embedding)
+            modulation = vmap(self._generate, in_dims=(params_dim, 0))(subset(params, "generator."), embedding)
 
         layout, pool = config.backbone, config.head
         # packed_forward's fused BatchNorm is exact here, second order included: the torch bug that makes
@@ -311,7 +297,7 @@ class MetaLearner(nn.Module):
         # the sum holds every task's own inner gradient.
         support_loss = cross_entropy(packed_forward(fast, support_x, modulation, self.config.backbone, pool=self.config.head), support_y)
         grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
-        grads = _clip_per_task(dict(zip(fast, grads)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
+        grads = clip_task_gradients(dict(zip(fast, grads)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
         return {name: p - rates[name] * grads[name] for name, p in fast.items()}
 
     # ---------------------------------------------------------- reference path
@@ -340,7 +326,7 @@ class MetaLearner(nn.Module):
                     for _ in range(task_steps):
                         support_loss = cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)
                         grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not config.first_order)
-                        grads = _clip(dict(zip(fast, grads)), config.inner_grad_clip, config.inner_grad_clamp)
+                        grads = clip_gradients(dict(zip(fast, grads)), config.inner_grad_clip, config.inner_grad_clamp)
                         rates = model.inner_rates
                         fast = {
                             n: p - (rates[rate_key(n)] if rates is not None else task_lr) * grads[n]

@@ -8,7 +8,9 @@ from torch import nn
 from kml.config import LearnerConfig
 from kml.models.backbone import Backbone, Modulation
 from kml.models.encoder import TaskEncoder
+from kml.models.modulate import ModulatedNetwork, TaskConditionedModel
 from kml.models.modulation import FiLMGenerator, KMLGenerator
+from kml.models.resnet12 import ResNet12, resnet12_widths
 
 
 def rate_key(name: str) -> str:
@@ -16,7 +18,7 @@ def rate_key(name: str) -> str:
     return name.replace(".", "__")
 
 
-class TaskModel(nn.Module):
+class TaskModel(TaskConditionedModel):
     """Backbone (+ MAML head) with an optional task encoder and modulation generator.
 
     Submodules: ``backbone`` (adapted in MAML's inner loop), ``encoder`` and
@@ -28,8 +30,14 @@ class TaskModel(nn.Module):
     def __init__(self, config: LearnerConfig) -> None:
         super().__init__()
         ways = config.ways if config.algorithm == "maml" else None
-        self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways,
-                                 config.head, config.batchnorm_affine)
+        self.backbone: nn.Module
+        if config.backbone == "resnet12":  # an ordinary module whose convs (KML) or norms (FiLM) take the modulation
+            resnet = ResNet12(config.in_channels, resnet12_widths(config.base_channels), ways, config.head,
+                              config.image_size, config.batchnorm_affine)
+            self.backbone = ModulatedNetwork(resnet, config.modulation)
+        else:
+            self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways,
+                                     config.head, config.batchnorm_affine)
         self.backbone.fused_norm = config.algorithm == "protonet" or config.first_order  # no second derivatives
         self.encoder: TaskEncoder | None = None
         self.generator: nn.Module | None = None

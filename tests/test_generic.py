@@ -1,0 +1,224 @@
+"""kml as a library: MAML and ProtoNet over any nn.Module, modulate() on any CNN, ResNet-12.
+
+Every batched path is held equal to a plain per-task loop (float64), first and second order, for user
+models (an nn.Sequential with BatchNorm, a ResNet-12, both modulated by KML and FiLM).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import kml
+from kml.algorithms.functional import exact_batch_norm
+from kml.config import LearnerConfig
+from kml.data.episode import Episode
+from kml.errors import KMLError
+from kml.models.modulate import FiLMBatchNorm2d, ModulatedConv2d
+
+WAYS, SIDE = 3, 16
+TINY_WIDTHS = (4, 6, 8, 10)
+
+
+def random_episode(tasks: int = 2, shots: int = 1, queries: int = 2, side: int = SIDE, dtype=torch.float64) -> Episode:
+    generator = torch.Generator().manual_seed(0)
+    labels = lambda n: torch.arange(WAYS).repeat_interleave(n).expand(tasks, -1)  # noqa: E731
+    return Episode(
+        support_x=torch.rand(tasks, WAYS * shots, 3, side, side, generator=generator, dtype=dtype),
+        support_y=labels(shots),
+        query_x=torch.rand(tasks, WAYS * queries, 3, side, side, generator=generator, dtype=dtype),
+        query_y=labels(queries),
+        mode=torch.arange(tasks) % 2,
+        classes=torch.arange(WAYS).expand(tasks, -1),
+        mode_names=("a", "b"),
+    )
+
+
+def sequential(outputs: int = WAYS) -> nn.Module:
+    """A user's plain CNN with BatchNorm (running statistics on, as nn.BatchNorm2d defaults)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * (SIDE // 4) ** 2, outputs),
+    )
+
+
+def resnet(ways: int | None = WAYS) -> nn.Module:
+    return kml.ResNet12(widths=TINY_WIDTHS, ways=ways)
+
+
+MODELS = {
+    "sequential": lambda ways: sequential(ways or 8),
+    "resnet12": resnet,
+    "resnet12-kml": lambda ways: kml.modulate(resnet(ways), "kml", encoder_channels=4, identity_init=False),
+    "resnet12-kml-bare": lambda ways: kml.modulate(resnet(ways), "kml", form="bare", encoder_channels=4, identity_init=False),
+    "sequential-film": lambda ways: kml.modulate(sequential(ways or 8), "film", encoder_channels=4, identity_init=False),
+}
+
+
+def meta_gradients(learner: nn.Module, forward) -> list[torch.Tensor]:
+    loss = forward(random_episode()).loss
+    return [torch.zeros_like(p) if g is None else g
+            for p, g in zip(learner.parameters(), torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))]
+
+
+def assert_batched_equals_loop(learner: nn.Module) -> None:
+    learner = learner.double()
+    batched, loop = meta_gradients(learner, learner), meta_gradients(learner, learner.reference_forward)
+    episode = random_episode()
+    assert torch.allclose(learner(episode).task_loss, learner.reference_forward(episode).task_loss, atol=1e-12)
+    for (name, _), a, b in zip(learner.named_parameters(), batched, loop):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8), f"{name}: {float((a - b).abs().max()):.2e}"
+    assert any(float(g.abs().max()) > 0 for g in batched)
+
+
+@pytest.mark.parametrize("order", ["second", "first"])
+@pytest.mark.parametrize("model", MODELS)
+def test_maml_of_any_module_batched_equals_per_task_loop(model, order):
+    torch.manual_seed(0)
+    assert_batched_equals_loop(kml.MAML(MODELS[model](WAYS), inner_lr=0.1, inner_steps=2, first_order=order == "first"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_protonet_of_any_module_batched_equals_per_task_loop(model):
+    torch.manual_seed(0)
+    assert_batched_equals_loop(kml.ProtoNet(MODELS[model](None), refine=model.endswith("kml")))
+
+
+def test_second_order_needs_the_exact_batch_norm():
+    """Without the elementary batch norm, vmap's second derivative of nn.BatchNorm2d is off (what the patch is for)."""
+    torch.manual_seed(0)
+    learner = kml.MAML(sequential(), inner_steps=2).double()
+    loop = meta_gradients(learner, learner.reference_forward)
+    import kml.algorithms.maml as maml_module
+
+    original = maml_module.exact_batch_norm
+    maml_module.exact_batch_norm = lambda enabled=True: exact_batch_norm(False)
+    try:
+        batched = meta_gradients(learner, learner)
+    finally:
+        maml_module.exact_batch_norm = original
+    assert max(float((a - b).abs().max()) for a, b in zip(batched, loop)) > 1e-6
+
+
+def test_maml_adapts_only_the_network_of_a_modulated_model():
+    learner = kml.MAML(kml.modulate(resnet(), "kml", encoder_channels=4))
+    names = learner.inner_parameter_names()
+    assert names and all(name.startswith("model.backbone.network.") for name in names)
+    assert not any(".encoder." in n or ".generator." in n for n in names)
+    assert len(names) == len([n for n, _ in learner.named_parameters() if n.startswith("model.backbone.")])
+
+
+def test_learners_train_under_an_optimizer_and_evaluate_without_gradients():
+    torch.manual_seed(0)
+    episode = random_episode(dtype=torch.float32)
+    for learner in (kml.MAML(sequential(), inner_steps=1), kml.ProtoNet(kml.modulate(resnet(None), "film", encoder_channels=4))):
+        optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3)
+        before = [p.detach().clone() for p in learner.parameters()]
+        learner(episode).loss.backward()
+        optimizer.step()
+        assert any(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+        learner.eval()
+        with torch.no_grad():
+            output = learner(episode)
+        assert output.task_accuracy.shape == (2,) and torch.isfinite(output.loss)
+
+
+def test_user_batchnorm_switches_to_batch_statistics():
+    model = sequential()
+    kml.MAML(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.track_running_stats and m.running_mean is None for m in norms)
+
+
+# ------------------------------------------------------------------ modulate()
+@pytest.mark.parametrize("kind,form", [("kml", "residual"), ("kml", "bare"), ("film", "residual")])
+def test_modulate_starts_at_the_identity_on_resnet12(kind, form):
+    torch.manual_seed(0)
+    plain = kml.ResNet12(widths=TINY_WIDTHS, ways=WAYS).double()
+    modulated = kml.modulate(copy.deepcopy(plain), kind, form=form, encoder_channels=4).double()
+    episode = random_episode()
+    modulation = modulated.modulation(episode.support_x[0], episode.support_y[0])
+    assert torch.equal(modulated(episode.query_x[0], modulation), plain(episode.query_x[0]))
+    # ... and the modulation reaches the output once the generator moves away from the identity
+    with torch.no_grad():
+        for p in modulated.generator.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    modulation = modulated.modulation(episode.support_x[0], episode.support_y[0])
+    assert not torch.allclose(modulated(episode.query_x[0], modulation), plain(episode.query_x[0]))
+
+
+def test_modulate_wraps_every_conv_of_resnet12_in_place():
+    model = kml.ResNet12(widths=TINY_WIDTHS)
+    names = [n for n, _ in model.named_parameters()]
+    kml_model = kml.modulate(model, "kml", encoder_channels=4)
+    assert sum(isinstance(m, ModulatedConv2d) for m in model.modules()) == 16  # 4 blocks x (3 convs + shortcut)
+    assert [n[len("backbone.network."):] for n, _ in kml_model.backbone.named_parameters(prefix="backbone")] == names
+    assert len(kml_model.generator.layers) == 16
+    film_model = kml.modulate(kml.ResNet12(widths=TINY_WIDTHS), "film", encoder_channels=4)
+    assert sum(isinstance(m, FiLMBatchNorm2d) for m in film_model.modules()) == 16
+
+
+def test_kml_factor_acts_on_the_kernel_as_defined():
+    """A modulated conv computes conv(x, W * factor, b + beta) with the generator's factor and shift."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    model = kml.modulate(nn.Sequential(conv), "kml", encoder_channels=4, identity_init=False).double()
+    episode = random_episode()
+    modulation = model.modulation(episode.support_x[0], episode.support_y[0])
+    expected = nn.functional.conv2d(episode.query_x[0], conv.weight * modulation["kernel1"], conv.bias + modulation["bias1"], padding=1)
+    assert torch.allclose(model(episode.query_x[0], modulation), expected)
+
+
+def test_modulate_a_torchvision_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=WAYS)
+    plain.eval()  # compare with running statistics off on both sides
+    kml.algorithms.functional.use_batch_statistics(plain)
+    modulated = kml.modulate(copy.deepcopy(plain), "kml", encoder_channels=4)
+    assert sum(isinstance(m, ModulatedConv2d) for m in modulated.modules()) == 20  # 17 3x3/7x7 + 3 downsample 1x1
+    episode = random_episode(dtype=torch.float32, side=32)
+    modulation = modulated.modulation(episode.support_x[0], episode.support_y[0])
+    assert torch.allclose(modulated(episode.query_x[0], modulation), plain(episode.query_x[0]), atol=1e-6)
+    output = kml.ProtoNet(kml.modulate(torchvision.models.resnet18(num_classes=8), "film", encoder_channels=4))(episode)
+    assert torch.isfinite(output.loss)
+
+
+def test_modulate_rejects_what_it_cannot_modulate_in_one_line():
+    with pytest.raises(KMLError, match="no nn.BatchNorm2d"):
+        kml.modulate(nn.Sequential(nn.Conv2d(3, 4, 3)), "film")
+    with pytest.raises(KMLError, match="unknown modulation"):
+        kml.modulate(sequential(), "lora")
+
+
+# ------------------------------------------------------------------ ResNet-12
+def test_resnet12_has_the_usual_few_shot_widths():
+    model = kml.ResNet12()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs if c.kernel_size == (1, 1)] == [64, 160, 320, 640]
+    assert model(torch.rand(2, 3, 84, 84)).shape == (2, 640)
+    # 12 weighted layers: 4 blocks x 3 convs; 12.4M parameters, as the papers report
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 12
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 12.4
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+@pytest.mark.parametrize("modulation", ["none", "kml", "film"])
+def test_config_built_resnet12_learner_equals_its_loop(algorithm, modulation):
+    torch.manual_seed(0)
+    config = LearnerConfig(algorithm=algorithm, modulation=modulation, backbone="resnet12", base_channels=2,
+                           encoder_channels=4, ways=WAYS, image_size=SIDE, in_channels=3, inner_steps=2,
+                           multi_maml=modulation == "none", num_modes=2, identity_init=False, init="pytorch")
+    learner = kml.build_learner(config)
+    assert learner.batching == "vmap"
+    assert_batched_equals_loop(learner)
+
+
+def test_resnet12_rejects_the_packed_path_in_one_line():
+    learner = kml.build_learner(LearnerConfig(backbone="resnet12", base_channels=2, image_size=SIDE))
+    with pytest.raises(KMLError, match="packed path"), learner.batched_with("packed"):
+        pass
