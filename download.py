@@ -3,127 +3,13 @@
 
     python download.py --datasets omniglot miniimagenet fc100 cub aircraft --root data
 
-A thin command line over :func:`kml.data.sources.prepare`; see the README's
-"Datasets" section for sources, sizes, splits and where to place archives by hand.
+The same command as ``kml-download`` (installed with the package): a thin script over
+:func:`kml.cli.download.main`; see the README's "Datasets" section.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 
-from kml.data.modes import DATASET_MODES
-from kml.data.sources import format_summary, prepare
-from kml.data.sources.base import MIRROR_ENV
-from kml.errors import KMLError, exit_on_kml_error
-from kml.validation import Number, check_number
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Download (or find), verify, extract and convert few-shot datasets into <root>/cache/.",
-        epilog="Archives placed by hand under <root>/raw/<dataset>/ (or directly under <root>) are used without "
-        "touching the network.",
-    )
-    parser.add_argument(
-        "--datasets",
-        nargs="+",
-        default=list(DATASET_MODES),
-        metavar="NAME",
-        help=f"datasets to prepare (default: all): {', '.join(DATASET_MODES)}; aliases FC100, bird, ...",
-    )
-    parser.add_argument("--root", default="data", help="data root (default: data)")
-    parser.add_argument("--force", action="store_true", help="convert again even if a complete cache exists")
-    parser.add_argument(
-        "--split",
-        default=None,
-        metavar="VARIANT",
-        help="class split variant, e.g. 'vinyals' (Omniglot 1200/100/323) or 'omniglot=vinyals'; "
-        "default: the published split of each dataset",
-    )
-    parser.add_argument(
-        "--mirror",
-        action="append",
-        default=None,
-        metavar="URL",
-        help=f"base URL serving the archives by file name, replacing the built-in locations "
-        f"(repeatable, tried in order; default from ${MIRROR_ENV})",
-    )
-    parser.add_argument(
-        "--checksum",
-        action="append",
-        default=[],
-        metavar="FILE=MD5",
-        help="override the expected checksum of an archive (md5 or sha256:<hex>), e.g. for a mirror's copy",
-    )
-    parser.add_argument(
-        "--on-corrupt",
-        choices=("stop", "skip"),
-        default="stop",
-        help="an image that cannot be decoded stops the conversion (default) or is skipped and counted",
-    )
-    parser.add_argument(
-        "--no-crop",
-        action="store_true",
-        help="aircraft: keep the whole photo (minus its copyright banner) instead of the bounding box",
-    )
-    parser.add_argument(
-        "--aircraft-banner",
-        action="store_true",
-        help="aircraft with --no-crop: keep the 20-pixel copyright banner too, as the released MMAML/KML converters",
-    )
-    parser.add_argument(
-        "--omniglot-side",
-        type=int,
-        default=28,
-        help="stored Omniglot side: 28 (default) or 84, the published mixtures' 105 -> 84 Lanczos (see README Fidelity)",
-    )
-    parser.add_argument(
-        "--cleanup", action="store_true", help="delete extracted folders after converting (archives stay)"
-    )
-    parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, at most 8)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
-
-
-@exit_on_kml_error
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    check_number("--workers", args.workers, Number(int, 1, optional=True))  # 0 or -1 would reach the thread pool
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    checksums = {}
-    for item in args.checksum:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise KMLError(f"--checksum expects FILE=MD5, got {item!r}")
-        checksums[name] = value
-    rows = prepare(
-        args.datasets,
-        root=args.root,
-        force=args.force,
-        split_variant=args.split,
-        mirrors=args.mirror,
-        checksums=checksums,
-        on_corrupt=args.on_corrupt,
-        crop=not args.no_crop,
-        omniglot_side=args.omniglot_side,
-        aircraft_banner=args.aircraft_banner,
-        cleanup=args.cleanup,
-        progress=not args.quiet,
-        workers=args.workers,
-        keep_going=True,
-    )
-    print(format_summary(rows))
-    failed = [row for row in rows if row.error]
-    for row in failed:
-        print(f"error: {row.dataset}: {row.error}", file=sys.stderr)
-    if failed:
-        raise KMLError(
-            f"{len(failed)} of {len(rows)} datasets failed: {', '.join(r.dataset for r in failed)} (see above)"
-        )
-    return 0
-
+from kml.cli.download import main, parse_args  # noqa: F401 - parse_args for scripts that load this file
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python download.py"))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -35,8 +33,19 @@ def device(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def download_cli() -> ModuleType:
-    """The repository's ``download.py``, loaded by path (it is a script at the root, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("kml_download_cli", Path(__file__).resolve().parents[1] / "download.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The download command line (``kml-download``; the root ``download.py`` is a thin script over it)."""
+    from kml.cli import download
+
+    return download
+
+
+@pytest.fixture(scope="session")
+def synthetic_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """The three synthetic modes at 16 px, ``{"train": [...], "test": [...]}``, generated once per session.
+
+    Read-only: the test modules draw their own episodes from them (each with its own sizes and seed).
+    """
+    from kml.data.modes import load_stores
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return {split: load_stores(["synthetic"], split, root=root, side=16) for split in ("train", "test")}

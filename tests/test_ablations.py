@@ -11,15 +11,14 @@ import torch
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 
 TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_steps=2, eval_inner_steps=2, inner_lr=0.3)
 
 
 @pytest.fixture(scope="module")
-def episode(tmp_path_factory, device):
-    stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
+def episode(synthetic_stores, device):
+    stores = synthetic_stores["train"]
     return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=3, seed=2).sample().to_float(torch.float64).to(device)
 
 

@@ -13,7 +13,6 @@ from torch.func import functional_call
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 from kml.evaluation import evaluate
 from kml.recipes import RECIPES
@@ -56,9 +55,9 @@ METHODS.update({
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    return {split: load_stores(["synthetic"], split, root=root, side=16) for split in ("train", "test")}
+def stores(synthetic_stores):
+    """The session's synthetic stores (conftest.py), train and test."""
+    return synthetic_stores
 
 
 @pytest.fixture(scope="module")

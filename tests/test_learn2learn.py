@@ -100,9 +100,9 @@ def kml_adapted_parameters(learner, episode) -> tuple[list[dict[str, torch.Tenso
 # ----------------------------------------------------------------- kml's inner loop == learn2learn's MAML
 @pytest.mark.l2l
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-@pytest.mark.parametrize("model", ["none", "kml"])
-def test_inner_loop_matches_learn2learn_maml(l2l, episode, model, first_order):
-    learner = tiny_learner(model=model, first_order=first_order)
+@pytest.mark.parametrize("modulation", ["none", "kml"])
+def test_inner_loop_matches_learn2learn_maml(l2l, episode, modulation, first_order):
+    learner = tiny_learner(modulation=modulation, first_order=first_order)
     names, params = zip(*learner.named_parameters())
     params = list(params)
 
@@ -136,7 +136,7 @@ def test_inner_loop_matches_learn2learn_maml(l2l, episode, model, first_order):
             assert_close(g_kml, g_l2l, f"{path} meta-gradient {name}")
     moved = {n for n, g in zip(names, l2l_grads) if g.abs().max() > 0}
     assert any(n.startswith("models.0.backbone.") for n in moved)
-    if model == "kml":  # the meta-gradient reaches the task encoder and the generator through the modulation
+    if modulation == "kml":  # the meta-gradient reaches the task encoder and the generator through the modulation
         assert any(".encoder." in n for n in moved) and any(".generator." in n for n in moved)
 
 

@@ -9,7 +9,6 @@ from kml.algorithms import build_learner
 from kml.algorithms.chunking import accumulate_meta_gradient, chunk_slices
 from kml.cli import train as train_cli
 from kml.config import LearnerConfig
-from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 from kml.training.trainer import Trainer
 
@@ -24,9 +23,9 @@ METHODS = {
 
 
 @pytest.fixture(scope="module")
-def episode(tmp_path_factory, device):
+def episode(synthetic_stores, device):
     """A float64 meta-batch of 5 tasks from the 3 synthetic modes, on the test device."""
-    stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
+    stores = synthetic_stores["train"]
     return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=5, seed=1).sample().to_float(torch.float64).to(device)
 
 

@@ -21,8 +21,8 @@ needs_cpu_bf16 = pytest.mark.skipif(not bf16_native("cpu"), reason="this CPU has
 
 
 @pytest.fixture(scope="module")
-def episode(tmp_path_factory):
-    stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
+def episode(synthetic_stores):
+    stores = synthetic_stores["train"]
     return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=4, seed=3).sample().to_float()
 
 

@@ -60,7 +60,7 @@ def test_threads_follow_the_cpu_affinity_in_a_fresh_process():
 def test_entry_points_do_not_import_torch_before_configuring_threads():
     code = (
         "import sys, json\n"
-        "import kml, kml.runtime, kml.cli.train, kml.cli.evaluate, kml.cli.transference\n"
+        "import kml, kml.runtime, kml.cli.train, kml.cli.evaluate, kml.cli.transference, kml.cli.results, kml.cli.download\n"
         "print(json.dumps('torch' in sys.modules))"
     )
     assert run_python(code) is False

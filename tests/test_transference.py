@@ -13,7 +13,6 @@ import torch
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 from kml.transference.aggregate import mode_matrix, mode_pair_stats
 from kml.transference.analyzer import COLUMNS, parameter_names, result_rows, task_transference
@@ -26,8 +25,8 @@ METHODS = [
 
 
 @pytest.fixture(scope="module")
-def episode(tmp_path_factory):
-    stores = load_stores(["synthetic"], "train", root=tmp_path_factory.mktemp("data"), side=16)
+def episode(synthetic_stores):
+    stores = synthetic_stores["train"]
     return MixtureSampler(stores, ways=3, shots=1, queries=2, meta_batch=4, seed=0).sample().to_float(torch.float64)
 
 
@@ -61,7 +60,7 @@ def direct_z(learner, episode, rate: float, names: list[str]) -> torch.Tensor:
     return z
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m['algorithm']}-{m['model']}")
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m['algorithm']}-{m['modulation']}")
 def test_z_equals_direct_computation(method, episode):
     learner = tiny_learner(**method)
     result = task_transference(learner, episode, rate=0.05)

@@ -11,6 +11,6 @@ step on task i helps task j; ``Z < 0``: it hurts. The paper's ratio is
 - :mod:`kml.transference.recorder`: recording during training.
 """
 
-from kml.transference.analyzer import PARAMETER_GROUPS, TransferenceResult, task_transference
+from kml.transference.analyzer import PARAMETER_GROUPS, TransferenceResult, result_rows, task_transference
 
-__all__ = ["PARAMETER_GROUPS", "TransferenceResult", "task_transference"]
+__all__ = ["PARAMETER_GROUPS", "TransferenceResult", "result_rows", "task_transference"]
