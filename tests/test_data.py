@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,3 +350,174 @@ def test_uint8_episodes_match_float_episodes():
     assert raw.support_x.dtype == torch.uint8
     converted = raw.to_float()
     assert torch.equal(converted.support_x, scaled.support_x) and torch.equal(converted.query_x, scaled.query_x)
+
+
+# ------------------------------------------------------------------ which stored images an episode holds
+def expected_images(episode: Episode, stores: list[ImageStore], which: str) -> torch.Tensor:
+    """The episode's ``which`` images rebuilt from the stores by its indices and turns, in the episode's dtype."""
+    index, labels = getattr(episode, f"{which}_index"), getattr(episode, f"{which}_y")
+    out = []
+    for t in range(episode.num_tasks):
+        images = stores[int(episode.mode[t])].images[index[t]]
+        if episode.turns is not None:
+            turns = episode.turns[t][labels[t]]
+            images = torch.stack([torch.rot90(image, int(k), dims=(-2, -1)) for image, k in zip(images, turns)])
+        out.append(images)
+    images = torch.stack(out)
+    return images if episode.support_x.dtype == torch.uint8 else images.to(episode.support_x.dtype).mul_(1.0 / 255)
+
+
+def assert_indices_match(episode: Episode, stores: list[ImageStore]) -> None:
+    assert episode.support_index.dtype == torch.int64 and episode.query_index.dtype == torch.int64
+    assert episode.support_index.shape == episode.support_y.shape and episode.query_index.shape == episode.query_y.shape
+    assert torch.equal(expected_images(episode, stores, "support"), episode.support_x)
+    assert torch.equal(expected_images(episode, stores, "query"), episode.query_x)
+    for t in range(episode.num_tasks):  # and the class of every indexed image is the class its label stands for
+        labels = stores[int(episode.mode[t])].labels
+        assert torch.equal(labels[episode.support_index[t]], episode.classes[t][episode.support_y[t]])
+        assert torch.equal(labels[episode.query_index[t]], episode.classes[t][episode.query_y[t]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_episode_indices_point_at_its_images(dtype, rotate):
+    store = coded_store(side=6)
+    episode = EpisodeSampler(store, 5, 2, 3, meta_batch=8, rotate=rotate, seed=2, dtype=dtype).sample()
+    assert (episode.turns is not None) == rotate
+    if rotate:
+        assert episode.turns.shape == (8, 5) and episode.turns.dtype == torch.int64
+        assert set(episode.turns.flatten().tolist()) == {0, 1, 2, 3}
+    assert_indices_match(episode, [store])
+    assert_indices_match(episode.to("cpu").to_float(), [store])
+    assert_indices_match(episode.select([5, 1]), [store])
+    assert_indices_match(Episode.concat([episode.select(slice(4, None)), episode.select(slice(0, 4))]), [store])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_mixture_episode_indices_index_each_tasks_own_mode_store(dtype):
+    # distinct stores of different sizes: an index into the wrong store (or into the joined images) would not match
+    stores = [coded_store("a", classes=12, per_class=20), coded_store("b", classes=9, per_class=17),
+              coded_store("c", classes=7, per_class=22)]
+    sampler = MixtureSampler(stores, 5, 1, 3, meta_batch=9, rotate=[True, False, True], seed=5, dtype=dtype)
+    episodes = [sampler.sample() for _ in range(3)]
+    for episode in episodes:
+        assert set(episode.mode.tolist()) == {0, 1, 2}
+        assert not episode.turns[episode.mode == 1].any()  # mode b is not rotated
+        assert_indices_match(episode, stores)
+    joined = Episode.concat([episodes[0].select([8, 0, 4]), episodes[2]])
+    assert_indices_match(joined, stores)
+    plain = MixtureSampler(stores, 5, 1, 3, meta_batch=4, seed=5, dtype=dtype).sample()
+    assert plain.turns is None
+    mixed = Episode.concat([plain, episodes[1]])  # a part without turns was not rotated
+    assert mixed.turns.shape == (13, 5) and not mixed.turns[:4].any()
+    assert_indices_match(mixed, stores)
+
+
+def test_episodes_built_without_indices_still_work():
+    episode = Episode(torch.rand(2, 4, 1, 5, 5), torch.arange(2).repeat_interleave(2).expand(2, -1),
+                      torch.rand(2, 2, 1, 5, 5), torch.arange(2).expand(2, -1), torch.zeros(2, dtype=torch.int64),
+                      torch.zeros(2, 2, dtype=torch.int64), ("m",))
+    assert episode.support_index is None and episode.query_index is None and episode.turns is None
+    for other in (episode.select([1]), episode.to("cpu"), episode.to_float(), Episode.concat([episode, episode])):
+        assert other.support_index is None and other.query_index is None and other.turns is None
+    sampled = EpisodeSampler(coded_store(), 2, 2, 1, meta_batch=2).sample()
+    joined = Episode.concat([sampled, replace(sampled, support_index=None, query_index=None)])
+    assert joined.support_index is None and joined.query_index is None and joined.num_tasks == 4
+
+
+# ------------------------------------------------------------------ stores from in-memory arrays
+def labelled_arrays(layout: str, count: int = 30, side: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose pixel (0, 0, channel 0) is their own position in the input, and shuffled labels 10, 20, 30."""
+    rng = np.random.default_rng(0)
+    shape = {"last": (count, side, side, 3), "first": (count, 3, side, side), "grey": (count, side, side)}[layout]
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    corner = {"last": (slice(None), 0, 0, 0), "first": (slice(None), 0, 0, 0), "grey": (slice(None), 0, 0)}[layout]
+    images[corner] = np.arange(count)
+    labels = rng.permutation(np.repeat([30, 10, 20], count // 3))
+    return images, labels
+
+
+@pytest.mark.parametrize("layout", ["last", "first", "grey"])
+def test_store_from_arrays_groups_images_by_label(layout):
+    images, labels = labelled_arrays(layout)
+    store = ImageStore.from_arrays(images, labels, mode="mine", split="train")
+    channels = 1 if layout == "grey" else 3
+    assert store.image_shape == (channels, 5, 5) and store.images.dtype == torch.uint8
+    assert store.class_names == ["10", "20", "30"] and store.class_sizes.tolist() == [10, 10, 10]
+    assert (store.mode, store.split) == ("mine", "train")
+    positions = store.images[:, 0, 0, 0].long()
+    assert labels[positions.numpy()].tolist() == [10] * 10 + [20] * 10 + [30] * 10
+    assert all(bool((p[1:] > p[:-1]).all()) for p in positions.view(3, 10))  # order kept inside a class
+    original = torch.from_numpy(images[positions.numpy()])
+    original = original.unsqueeze(1) if layout == "grey" else original.permute(0, 3, 1, 2) if layout == "last" else original
+    assert torch.equal(store.images, original)
+    named = ImageStore.from_arrays(torch.from_numpy(images), torch.from_numpy(labels), class_names={10: "cat", 20: "dog", 30: "eel"})
+    assert named.class_names == ["cat", "dog", "eel"] and named.mode == "arrays"
+    episode = EpisodeSampler(store, 3, 2, 3, meta_batch=4, seed=1, dtype=torch.uint8).sample()
+    assert_indices_match(episode, [store])
+
+
+def test_store_from_arrays_errors_are_one_line():
+    images, labels = labelled_arrays("last")
+    cases = [
+        (images.astype(np.float32), labels, {}, r"images are torch.float32, expected uint8"),
+        (images, labels[:-1], {}, r"need one label per image \(30\), got labels of shape \[29\]"),
+        (images, labels.astype(float), {}, r"labels must be integers"),
+        (images[:, :, :, :2], labels, {}, r"cannot tell the channel axis"),
+        (np.zeros((4, 3, 5, 3), np.uint8), [0, 0, 1, 1], {}, r"cannot tell the channel axis of images \[4, 3, 5, 3\]"),
+        (np.zeros((4, 2, 5, 5), np.uint8), [0, 0, 1, 1], {"channels_last": False}, r"2 channels, expected 1 or 3"),
+        (np.zeros((4, 5), np.uint8), [0, 0, 1, 1], {}, r"images must be \[num_images, H, W, C\]"),
+        (images, labels, {"class_names": ["a", "b"]}, r"2 class names for 3 distinct labels"),
+        (images, labels, {"class_names": {10: "a"}}, r"no name for label\(s\) \[20, 30\]"),
+    ]
+    for array, label, options, message in cases:
+        with pytest.raises(KMLError, match=message) as error:
+            ImageStore.from_arrays(array, label, **options)
+        assert "\n" not in str(error.value)
+    forced = ImageStore.from_arrays(np.zeros((4, 3, 5, 3), np.uint8), [0, 0, 1, 1], channels_last=True)
+    assert forced.image_shape == (3, 3, 5)
+
+
+# ------------------------------------------------------------------ plot_episode
+@pytest.mark.parametrize("channels,dtype", [(1, torch.float32), (3, torch.uint8)])
+def test_plot_episode_draws_one_row_per_class(tmp_path, channels, dtype):
+    from matplotlib.figure import Figure
+
+    from kml.data.plots import plot_episode
+
+    stores = [coded_store("a").conformed(8, channels), coded_store("b", classes=9).conformed(8, channels)]
+    episode = MixtureSampler(stores, 4, 2, 3, meta_batch=4, rotate=True, seed=0, dtype=dtype).sample()
+    figure = plot_episode(episode, task=3)
+    assert isinstance(figure, Figure)
+    drawn = [ax for ax in figure.get_axes() if ax.images]
+    assert len(drawn) == 4 * (2 + 3)
+    assert episode.mode_names[int(episode.mode[3])] in figure.get_suptitle()
+    assert {ax.images[0].get_array().ndim for ax in drawn} == {2 if channels == 1 else 3}
+    figure.savefig(tmp_path / "episode.png")
+    assert (tmp_path / "episode.png").read_bytes()[:4] == b"\x89PNG"
+    figure = plot_episode(episode.to_float(), max_classes=2, title="two classes")
+    assert len([ax for ax in figure.get_axes() if ax.images]) == 2 * (2 + 3) and figure.get_suptitle() == "two classes"
+    with pytest.raises(KMLError, match="task 4 is out of range"):
+        plot_episode(episode, task=4)
+
+
+def test_plots_module_imports_matplotlib_only_when_drawing():
+    code = "import sys, kml.data.plots; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+def test_episodes_notebook_executes_headless_and_draws(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+
+    from pathlib import Path
+
+    monkeypatch.setenv("KML_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "episodes.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 2

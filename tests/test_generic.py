@@ -222,3 +222,49 @@ def test_resnet12_rejects_the_packed_path_in_one_line():
     learner = kml.build_learner(LearnerConfig(backbone="resnet12", base_channels=2, image_size=SIDE))
     with pytest.raises(KMLError, match="packed path"), learner.batched_with("packed"):
         pass
+
+
+@pytest.mark.parametrize("method", [
+    ["--algorithm", "maml", "--modulation", "kml"],
+    ["--algorithm", "maml", "--modulation", "film"],
+    ["--algorithm", "maml", "--modulation", "none", "--multi-maml"],
+    ["--algorithm", "protonet", "--modulation", "kml"],
+], ids=lambda m: "-".join(m[1::2]))
+def test_kml_train_and_eval_with_resnet12_backbone(tmp_path, method):
+    import json
+
+    from kml.cli import evaluate as eval_cli
+    from kml.cli import train as train_cli
+
+    argv = ["--modes", "glyphs", "shapes", "--backbone", "resnet12", "--image-size", "16", "--base-channels", "2",
+            "--encoder-channels", "4", "--meta-batch", "2", "--queries", "2", "--inner-steps", "1", "--eval-inner-steps", "1",
+            "--steps", "2", "--val-every", "2", "--val-episodes", "2", "--checkpoint-every", "2", "--log-every", "1",
+            "--no-progress", "--train-dir", str(tmp_path / "runs"), "--run-name", "r", "--data-root", str(tmp_path / "data"),
+            *method]
+    assert train_cli.main(argv) == 0
+    run = tmp_path / "runs" / "r"
+    assert json.loads((run / "config.json").read_text())["learner"]["backbone"] == "resnet12"
+    out = tmp_path / "eval.json"
+    assert eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "2", "--no-progress",
+                          "--data-root", str(tmp_path / "data"), "--output", str(out)]) == 0
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["glyphs", "shapes", "average"]
+
+
+@pytest.mark.parametrize("order", ["second", "first"])
+def test_transference_of_a_generic_learner_equals_its_definition(order):
+    """Z(i->j) of kml.MAML over a modulated user model, against the lookahead computed by hand with the loop."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    learner = kml.MAML(kml.modulate(sequential(), "kml", encoder_channels=4, identity_init=False), inner_lr=0.1,
+                       inner_steps=1, first_order=order == "first").double()
+    episode, rate = random_episode(tasks=3), 1e-3
+    z = kml.task_transference(learner, episode, rate=rate).z
+    params = dict(learner.named_parameters())
+    base = learner.reference_forward(episode).task_loss.detach()
+    for source in range(3):
+        grads = torch.autograd.grad(learner.reference_forward(episode.select([source])).loss, list(params.values()))
+        lookahead = {name: p.detach() - rate * g for (name, p), g in zip(params.items(), grads)}
+        after = functional_call(learner, lookahead, (episode,)).task_loss.detach()
+        assert torch.allclose(z[source], 1 - after / base, atol=1e-10)
+    assert float(z.abs().max()) > 1e-6

@@ -73,8 +73,9 @@ class MAML(nn.Module):
         return [f"model.{name}" for name in self._adapted_names()]
 
     def _adapted_names(self) -> list[str]:
-        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        return [name for name in self._calls.network_names() if name in trainable]
+        # By name, not requires_grad: under functional_call (the transference analyzer) the parameters are
+        # substituted tensors, detached ones included, and must still be adapted.
+        return self._calls.network_names()
 
     def _steps(self, inner_steps: int | None) -> int:
         if inner_steps is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,6 +25,16 @@ class Episode:
         classes: int64 ``[T, N]``: class index (within its mode's split store)
             that label ``n`` stands for.
         mode_names: names of the modes that ``mode`` indexes.
+        support_index: int64 ``[T, N*K]``: the row of each support image in its task's mode store
+            (``store.images[support_index[t]]``, the store of mode ``mode_names[mode[t]]`` and the sampled
+            split), or None when the episode does not come from a store (built by hand, learn2learn).
+        query_index: int64 ``[T, N*Q]``: the same for the query images, or None.
+        turns: int64 ``[T, N]``: quarter turns (``torch.rot90`` with ``k=turns``, dims ``(-2, -1)``) applied
+            to every image of class ``n`` (Omniglot rotation; 0 for modes that are not rotated), or None
+            when no rotation was applied.
+
+    So ``store.images[support_index[t, i]]`` rotated by ``turns[t, support_y[t, i]]`` quarter turns is
+    ``support_x[t, i]`` (as uint8; a float episode holds it divided by 255).
     """
 
     support_x: torch.Tensor
@@ -34,6 +44,9 @@ class Episode:
     mode: torch.Tensor
     classes: torch.Tensor
     mode_names: tuple[str, ...]
+    support_index: torch.Tensor | None = None
+    query_index: torch.Tensor | None = None
+    turns: torch.Tensor | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -65,6 +78,7 @@ class Episode:
             query_y=self.query_y.to(device),
             mode=self.mode.to(device),
             classes=self.classes.to(device),
+            **{name: _apply(getattr(self, name), lambda t: t.to(device)) for name in INDEX_FIELDS},
         )
 
     def to_float(self, dtype: torch.dtype = torch.float32) -> Episode:
@@ -86,6 +100,7 @@ class Episode:
             query_y=self.query_y[tasks],
             mode=self.mode[tasks],
             classes=self.classes[tasks],
+            **{name: _apply(getattr(self, name), lambda t: t[tasks]) for name in INDEX_FIELDS},
         )
 
     @staticmethod
@@ -96,8 +111,24 @@ class Episode:
             raise ValueError("episodes with different mode_names cannot be concatenated")
         if len(episodes) == 1:
             return first
+        indices = {}
+        for name in ("support_index", "query_index"):  # known only when every part knows them
+            parts = [getattr(e, name) for e in episodes]
+            indices[name] = None if any(p is None for p in parts) else torch.cat(parts)
+        turns = None
+        if any(e.turns is not None for e in episodes):  # a part without turns was not rotated: 0 turns
+            turns = torch.cat([e.turns if e.turns is not None else torch.zeros_like(e.classes) for e in episodes])
         return Episode(
             *(torch.cat([getattr(e, name) for e in episodes]) for name in
               ("support_x", "support_y", "query_x", "query_y", "mode", "classes")),
             mode_names=first.mode_names,
+            **indices,
+            turns=turns,
         )
+
+
+INDEX_FIELDS = ("support_index", "query_index", "turns")
+
+
+def _apply(value: torch.Tensor | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    return None if value is None else fn(value)

@@ -49,14 +49,18 @@ def assemble_episode(
     shots: int,
     mode_names: tuple[str, ...],
     dtype: torch.dtype = torch.float32,
+    store_rows: torch.Tensor | None = None,
 ) -> Episode:
     """Build an :class:`Episode` from drawn store rows with one gather each for support and query.
 
     ``images`` uint8 ``[num_images, C, H, W]``; ``rows`` ``[T, N, K+Q]`` (support first);
-    ``turns`` ``[T, N, 1]`` quarter turns or None; ``mode`` ``[T]``.
+    ``turns`` ``[T, N, 1]`` quarter turns or None; ``mode`` ``[T]``. ``store_rows`` (default ``rows``)
+    are the same images as rows of each task's own mode store, recorded as the episode's
+    ``support_index``/``query_index`` (a mixture gathers from all modes' images joined into one tensor).
     """
     tasks, ways, per_class = rows.shape
     labels = torch.arange(ways, device=rows.device).view(1, ways, 1)
+    store_rows = rows if store_rows is None else store_rows
     return Episode(
         support_x=_gather(images, rows[:, :, :shots], turns, dtype),
         support_y=labels.expand(tasks, ways, shots).reshape(tasks, -1),
@@ -65,6 +69,9 @@ def assemble_episode(
         mode=mode,
         classes=classes,
         mode_names=mode_names,
+        support_index=store_rows[:, :, :shots].reshape(tasks, -1),
+        query_index=store_rows[:, :, shots:].reshape(tasks, -1),
+        turns=None if turns is None else turns.reshape(tasks, ways),
     )
 
 
@@ -277,12 +284,13 @@ class MixtureSampler:
         """Draw the next meta-batch of ``meta_batch`` tasks."""
         counts = self.mode_counts()
         self.step += 1
-        classes, rows, turns, modes = [], [], [], []
+        classes, rows, store_rows, turns, modes = [], [], [], [], []
         for index, (sampler, count) in enumerate(zip(self.samplers, counts)):
             if not count:
                 continue
             mode_classes, mode_rows, mode_turns = sampler.draw_rows(count, self.generator)
             classes.append(mode_classes)
+            store_rows.append(mode_rows)
             rows.append(mode_rows + self.row_base[index])
             if self.rotate_any:
                 turns.append(mode_turns if mode_turns is not None else torch.zeros_like(mode_rows[:, :, :1]))
@@ -296,6 +304,7 @@ class MixtureSampler:
             self.shots,
             self.mode_names,
             self.dtype,
+            torch.cat(store_rows),
         )
 
     def __iter__(self) -> Iterator[Episode]:

@@ -114,6 +114,78 @@ class ImageStore:
         offsets[1:] = sizes.cumsum(0)
         return cls(torch.cat(tensors), offsets, list(class_names), mode, split, dict(info or {}))
 
+    @classmethod
+    def from_arrays(
+        cls,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor | Sequence[int],
+        mode: str = "arrays",
+        split: str = "train",
+        class_names: dict[int, str] | Sequence[str] | None = None,
+        channels_last: bool | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> ImageStore:
+        """Build a store from in-memory images and one integer label per image (nothing is written to disk).
+
+        Args:
+            images: uint8 ``[num_images, H, W, C]`` (channels last, as PIL/numpy images come),
+                ``[num_images, C, H, W]`` (channels first) or ``[num_images, H, W]`` (grey); C is 1 or 3.
+                The layout is read from where the size-1-or-3 axis is; ``channels_last`` forces it
+                when both could be (e.g. ``[n, 3, 5, 3]``).
+            labels: integers ``[num_images]``, any values (need not be ``0..classes-1``); every
+                distinct value is a class, and classes are ordered by value.
+            mode, split: the store's mode name (distinct per mode in a mixture) and split.
+            class_names: names of the classes, in label order, or a mapping label -> name
+                (default: the label values as strings).
+
+        Images of a class keep their relative order. To hold out classes for validation and test,
+        build one store per split from the images of those classes.
+        """
+        where = f"store {mode}/{split}"
+        array = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if array.dtype != torch.uint8:
+            raise KMLError(f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))")
+        if array.dim() == 3:
+            array = array.unsqueeze(1)
+        if array.dim() != 4:
+            raise KMLError(f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}")
+        if channels_last is None:
+            first, last = array.shape[1] in (1, 3), array.shape[3] in (1, 3)
+            if first == last:
+                raise KMLError(
+                    f"{where}: cannot tell the channel axis of images {list(array.shape)}; pass channels_last=True or False"
+                )
+            channels_last = last
+        if channels_last:
+            array = array.permute(0, 3, 1, 2)
+        if array.shape[1] not in (1, 3):
+            raise KMLError(f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})")
+        if len(array) == 0:
+            raise KMLError(f"{where}: no images")
+        label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+        if label_tensor.dim() != 1 or len(label_tensor) != len(array):
+            raise KMLError(f"{where}: need one label per image ({len(array)}), got labels of shape {list(label_tensor.shape)}")
+        if label_tensor.is_floating_point() or label_tensor.is_complex() or label_tensor.dtype == torch.bool:
+            raise KMLError(f"{where}: labels must be integers, got {label_tensor.dtype}")
+        label_tensor = label_tensor.cpu().long()
+        values, counts = torch.unique(label_tensor, return_counts=True)  # sorted
+        order = torch.argsort(label_tensor, stable=True)
+        if class_names is None:
+            names = [str(int(v)) for v in values]
+        elif isinstance(class_names, dict):
+            missing = [int(v) for v in values if int(v) not in class_names]
+            if missing:
+                raise KMLError(f"{where}: class_names has no name for label(s) {missing[:5]}")
+            names = [str(class_names[int(v)]) for v in values]
+        else:
+            names = [str(name) for name in class_names]
+            if len(names) != len(values):
+                raise KMLError(f"{where}: {len(names)} class names for {len(values)} distinct labels")
+        offsets = torch.zeros(len(values) + 1, dtype=torch.int64)
+        offsets[1:] = counts.cumsum(0)
+        grouped = array.index_select(0, order).contiguous()
+        return cls(grouped, offsets, names, mode, split, {"source": "arrays", **(info or {})})
+
     # ------------------------------------------------------------ properties
     @property
     def num_classes(self) -> int:
