@@ -6,7 +6,7 @@ then evaluated on the held-out (meta-test) classes of every mode over the same
 fixed episodes. Prints accuracy per mode with 95% confidence intervals, and the
 mode-by-mode mean transference Z at the last recorded step for each method.
 
-    python benchmarks/multimodal_synthetic.py                   # about 4 minutes on a 2-core CPU
+    python benchmarks/multimodal_synthetic.py                   # CPU-sized (its duration: benchmarks/README.md)
     python benchmarks/multimodal_synthetic.py --smoke           # tiny, for CI
     python benchmarks/multimodal_synthetic.py --keep train_dir/multimodal   # keep the runs (notebooks)
 """

@@ -33,6 +33,21 @@ from typing import Any
 from kml.errors import KMLError
 from kml.validation import check_fields
 
+__all__ = [
+    "ALGORITHMS",
+    "BACKBONES",
+    "FACTOR_SPLITS",
+    "FIELD_CHOICES",
+    "HEADS",
+    "INITS",
+    "KML_BIASES",
+    "KML_FORMS",
+    "LearnerConfig",
+    "MODULATIONS",
+    "RENAMED_FIELDS",
+    "upgrade_field_names",
+]
+
 ALGORITHMS = ("maml", "protonet")
 MODULATIONS = ("kml", "film", "none")
 BACKBONES = ("published", "conv4", "resnet12")

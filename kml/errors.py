@@ -13,6 +13,8 @@ from collections.abc import Callable
 from functools import wraps
 from typing import TypeVar
 
+__all__ = ["exit_on_kml_error", "F", "KMLError"]
+
 F = TypeVar("F", bound=Callable[..., int | None])
 
 

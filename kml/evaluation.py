@@ -14,6 +14,8 @@ from kml.data.sampler import EpisodeSampler
 from kml.data.store import ImageStore
 from kml.runtime import autocast
 
+__all__ = ["average", "confidence_interval95", "episode_seed", "evaluate", "ModeResult"]
+
 
 @dataclass
 class ModeResult:
@@ -66,6 +68,10 @@ def evaluate(
 ) -> list[ModeResult]:
     """Evaluate ``learner`` on ``episodes`` seeded tasks per store; the same arguments give the same numbers.
 
+    ``learner`` is any module returning a :class:`~kml.algorithms.LearnerOutput` for a float
+    :class:`~kml.data.episode.Episode`; it is called as ``learner(episode)``, or as
+    ``learner(episode, inner_steps=inner_steps)`` when ``inner_steps`` is given.
+
     The learner's own ``mode`` index for a task (what Multi-MAML uses to pick its parameter set, and
     per-mode inner rates their rate) is ``mode_indices[i]`` for ``stores[i]``, by default its position;
     ``mode_names`` are the names those indices refer to (by default the stores' modes).
@@ -88,7 +94,8 @@ def evaluate(
                 count = min(tasks_per_batch, remaining)
                 episode = sampler.sample(count).to_float()
                 with autocast(episode.device, bf16):
-                    output = learner(episode, inner_steps=inner_steps)
+                    # a learner without an inner loop need not take inner_steps: it is passed only when asked for
+                    output = learner(episode) if inner_steps is None else learner(episode, inner_steps=inner_steps)
                 accuracies.append(output.task_accuracy.detach().float().cpu())
                 losses.append(output.task_loss.detach().float().cpu())
                 remaining -= count

@@ -34,6 +34,8 @@ from typing import Any
 
 from kml.errors import KMLError
 
+__all__ = ["Recipe", "recipe", "recipe_values", "RECIPES"]
+
 # MMAML's MAML-family network and inner loop (shared by mmaml, maml, multi-maml).
 _MMAML_NETWORK: dict[str, Any] = {
     "algorithm": "maml",

@@ -18,6 +18,26 @@ from typing import Any
 
 from kml.errors import KMLError
 
+__all__ = [
+    "check_bools",
+    "check_device",
+    "check_fields",
+    "check_learner_combinations",
+    "check_number",
+    "check_output_path",
+    "check_run_combinations",
+    "check_run_name",
+    "check_values",
+    "EVAL_NUMBERS",
+    "flag",
+    "INT_1",
+    "Number",
+    "OPT_INT_1",
+    "SEED",
+    "TRAIN_NUMBERS",
+    "TRANSFERENCE_NUMBERS",
+]
+
 
 @dataclass(frozen=True)
 class Number:

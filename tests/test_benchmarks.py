@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 CASES = {
     "sampler.py": ["tasks/s"],
     "learner.py": ["ratio", "peak MiB"],
+    "generic_learner.py": ["packed / generic", "resnet12"],
     "train_throughput.py": ["ratio kml / published-style", "episodes/s"],
     "sweep.py": ["tasks/s", "peak"],
     "multimodal_synthetic.py": ["held-out accuracy", "mean transference Z"],

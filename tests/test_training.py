@@ -1,4 +1,4 @@
-"""kml-train / kml-eval: run files, resume, signals, evaluation protocol, DDP, bad input."""
+"""kml-train / kml-eval: run files, resume, signals, evaluation protocol, DDP, bad input; the Trainer in Python."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+from kml.algorithms import LearnerOutput
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
+from kml.errors import KMLError
 from kml.runtime import bf16_native
 from kml.training.checkpoint import load_checkpoint
 
@@ -190,7 +193,7 @@ def test_existing_run_refused_without_resume_or_overwrite(tmp_path, capsys):
 def test_resume_with_other_method_refused(tmp_path, capsys):
     assert train_cli.main(tiny_args(tmp_path, steps=2)) == 0
     err = one_line_error(capsys, tiny_args(tmp_path, "--resume", "--modulation", "film", steps=4))
-    assert "cannot resume" in err and "model" in err
+    assert "cannot resume" in err and "modulation" in err
 
 
 def test_bad_checkpoints(tmp_path, capsys):
@@ -256,7 +259,7 @@ def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [("--algorithm", "protonet"), ("--first-order",)], ids=["protonet", "first-order-maml"])
 def test_compiled_run_matches_eager(tmp_path, method):
-    """torch.compile (about a minute of compiling on CPU) trains to the same losses as the eager learner."""
+    """torch.compile (slow to compile on CPU, hence -m slow) trains to the same losses as the eager learner."""
     args = (*method, "--steps", "3")
     assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", name="eager")) == 0
     assert train_cli.main(tiny_args(tmp_path, *args, "--log-every", "1", "--compile", name="compiled")) == 0
@@ -290,3 +293,143 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
     state = load_checkpoint(tmp_path / "train_dir" / "ddp-term" / "checkpoints" / "last.pt")
     log = (tmp_path / "train_dir" / "ddp-term" / "log.txt").read_text()
     assert f"stopped at step {state['step']} because another rank was signalled;" in log
+
+
+# ---------------------------------------------------------------- the Trainer in Python: composed runs
+class TinyProtoNet(nn.Module):
+    """A learner kml knows nothing of: prototypes of a small conv encoder, squared-distance logits."""
+
+    def __init__(self, channels: int = 3, hidden: int = 8) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+
+    def forward(self, episode) -> LearnerOutput:
+        tasks, ways = episode.num_tasks, episode.ways
+        support = self.encoder(episode.support_x.flatten(0, 1)).view(tasks, ways, episode.shots, -1)
+        query = self.encoder(episode.query_x.flatten(0, 1)).view(tasks, ways * episode.queries, -1)
+        logits = -torch.cdist(query, support.mean(2)).pow(2)  # [T, N*Q, N]; support is class-major
+        task_loss = nn.functional.cross_entropy(logits.transpose(1, 2), episode.query_y, reduction="none").mean(1)
+        task_accuracy = (logits.argmax(-1) == episode.query_y).float().mean(1)
+        return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
+
+
+@pytest.fixture(scope="module")
+def glyph_root(tmp_path_factory) -> Path:
+    """A data root holding the glyphs and textures synthetic modes (generated once for the module)."""
+    from kml.data.modes import load_stores
+
+    root = tmp_path_factory.mktemp("data")
+    for split in ("train", "val"):
+        load_stores(["glyphs", "textures"], split, root, 16, 3, "cpu")
+    return root
+
+
+def custom_parts(root: Path):
+    """A custom learner, kml's sampler on two synthetic modes, AdamW, no scheduler."""
+    from kml.data.modes import load_stores
+    from kml.data.sampler import MixtureSampler
+
+    torch.manual_seed(0)
+    sampler = MixtureSampler(load_stores(["glyphs", "textures"], "train", root, 16, 3, "cpu"), 5, 1, 3, 4,
+                             rotate=[True, False], seed=0, dtype=torch.uint8)
+    learner = TinyProtoNet()
+    return learner, sampler, torch.optim.AdamW(learner.parameters(), lr=3e-3)
+
+
+CUSTOM_SETTINGS = {"log_every": 2, "val_every": 4, "val_episodes": 4, "checkpoint_every": 4}
+
+
+def test_custom_learner_trains_logs_checkpoints_and_resumes_exactly(tmp_path, glyph_root, capsys):
+    from kml.data.modes import load_stores
+    from kml.training import Trainer
+
+    val = load_stores(["glyphs", "textures"], "val", glyph_root, 16, 3, "cpu")
+    full = tmp_path / "full"
+    trainer = Trainer(*custom_parts(glyph_root), run_dir=full, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS)
+    assert trainer.custom and trainer.learner_name == f"{__name__}.TinyProtoNet"
+    assert trainer.fit() == full / "checkpoints" / "last.pt" and not trainer.interrupted
+    for name in ("config.json", "metrics.csv", "log.txt", "validation.csv", "checkpoints/best.pt", "checkpoints/step_000008.pt"):
+        assert (full / name).is_file(), name
+    rows = read_metrics(full)
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10]
+    assert {"accuracy_glyphs", "accuracy_textures"} <= set(rows[0]) and {float(r["lr"]) for r in rows} == {3e-3}
+    assert [line.split(",")[0] for line in (full / "validation.csv").read_text().splitlines()[1:]] == ["4"] * 3 + ["8"] * 3 + ["10"] * 3
+    state = load_checkpoint(full / "checkpoints" / "last.pt")
+    assert state["step"] == 10 and state["scheduler"] is None
+    assert state["config"]["custom_learner"] == trainer.learner_name and state["config"]["steps"] == 10
+    assert json.loads((full / "config.json").read_text())["custom_learner"] == trainer.learner_name
+
+    # A real SIGTERM after step 5 stops the run with last.pt saved; resuming in a new Trainer (built the same way,
+    # settings from the checkpoint) ends bit-identical to the uninterrupted run, its logs included.
+    cut = tmp_path / "cut"
+    trainer = Trainer(*custom_parts(glyph_root), run_dir=cut, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS)
+    trainer.callbacks.append(lambda trainer, step, episode: step == 5 and os.kill(os.getpid(), signal.SIGTERM))
+    trainer.fit()
+    assert trainer.interrupted and load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 5
+    resumed = Trainer(*custom_parts(glyph_root), run_dir=cut, val_stores=val, resume=True, progress=False)
+    assert resumed.step == 5 and resumed.settings.steps == 10 and resumed.settings.log_every == 2
+    resumed.fit()
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(cut / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_metrics(cut) == read_metrics(full)
+    assert (cut / "validation.csv").read_text() == (full / "validation.csv").read_text()
+
+    # kml's commands cannot rebuild a custom learner: one line naming it and saying how to load it in Python
+    err = one_line_error(capsys, ["--checkpoint", str(cut / "checkpoints" / "last.pt")], eval_cli)
+    assert "holds a custom learner (test_training.TinyProtoNet)" in err and "load_state_dict" in err
+    err = one_line_error(capsys, ["--resume", "--train-dir", str(tmp_path), "--run-name", "cut", "--no-progress"])
+    assert "custom learner (test_training.TinyProtoNet)" in err and "resume=True" in err
+    with pytest.raises(KMLError, match="already exists; pass resume=True to continue it or overwrite=True"):
+        Trainer(*custom_parts(glyph_root), run_dir=cut, steps=10)
+
+
+def test_trainer_composed_of_kml_train_parts_matches_kml_train(tmp_path):
+    """kml-train's run, composed by hand (no config: a custom run) and from its config: the same numbers."""
+    import dataclasses
+
+    from kml.algorithms import build_learner
+    from kml.data.modes import ROTATED_BY_DEFAULT, load_stores
+    from kml.data.sampler import MixtureSampler
+    from kml.training import Trainer
+    from kml.training.run_config import build_scheduler
+
+    extra = ("--lr-halve-every", "3")  # the schedule halves during the run
+    assert train_cli.main(tiny_args(tmp_path, *extra, steps=6, name="cli")) == 0
+    values = vars(train_cli.build_parser().parse_args(tiny_args(tmp_path, *extra, steps=6, name="config")))
+    values.pop("progress")
+    config = train_cli.config_from_values(values).resolved()
+    Trainer.from_config(config, progress=False).fit()
+
+    torch.manual_seed(config.seed)
+    stores = load_stores(config.modes, "train", config.data_root, config.image_size, 3, "cpu")
+    sampler = MixtureSampler(stores, config.ways, config.shots, config.queries, config.meta_batch,
+                             rotate=[mode in ROTATED_BY_DEFAULT for mode in config.modes], seed=config.seed, dtype=torch.uint8)
+    learner = build_learner(dataclasses.replace(config.learner, image_size=16, in_channels=3))
+    optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr)
+    parts = tmp_path / "train_dir" / "parts"
+    Trainer(learner, sampler, optimizer, build_scheduler(optimizer, config), run_dir=parts, steps=6, log_every=5,
+            checkpoint_every=10, progress=False).fit()
+
+    runs = tmp_path / "train_dir"
+    reference = load_checkpoint(runs / "cli" / "checkpoints" / "last.pt")
+    assert "custom_learner" not in reference["config"]
+    for name in ("config", "parts"):
+        state = load_checkpoint(runs / name / "checkpoints" / "last.pt")
+        assert all(torch.equal(reference["model"][k], state["model"][k]) for k in reference["model"]), name
+        assert read_metrics(runs / name) == read_metrics(runs / "cli"), name
+
+
+def test_trainer_refuses_unknown_settings_and_incomplete_samplers(tmp_path):
+    from kml.training import Trainer
+
+    learner = TinyProtoNet()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"unknown settings \['stpes'\]"):
+        Trainer(learner, object(), optimizer, run_dir=tmp_path / "run", stpes=3)
+    with pytest.raises(TypeError, match="has no sample, mode_names, state_dict, load_state_dict"):
+        Trainer(learner, object(), optimizer, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

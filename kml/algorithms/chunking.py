@@ -16,6 +16,8 @@ import torch
 from kml.algorithms.learner import LearnerOutput
 from kml.data.episode import Episode
 
+__all__ = ["accumulate_meta_gradient", "chunk_slices"]
+
 
 def chunk_slices(tasks: int, chunk: int | None) -> list[slice]:
     """Consecutive task slices of at most ``chunk`` tasks covering ``range(tasks)`` (one slice if ``chunk`` is None)."""

@@ -237,8 +237,8 @@ class MetaLearner(nn.Module):
             selected = subset(params, prefix)
             return selected if params_dim == 0 else {n: p.expand(tasks, *p.shape) for n, p in selected.items()}
 
-        # Channels-last made the ProtoNet step and the encoder 1.1x-1.2x faster on the CPU we measured (MAML's
-        # query pass: below); not measured on a GPU yet, so CUDA keeps the default layout.
+        # Channels-last is faster for oneDNN's grouped convolutions on a CPU (benchmarks/README.md, "Design
+        # measurements"); unmeasured on a GPU, so CUDA keeps the default layout.
         channels_last = episode.support_x.device.type == "cpu"
         modulation = None
         template = self.models[0]
@@ -277,8 +277,7 @@ class MetaLearner(nn.Module):
                                       use_reentrant=False, preserve_rng_state=False)
                 else:
                     fast = step(fast, modulation, episode.support_x, episode.support_y)
-        # Channels-last for the query pass only: it made the step 1.07x (bf16) to 1.09x (float32) faster on
-        # our CPU, the inner loop in channels-last 0.85x (its double backward runs badly in that layout).
+        # Channels-last for the query pass only: the inner loop's double backward runs slower in that layout.
         logits = packed_forward(fast, episode.query_x, modulation, layout, channels_last=channels_last, pool=pool)
         task_loss = cross_entropy(logits, episode.query_y)
         return LearnerOutput(task_loss.mean(), task_loss, accuracy(logits, episode.query_y))

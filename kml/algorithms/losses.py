@@ -7,6 +7,16 @@ import torch.nn.functional as F
 
 from kml.models.encoder import one_hot
 
+__all__ = [
+    "accuracy",
+    "cross_entropy",
+    "distance_logits",
+    "prototypes",
+    "prototypical_loss",
+    "refine_prototypes",
+    "squared_distances",
+]
+
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fraction of ``argmax(logits [..., B, N]) == labels [..., B]`` per leading index, detached (no host sync)."""

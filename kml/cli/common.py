@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 from kml.errors import KMLError
 
+__all__ = ["ArgumentParser", "read_config_file"]
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse`` parser whose errors are one line (no usage block), exit status 2."""

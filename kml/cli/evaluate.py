@@ -21,6 +21,8 @@ from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import EVAL_NUMBERS, check_device, check_output_path, check_values
 
+__all__ = ["build_parser", "main", "ways_refusal"]
+
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="kml-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

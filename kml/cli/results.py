@@ -21,6 +21,8 @@ from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 
+__all__ = ["build_parser", "DEFAULT_METHODS", "main"]
+
 DEFAULT_METHODS = ["maml", "mmaml", "kml-maml", "protonet", "kml-protonet"]
 
 

@@ -1,6 +1,6 @@
 """kml-train: meta-train a learner on one or several modes.
 
-    kml-train --modes synthetic                               # no-download demo (about 2 minutes on CPU)
+    kml-train --modes synthetic                               # the no-download demo (README: quick start)
     kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
     kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
     kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
@@ -20,13 +20,16 @@ from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import check_device, check_run_name, check_values
 
+__all__ = ["build_parser", "CHOICE_HELP", "config_from_values", "LEARNER_FLAGS", "main", "RUN_FLAGS", "SWITCHES"]
+
 RUN_FLAGS = {
-    # name: (type, help)  -- defaults come from RunConfig
+    # name: (type, help) -- defaults come from RunConfig; {datasets} and {demo} in a help text are filled from
+    # kml.training.run_config's DATASET_DEFAULTS and SYNTHETIC_DEMO
     "ways": (int, "classes per task (N)"),
     "shots": (int, "labelled support images per class (K)"),
     "queries": (int, "query images per class (Q)"),
-    "meta_batch": (int, "tasks per outer step (default 10; 4 for the synthetic demo)"),
-    "steps": (int, "outer steps (default 30000 as published; 150 for the synthetic demo)"),
+    "meta_batch": (int, "tasks per outer step (default {datasets}; {demo} for the synthetic demo)"),
+    "steps": (int, "outer steps (default {datasets} as published; {demo} for the synthetic demo)"),
     "lr": (float, "outer (Adam) learning rate"),
     "lr_halve_every": (int, "halve the outer learning rate every this many steps"),
     "seed": (int, "seed of sampling and initialisation"),
@@ -35,9 +38,9 @@ RUN_FLAGS = {
     "image_size": (int, "common side length of all modes (default: the largest stored side)"),
     "train_dir": (str, "folder of run folders"),
     "run_name": (str, "name of the run folder (default: method_modes_NwKs)"),
-    "val_every": (int, "validate on meta-val classes every this many steps"),
-    "val_episodes": (int, "validation episodes per mode"),
-    "checkpoint_every": (int, "save last.pt and a periodic checkpoint every this many steps"),
+    "val_every": (int, "validate on meta-val classes every this many steps (default {datasets}; {demo} for the synthetic demo)"),
+    "val_episodes": (int, "validation episodes per mode (default {datasets}; {demo} for the synthetic demo)"),
+    "checkpoint_every": (int, "save last.pt and a periodic checkpoint every this many steps (default {datasets}; {demo} for the synthetic demo)"),
     "log_every": (int, "write a metrics.csv row every this many steps"),
     "grad_clip": (float, "clip the meta-gradient norm (off by default)"),
     "transference_every": (int, "record task transference every this many steps (0: off)"),
@@ -71,7 +74,7 @@ SWITCHES = {
     "first_order": ("learner", "first-order MAML (no second derivatives)"),
     "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
-    "bf16": ("run", "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): about 1.1-1.7x faster steps"),
+    "bf16": ("run", "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): faster steps (README: speed switches)"),
     "activation_checkpointing": ("run", "MAML: recompute each inner step in the backward pass instead of storing it (less memory, more compute)"),
     "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
 }
@@ -83,7 +86,7 @@ def build_parser() -> ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     from kml.data.sampler import MIXTURE_POLICIES  # here: importing kml.cli.train must not import torch
-    from kml.training.run_config import LR_SCHEDULES
+    from kml.training.run_config import DATASET_DEFAULTS, LR_SCHEDULES, SYNTHETIC_DEMO
 
     parser.add_argument("--modes", nargs="+", metavar="MODE",
                         help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH")
@@ -93,6 +96,8 @@ def build_parser() -> ArgumentParser:
     for name, text in CHOICE_HELP.items():
         parser.add_argument(f"--{name.replace('_', '-')}", choices=choices[name], help=text)
     for name, (kind, text) in {**RUN_FLAGS, **LEARNER_FLAGS}.items():
+        if name in SYNTHETIC_DEMO:
+            text = text.format(datasets=DATASET_DEFAULTS[name], demo=SYNTHETIC_DEMO[name])
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     for name, (_, text) in SWITCHES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)

@@ -1,0 +1,34 @@
+"""Data: raw files -> cached image stores -> episodes.
+
+* :mod:`kml.data.store`: :class:`ImageStore`, one mode and split as a uint8 tensor grouped by class;
+* :mod:`kml.data.modes`: modes by name (datasets, synthetic, ``folder:PATH``) and :func:`load_stores`;
+* :mod:`kml.data.sampler`: :class:`EpisodeSampler` and :class:`MixtureSampler`, seeded and batched;
+* :mod:`kml.data.episode`: :class:`Episode`, the meta-batch every learner takes;
+* :mod:`kml.data.plots`: :func:`plot_episode`; :mod:`kml.data.sources`: downloading and converting datasets.
+
+The names below load on first use, so importing a submodule stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Episode": "kml.data.episode",
+    "EpisodeSampler": "kml.data.sampler",
+    "MixtureSampler": "kml.data.sampler",
+    "ImageStore": "kml.data.store",
+    "load_store": "kml.data.modes",
+    "load_stores": "kml.data.modes",
+    "expand_modes": "kml.data.modes",
+    "known_modes": "kml.data.modes",
+    "plot_episode": "kml.data.plots",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kml.data' has no attribute {name!r}")

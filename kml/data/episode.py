@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+__all__ = ["Episode", "INDEX_FIELDS"]
+
 
 @dataclass
 class Episode:

@@ -16,6 +16,18 @@ from kml.data.store import SPLITS, ImageStore, cache_dir
 from kml.data.synthetic import SYNTHETIC_MODES, load_synthetic
 from kml.errors import KMLError
 
+__all__ = [
+    "ALIASES",
+    "canonical_mode",
+    "DATASET_MODES",
+    "expand_modes",
+    "FOLDER_PREFIX",
+    "known_modes",
+    "load_store",
+    "load_stores",
+    "ROTATED_BY_DEFAULT",
+]
+
 DATASET_MODES = ("omniglot", "miniimagenet", "fc100", "cub", "aircraft")
 ALIASES = {
     "mini-imagenet": "miniimagenet",

@@ -12,6 +12,8 @@ import torch
 from kml.data.episode import Episode
 from kml.errors import KMLError
 
+__all__ = ["plot_episode"]
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure, SubFigure
 

@@ -18,6 +18,8 @@ from kml.data.episode import Episode
 from kml.data.store import ImageStore
 from kml.errors import KMLError
 
+__all__ = ["assemble_episode", "EpisodeSampler", "MIXTURE_POLICIES", "MixtureSampler"]
+
 MIXTURE_POLICIES = ("mixed", "random", "per-batch", "alternate")
 
 

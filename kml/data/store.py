@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from kml.errors import KMLError
 
+__all__ = ["cache_dir", "FORMAT_VERSION", "IMAGES_FILE", "ImageStore", "locked", "MANIFEST_FILE", "SPLITS"]
+
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"

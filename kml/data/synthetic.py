@@ -26,6 +26,16 @@ import torch
 from kml.data.store import SPLITS, ImageStore, cache_dir, locked
 from kml.errors import KMLError
 
+__all__ = [
+    "generate_store",
+    "GENERATOR_VERSION",
+    "IMAGES_PER_CLASS",
+    "load_synthetic",
+    "SYNTHETIC_CLASSES",
+    "SYNTHETIC_MODES",
+    "SYNTHETIC_SIDE",
+]
+
 SYNTHETIC_MODES = ("glyphs", "textures", "shapes")
 SYNTHETIC_CLASSES = {"train": 256, "val": 64, "test": 64}
 IMAGES_PER_CLASS = 20

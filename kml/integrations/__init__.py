@@ -11,3 +11,5 @@ install command when the library is missing.
   current Python from its source distribution
   (``python -m kml.integrations.install_learn2learn``).
 """
+
+__all__: list[str] = []  # nothing is imported eagerly: use the submodules

@@ -54,6 +54,23 @@ from pathlib import Path
 
 from kml.errors import KMLError, exit_on_kml_error
 
+__all__ = [
+    "BUILD_TOOLS",
+    "check_toolchain",
+    "CYTHON_DIRECTIVES",
+    "CYTHONIZE",
+    "DEFAULT_VERSION",
+    "install",
+    "installed_version",
+    "main",
+    "RUNTIME_DEPS",
+    "SDIST_SHA256",
+    "sha256",
+    "Step",
+    "unpack",
+    "VERIFY",
+]
+
 DEFAULT_VERSION = "0.2.0"
 # SHA-256 of learn2learn-0.2.0.tar.gz as published on PyPI.
 SDIST_SHA256 = {"0.2.0": "69f1d7cb0d0a6be7a2c6ad8e83e2ebbe70fb05e51d61e45e63078b40c75ea419"}

@@ -61,6 +61,23 @@ from kml.data.store import SPLITS, ImageStore
 from kml.errors import KMLError
 from kml.models.backbone import Backbone, Modulation
 
+__all__ = [
+    "dataset_from_store",
+    "episode_from_tasks",
+    "episode_to_batches",
+    "episode_to_tasks",
+    "export_folder",
+    "INSTALL_COMMAND",
+    "maml_forward",
+    "ModulatedBackbone",
+    "require_learn2learn",
+    "SPLIT_NAMES",
+    "store_from_dataset",
+    "stores_from_tasksets",
+    "task_module",
+    "TasksetSampler",
+]
+
 INSTALL_COMMAND = "python -m kml.integrations.install_learn2learn"
 # learn2learn benchmark split names -> kml split names.
 SPLIT_NAMES = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}

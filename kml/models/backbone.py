@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["Backbone", "batch_norm", "block_channels", "BN_EPS", "Modulation", "output_side", "packed_forward"]
+
 # A modulation is a flat dict of tensors (a pytree, so it passes through vmap):
 #   "kernel{l}" [out, in, k, k] multiplies conv l's kernel (KML)
 #   "bias{l}"   [out]           is added to conv l's bias (KML)
@@ -176,12 +178,12 @@ def packed_forward(
     batching rules do around every convolution). Equal to :meth:`Backbone.forward` per task.
     ``channels_last``: lay the activations out ``[B, H, W, T*C]`` in memory (the same tensor
     values), which oneDNN's grouped convolutions run faster for a forward and backward pass
-    (not for the double backward of second-order MAML; benchmarks/README.md has the figures).
+    (not for the double backward of second-order MAML; benchmarks/README.md, "Design measurements").
     Features then come flattened in ``(H, W, C)`` order per task, a fixed permutation of
     :meth:`Backbone.features`'s ``(C, H, W)`` that distances do not see and that the head's
     columns are permuted to match (same logits): flattening in memory order lets the gradient
-    return channels-last (the ``(C, H, W)`` copy sent it back in the default layout, which made
-    the last ReLU's backward 12x slower on our CPU).
+    return channels-last (the ``(C, H, W)`` copy sent it back in the default layout, where the
+    last ReLU's backward is much slower).
     ``pool="avgpool"``: features are the spatial mean of the last map ``[T, B, 8C]`` (no permutation).
     Non-affine BatchNorm: ``params`` holds no ``norm{l}.weight`` / ``norm{l}.bias``.
     """
@@ -204,7 +206,7 @@ def packed_forward(
         weight = weight.reshape(-1, *weight.shape[2:])
         if channels_last:
             # A convolution on channels-last activations returns its weight gradient channels-last too;
-            # MAML's inner loop, differentiated again, would then mix layouts (6x slower reductions).
+            # MAML's inner loop, differentiated again, would then mix layouts (slow strided reductions).
             weight = _ContiguousGradient.apply(weight)
         h = F.conv2d(h, weight, bias.reshape(-1), stride=stride, padding=1, groups=tasks)
         norm_weight, norm_bias = params.get(f"norm{index}.weight"), params.get(f"norm{index}.bias")

@@ -29,6 +29,8 @@ from torch import nn
 
 from kml.models.backbone import Modulation
 
+__all__ = ["factor_shape", "film_as_kml", "FiLMGenerator", "kernel_factor", "KMLGenerator", "KMLLayer"]
+
 
 def factor_shape(weight_shape: tuple[int, ...], layer: int, split: str) -> tuple[int, int]:
     """Rows and columns of the rank-1 factor matrix of conv ``layer`` (0-based) of kernel ``weight_shape``."""

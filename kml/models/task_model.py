@@ -12,6 +12,8 @@ from kml.models.modulate import ModulatedNetwork, TaskConditionedModel
 from kml.models.modulation import FiLMGenerator, KMLGenerator
 from kml.models.resnet12 import ResNet12, resnet12_widths
 
+__all__ = ["rate_key", "TaskModel"]
+
 
 def rate_key(name: str) -> str:
     """Meta-SGD rate key of a backbone parameter name (``ParameterDict`` keys cannot hold dots)."""

@@ -7,3 +7,5 @@
 
 ``kml-results`` (:mod:`kml.cli.results`) is the command line.
 """
+
+__all__: list[str] = []  # the submodules above are the API (they import pandas and matplotlib)

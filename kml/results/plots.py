@@ -8,6 +8,8 @@ import pandas as pd
 
 from kml.results.table import AVERAGE
 
+__all__ = ["bar_chart"]
+
 
 def bar_chart(summary_rows: pd.DataFrame, modes: list[str], path: str | Path) -> Path:
     """Save the chart of :func:`kml.results.table.summary`'s rows to ``path`` (PNG); returns the path."""

@@ -7,6 +7,8 @@ Method names are kml's recipe names (``kml-train --recipe``).
 
 from __future__ import annotations
 
+__all__ = ["FIVE", "KML_PAPER", "MMAML_README", "PUBLISHED", "published_rows", "SOURCES", "THREE", "TWO"]
+
 TWO = frozenset({"omniglot", "miniimagenet"})
 THREE = TWO | {"fc100"}
 FIVE = THREE | {"cub", "aircraft"}

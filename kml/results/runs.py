@@ -16,6 +16,8 @@ from typing import Any
 
 from kml.errors import KMLError
 
+__all__ = ["episode_rows", "evaluate", "Method", "parse_assignments", "plan", "Run", "Setup", "train"]
+
 
 def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
     """``["key=value", ...]`` -> ``{key: value}`` (keys with ``_`` for ``-``; values read as JSON where they parse)."""

@@ -16,6 +16,8 @@ import math
 
 import pandas as pd
 
+__all__ = ["AVERAGE", "ci95", "markdown", "paired_differences", "per_seed", "summary", "t95"]
+
 AVERAGE = "average"
 # two-sided 95% Student t quantiles by degrees of freedom (1.96 beyond the table)
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

@@ -7,6 +7,8 @@ import ctypes.util
 import os
 import sys
 
+__all__ = ["tune_cpu_allocator"]
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -17,13 +19,12 @@ def tune_cpu_allocator() -> bool:
     """Serve large allocations from the heap and never give it back to the OS.
 
     glibc serves every allocation above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each
-    large activation of a step is page-faulted in again: on a 2-core VM an add of two
-    ``[75, 320, 42, 42]`` float tensors took 51 ms instead of 14 (benchmarks/README.md). With mmap
-    off and trimming off (``M_TRIM_THRESHOLD = -1``), freed blocks stay mapped and later steps mostly
-    reuse them: page faults per training step fell about 10x in our measurement (not to zero: glibc's
-    best-fit splits free blocks, so a given large block is not always reused; jemalloc or tcmalloc,
-    preloaded, would do better still). Applies to the main heap, where torch's CPU tensors of the
-    main thread live; other threads' arenas still map their largest blocks.
+    large activation of a step is page-faulted in again, which costs more than the arithmetic on it. With
+    mmap off and trimming off (``M_TRIM_THRESHOLD = -1``), freed blocks stay mapped and later steps mostly
+    reuse them (not always: glibc's best-fit splits free blocks; jemalloc or tcmalloc, preloaded, would do
+    better still); the figures are in benchmarks/README.md, "Design measurements". Applies to the main
+    heap, where torch's CPU tensors of the main thread live; other threads' arenas still map their largest
+    blocks.
 
     The cost: the process keeps its peak resident memory until it exits, and the setting cannot be
     undone. So only the command-line entry points and the benchmark scripts call it, at the start of

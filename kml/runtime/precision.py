@@ -9,6 +9,8 @@ import torch
 
 from kml.errors import KMLError
 
+__all__ = ["autocast", "bf16_native", "check_bf16", "float32_inner_loop"]
+
 
 def bf16_native(device: str | torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware.
@@ -40,9 +42,8 @@ def float32_inner_loop(device_type: str) -> AbstractContextManager:
     """Autocast off inside a MAML inner loop, when it is on around it.
 
     The inner steps amplify bf16 rounding of the support-set gradients (sums of cancelling
-    per-image terms over a handful of images): after 5 steps at 32 px the meta-gradient's cosine
-    with float32 was 0.85 with the loop in bf16 and 0.9997 with it in float32, which keeps about
-    70% of bf16's speed-up on our CPU (benchmarks/README.md). The query pass stays in bf16.
+    per-image terms over a handful of images), so the loop runs in float32, which costs little of
+    bf16's speed; the query pass stays in bf16. The figures: benchmarks/README.md, "Design measurements".
     """
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 

@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import MutableMapping
 
+__all__ = ["available_cpus", "configure_threads", "SPIN_COUNT", "thread_count"]
+
 # Spins before an idle libgomp thread sleeps (the libgomp default is 300000): chosen by measurement in
 # benchmarks/shared_cpu.py (benchmarks/README.md, "Sharing the CPU").
 SPIN_COUNT = 3000

@@ -14,6 +14,18 @@ import torch
 
 from kml.errors import KMLError
 
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "load_checkpoint",
+    "load_learner",
+    "load_model_state",
+    "remove_stale_temp_files",
+    "save_checkpoint",
+    "TEMP_PATTERN",
+    "tensor_checksum",
+]
+
 CHECKPOINT_FORMAT = "kml-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -169,11 +181,23 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def load_learner(path: str | os.PathLike, device: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """A checkpoint's learner, rebuilt from the checkpoint's own config: ``(learner, run_config, state)``."""
+    """A checkpoint's learner, rebuilt from the checkpoint's own config: ``(learner, run_config, state)``.
+
+    A checkpoint of a custom learner (a :class:`~kml.training.trainer.Trainer` run on a learner no config
+    describes) cannot be rebuilt: a one-line :class:`KMLError` says how to load it in Python instead.
+    """
     from kml.algorithms import build_learner
     from kml.training.run_config import RunConfig
 
     state = load_checkpoint(path, device)
+    custom = state["config"].get("custom_learner") if isinstance(state.get("config"), dict) else None
+    if custom:
+        raise KMLError(
+            f"checkpoint {path} holds a custom learner ({custom}), which kml's commands cannot rebuild from a config; "
+            f"load it in Python: build the learner as for training, then "
+            f"learner.load_state_dict(kml.training.checkpoint.load_checkpoint('{path}')['model']) and evaluate it with "
+            f"kml.evaluation.evaluate(learner, stores, ways, shots, queries, episodes)"
+        )
     config = RunConfig.from_dict(state["config"])
     learner = build_learner(config.learner).to(device)
     load_model_state(learner, state["model"], str(path))

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from kml.errors import KMLError
 
+__all__ = ["barrier", "DistInfo", "init_distributed", "resolve_device", "shutdown", "sum_gradients", "sum_tensor"]
+
 
 @dataclass
 class DistInfo:

@@ -17,12 +17,25 @@ from kml.data.sampler import MIXTURE_POLICIES
 from kml.errors import KMLError
 from kml.validation import check_bools, check_device, check_fields, check_run_name
 
+__all__ = [
+    "build_scheduler",
+    "DATASET_DEFAULTS",
+    "learning_rate_at",
+    "LR_SCHEDULES",
+    "PUBLISHED_STEPS",
+    "RunConfig",
+    "SYNTHETIC_DEMO",
+]
+
 # Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
 # Adam 1e-3 halved every 10000 steps, checkpoint every 1000 steps.
 PUBLISHED_STEPS = 30000
-# The no-download demo on synthetic modes: small enough to finish in about a minute on a 2-core CPU (measured 1 min 11 s).
 # Outer learning-rate schedules: KML's halving (every lr_halve_every steps) or MMAML's constant rate.
 LR_SCHEDULES = ("halve", "constant")
+# What RunConfig.resolved fills in when not given: the published run for datasets (validation cadence kml's),
+# and the no-download demo for synthetic modes, kept small enough for a laptop CPU (its duration is stated once,
+# in README's quick start; kml-train's help takes these numbers from here).
+DATASET_DEFAULTS = {"steps": PUBLISHED_STEPS, "val_every": 1000, "checkpoint_every": 1000, "val_episodes": 300, "meta_batch": 10}
 SYNTHETIC_DEMO = {"steps": 150, "val_every": 50, "checkpoint_every": 50, "val_episodes": 40, "meta_batch": 4}
 
 
@@ -94,15 +107,8 @@ class RunConfig:
 
     def resolved(self) -> RunConfig:
         """Fill ``None`` fields: published defaults for datasets, the short demo for synthetic modes."""
-        demo = self.synthetic_only
-        values = {
-            "modes": expand_modes(self.modes),
-            "meta_batch": self.meta_batch or (SYNTHETIC_DEMO["meta_batch"] if demo else 10),
-            "steps": self.steps or (SYNTHETIC_DEMO["steps"] if demo else PUBLISHED_STEPS),
-            "val_every": self.val_every or (SYNTHETIC_DEMO["val_every"] if demo else 1000),
-            "checkpoint_every": self.checkpoint_every or (SYNTHETIC_DEMO["checkpoint_every"] if demo else 1000),
-            "val_episodes": self.val_episodes or (SYNTHETIC_DEMO["val_episodes"] if demo else 300),
-        }
+        defaults = SYNTHETIC_DEMO if self.synthetic_only else DATASET_DEFAULTS
+        values = {"modes": expand_modes(self.modes), **{name: getattr(self, name) or defaults[name] for name in defaults}}
         learner = dataclasses.replace(
             self.learner,
             ways=self.ways,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from kml.errors import KMLError
 
+__all__ = ["RunLock"]
+
 
 class RunLock:
     """An exclusive lock on one run name in a train dir, held by the process that writes the run."""

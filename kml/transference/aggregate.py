@@ -9,6 +9,8 @@ import pandas as pd
 
 from kml.transference.analyzer import COLUMNS
 
+__all__ = ["cross_pairs", "load_records", "mode_matrix", "mode_pair_stats"]
+
 
 def load_records(path: str | os.PathLike) -> pd.DataFrame:
     """Read ``transference.csv`` (a file, or a run folder holding one)."""

@@ -19,6 +19,8 @@ from torch.func import functional_call, vmap
 
 from kml.data.episode import Episode
 
+__all__ = ["COLUMNS", "PARAMETER_GROUPS", "parameter_names", "result_rows", "task_transference", "TransferenceResult"]
+
 PARAMETER_GROUPS = ("all", "backbone", "modulation")
 
 

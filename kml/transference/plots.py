@@ -12,6 +12,8 @@ import pandas as pd
 
 from kml.transference.aggregate import cross_pairs, mode_matrix, mode_pair_stats
 
+__all__ = ["distributions", "heatmap", "over_training", "save_all"]
+
 
 def heatmap(records: pd.DataFrame, stat: str = "mean", title: str | None = None, ax=None):
     """Annotated mode-by-mode heatmap of ``stat`` of Z (rows: source, columns: target)."""

@@ -8,6 +8,8 @@ from pathlib import Path
 from kml.data.sampler import MixtureSampler
 from kml.transference.analyzer import COLUMNS, result_rows, task_transference
 
+__all__ = ["append_rows", "TransferenceRecorder"]
+
 
 def append_rows(path: Path, rows: list[dict]) -> None:
     new = not path.is_file()

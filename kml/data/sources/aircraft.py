@@ -35,6 +35,21 @@ from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, load_image
 from kml.errors import KMLError
 
+__all__ = [
+    "BANNER",
+    "build",
+    "DATA",
+    "FRACTIONS",
+    "LICENCE",
+    "NAME",
+    "RESOURCES",
+    "SEED",
+    "SIDE",
+    "SOURCE",
+    "SPLIT_RULES",
+    "VARIANTS",
+]
+
 NAME = "aircraft"
 SIDE = 84
 SOURCE = "FGVC-Aircraft 2013b (Maji et al. 2013), fgvc-aircraft-2013b.tar.gz from robots.ox.ac.uk/~vgg"

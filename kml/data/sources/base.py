@@ -27,6 +27,8 @@ from kml.data.sources.fetch import DownloadFailed, Resource, download, verify
 from kml.data.sources.images import ClassPlan
 from kml.errors import KMLError
 
+__all__ = ["Context", "ConversionPlan", "human_size", "MIRROR_ENV", "mirrors_from_env", "split_by_fractions"]
+
 MIRROR_ENV = "KML_MIRROR"
 
 

@@ -25,6 +25,8 @@ from kml.data.sources.fetch import disk_full
 from kml.data.sources.images import decode_classes
 from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore, locked
 
+__all__ = ["CONVERTER_VERSION", "folder_size", "is_complete", "MARKER", "read_marker", "write_dataset"]
+
 MARKER = "dataset.json"
 CONVERTER_VERSION = 1
 

@@ -24,6 +24,8 @@ from kml.data.sources.fetch import Resource
 from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, load_image
 from kml.errors import KMLError
 
+__all__ = ["build", "FRACTIONS", "LICENCE", "NAME", "RESOURCES", "SEED", "SIDE", "SOURCE", "SPLIT_RULES", "VARIANTS"]
+
 NAME = "cub"
 SIDE = 84
 SOURCE = "Caltech-UCSD Birds-200-2011 (Wah et al. 2011), CUB_200_2011.tgz from data.caltech.edu"

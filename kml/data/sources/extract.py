@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from kml.data.sources.fetch import disk_full, looks_like_html
 from kml.errors import KMLError
 
+__all__ = ["CHUNK", "is_archive", "safe_extract"]
+
 CHUNK = 1 << 20
 
 

@@ -24,6 +24,19 @@ from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, key, load_pickle
 from kml.errors import KMLError
 
+__all__ = [
+    "build",
+    "FOLDER",
+    "LICENCE",
+    "NAME",
+    "RESOURCES",
+    "SIDE",
+    "SOURCE",
+    "SPLIT_RULES",
+    "SUPERCLASSES",
+    "VARIANTS",
+]
+
 NAME = "fc100"
 SIDE = 32
 SOURCE = "CIFAR-100 python version (Krizhevsky 2009) regrouped as FC100 (Oreshkin et al. 2018)"

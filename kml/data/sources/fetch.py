@@ -30,6 +30,20 @@ from tqdm.auto import tqdm
 
 from kml.errors import KMLError
 
+__all__ = [
+    "CHUNK",
+    "disk_full",
+    "download",
+    "DownloadFailed",
+    "file_checksum",
+    "looks_like_html",
+    "parse_checksum",
+    "Resource",
+    "TRANSIENT_HTTP",
+    "USER_AGENT",
+    "verify",
+]
+
 CHUNK = 1 << 20
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "kml-download/0.1 (Python urllib)"

@@ -30,6 +30,16 @@ from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, CorruptImage, ima
 from kml.data.store import SPLITS, ImageStore
 from kml.errors import KMLError
 
+__all__ = [
+    "cache_name",
+    "DEFAULT_FRACTIONS",
+    "DEFAULT_SEED",
+    "DEFAULT_SIDE",
+    "load_folder",
+    "MIN_CLASSES",
+    "plan_folder",
+]
+
 DEFAULT_SIDE = 84
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 DEFAULT_SEED = 123

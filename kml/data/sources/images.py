@@ -23,6 +23,21 @@ from tqdm.auto import tqdm
 
 from kml.errors import KMLError
 
+__all__ = [
+    "ClassPlan",
+    "CorruptImage",
+    "decode_classes",
+    "DecodeResult",
+    "GREY_MODES",
+    "image_is_grey",
+    "IMAGE_SUFFIXES",
+    "key",
+    "load_image",
+    "load_pickle",
+    "ON_CORRUPT",
+    "resize_array",
+]
+
 ON_CORRUPT = ("stop", "skip")
 GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

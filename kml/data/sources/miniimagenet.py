@@ -39,6 +39,21 @@ from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, key, load_image, load_pickle, resize_array
 from kml.errors import KMLError
 
+__all__ = [
+    "build",
+    "LICENCE",
+    "MMAML_ZIP",
+    "NAME",
+    "PICKLE_NAMES",
+    "RESOURCES",
+    "SIDE",
+    "SOURCE",
+    "SPLIT_RULES",
+    "TORCHMETA_TAR",
+    "VARIANTS",
+    "WNIDS",
+]
+
 NAME = "miniimagenet"
 SIDE = 84
 SOURCE = "mini-ImageNet (Vinyals et al. 2016) with the Ravi & Larochelle 2017 split"

@@ -41,6 +41,21 @@ from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, load_image
 from kml.errors import KMLError
 
+__all__ = [
+    "build",
+    "LAKE_VAL_FRACTION",
+    "LICENCE",
+    "NAME",
+    "NUM_CHARACTERS",
+    "RESOURCES",
+    "SIDE",
+    "small_archives",
+    "SOURCE",
+    "SPLIT_RULES",
+    "TOP_FOLDERS",
+    "VARIANTS",
+]
+
 NAME = "omniglot"
 SIDE = 28
 SOURCE = (

@@ -19,6 +19,8 @@ from kml.data.sources.images import ON_CORRUPT
 from kml.data.store import SPLITS
 from kml.errors import KMLError
 
+__all__ = ["format_summary", "prepare", "resolve_datasets", "resolve_variants", "SOURCES", "SummaryRow"]
+
 log = logging.getLogger("kml.data.sources")
 
 SOURCES: dict[str, ModuleType] = {
