@@ -36,7 +36,7 @@ def plan(device: str, bf16: bool, smoke: bool, out: Path) -> list[tuple[str, lis
     return [
         ("learner", ["learner.py", *dev, *precision, "--steps", "10", "--warmup", "2"], 90),
         ("learner_fp32", ["learner.py", *dev, "--steps", "10", "--warmup", "2"], 60),
-        ("generic_learner", ["generic_learner.py", *dev, *precision, "--steps", "5", "--warmup", "2", "--paths", "packed", "generic", "resnet12"], 90),
+        ("generic_learner", ["generic_learner.py", *dev, *precision, "--steps", "5", "--warmup", "2", "--paths", "packed", "generic", "resnet12"], 60),
         ("train_throughput", ["train_throughput.py", *dev, *precision, "--steps", "30", "--eval-episodes", "300"], 120),
         ("sampler", ["sampler.py", *dev], 45),
         ("memory", ["memory.py", *dev, *precision, "--meta-batches", "10", "40", "80", "--inner-step-counts", "1", "5",

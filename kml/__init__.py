@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kml.errors import KMLError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it
 _LAZY = {

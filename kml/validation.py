@@ -218,6 +218,9 @@ def check_run_combinations(config: Any) -> None:
     check_learner_combinations(config.learner)
     if getattr(config, "activation_checkpointing", False) and config.learner.algorithm == "protonet":
         raise KMLError("--activation-checkpointing only applies to MAML's inner loop; drop it for --algorithm protonet")
+    if getattr(config, "activation_checkpointing", False) and config.learner.backbone == "resnet12":
+        raise KMLError("--activation-checkpointing works on the packed path of the 4-block backbones; ResNet-12 runs "
+                       "the vmap path: use --task-chunk K to bound memory instead")
     if config.weights is not None and config.policy == "alternate":
         raise KMLError("--weights is not used by --policy alternate; drop it or use --policy mixed, random or per-batch")
     if config.weights is not None and len(config.weights) != len(config.modes):

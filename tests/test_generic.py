@@ -89,7 +89,8 @@ def test_protonet_of_any_module_batched_equals_per_task_loop(model):
 
 
 def test_second_order_needs_the_exact_batch_norm():
-    """Without the elementary batch norm, vmap's second derivative of nn.BatchNorm2d is off (what the patch is for)."""
+    """A canary: without the elementary batch norm, vmap's second derivative of nn.BatchNorm2d is off in torch 2.14
+    (what exact_batch_norm is for). Skips once a torch release computes it exactly: the patch may then go."""
     torch.manual_seed(0)
     learner = kml.MAML(sequential(), inner_steps=2).double()
     loop = meta_gradients(learner, learner.reference_forward)
@@ -101,7 +102,10 @@ def test_second_order_needs_the_exact_batch_norm():
         batched = meta_gradients(learner, learner)
     finally:
         maml_module.exact_batch_norm = original
-    assert max(float((a - b).abs().max()) for a, b in zip(batched, loop)) > 1e-6
+    error = max(float((a - b).abs().max()) for a, b in zip(batched, loop))
+    if error < 1e-10:
+        pytest.skip(f"torch {torch.__version__} differentiates nn.BatchNorm2d twice under vmap exactly: exact_batch_norm can go")
+    assert error > 1e-6, f"off by {error:.1e}: neither exact nor the known error"
 
 
 def test_maml_adapts_only_the_network_of_a_modulated_model():
@@ -308,3 +312,22 @@ def test_trainer_resumes_a_generic_learner_exactly(tmp_path, synthetic_stores):
     resumed = run("cut", True, 4)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_transference_of_a_learner_that_only_maps_episodes_to_losses():
+    """The analyzer needs only learner(episode) -> LearnerOutput: no inner_steps argument, no parameter groups."""
+
+    class EpisodeToLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.protonet = kml.ProtoNet(sequential(8))
+
+        def forward(self, episode: Episode) -> kml.LearnerOutput:
+            return self.protonet(episode)
+
+    torch.manual_seed(0)
+    learner = EpisodeToLoss().double()
+    z = kml.task_transference(learner, random_episode(tasks=3), rate=1e-2).z
+    assert z.shape == (3, 3) and torch.isfinite(z).all() and float(z.abs().max()) > 0
+    with pytest.raises(KMLError, match="inner_parameter_names"):
+        kml.task_transference(learner, random_episode(tasks=3), rate=1e-2, parameters="backbone")

@@ -149,3 +149,18 @@ def test_config_saved_before_the_rename_still_loads():
                                "recipe_overrides": ["model", "modulation", "steps"]})
     assert run.learner.modulation == "film" and run.learner.kml_form == "bare"
     assert run.recipe_overrides == ["modulation", "kml_form", "steps"]
+
+
+def test_kml_train_config_file_with_the_old_field_names_still_runs(tmp_path):
+    import json
+
+    from kml.cli import train as train_cli
+
+    old = {"model": "film", "modulation": "bare", "modes": ["glyphs"], "image_size": 16, "base_channels": 4,
+           "encoder_channels": 4, "meta_batch": 2, "queries": 2, "inner_steps": 1, "eval_inner_steps": 1, "steps": 1,
+           "val_every": 1, "val_episodes": 2, "checkpoint_every": 1, "train_dir": str(tmp_path / "runs"),
+           "run_name": "old", "data_root": str(tmp_path / "data")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert train_cli.main(["--config", str(tmp_path / "old.json"), "--no-progress"]) == 0
+    learner = json.loads((tmp_path / "runs" / "old" / "config.json").read_text())["learner"]
+    assert learner["modulation"] == "film" and learner["kml_form"] == "bare" and "model" not in learner

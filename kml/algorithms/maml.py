@@ -36,7 +36,8 @@ class MAML(nn.Module):
     """Model-agnostic meta-learning (Finn et al. 2017) of any module, batched over tasks with ``torch.func``.
 
     The model's BatchNorm layers are switched to batch statistics (MAML's convention; see
-    :func:`kml.algorithms.functional.use_batch_statistics`).
+    :func:`kml.algorithms.functional.use_batch_statistics`). The inner loop adapts the network's parameters
+    that require gradients when the learner is built (freeze a pretrained trunk before, and it stays shared).
 
     Args:
         model: images ``[B, C, H, W]`` -> logits ``[B, N]``; or a task-conditioned model (:func:`kml.modulate`).
@@ -67,15 +68,17 @@ class MAML(nn.Module):
         self.inner_grad_clip = inner_grad_clip
         self.inner_grad_clamp = inner_grad_clamp
         self._calls = ModelCalls(self.model)
+        # Fixed here, by name: under functional_call (the transference analyzer) the parameters are substituted
+        # tensors, detached ones included, and must still be adapted; a parameter frozen now stays unadapted.
+        trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        self._adapted = [name for name in self._calls.network_names() if name in trainable]
 
     def inner_parameter_names(self) -> list[str]:
         """Names (in ``named_parameters()``) adapted by the inner loop: the network's, not an encoder's or generator's."""
         return [f"model.{name}" for name in self._adapted_names()]
 
     def _adapted_names(self) -> list[str]:
-        # By name, not requires_grad: under functional_call (the transference analyzer) the parameters are
-        # substituted tensors, detached ones included, and must still be adapted.
-        return self._calls.network_names()
+        return self._adapted
 
     def _steps(self, inner_steps: int | None) -> int:
         if inner_steps is not None:

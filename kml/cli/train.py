@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from kml.cli.common import ArgumentParser, read_config_file
-from kml.config import FIELD_CHOICES, LearnerConfig
+from kml.config import FIELD_CHOICES, LearnerConfig, upgrade_field_names
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import check_device, check_run_name, check_values
@@ -54,7 +54,7 @@ LEARNER_FLAGS = {
     "inner_grad_clip": (float, "clip inner-loop gradients to this norm"),
     "inner_grad_clamp": (float, "clamp every inner-gradient element to [-x, x] (MMAML: 20)"),
     "encoder_hidden": (int, "Linear(8E, this) + ReLU per image in the task encoder (published: 128)"),
-    "base_channels": (int, "channels of the first conv block (C, 2C, 4C, 8C)"),
+    "base_channels": (int, "C: the blocks have C, 2C, 4C, 8C channels (published), C each (conv4), 2C, 5C, 10C, 20C (resnet12)"),
     "encoder_channels": (int, "channels of the task encoder"),
 }
 CHOICE_HELP = {
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     resume, overwrite = args.pop("resume", False), args.pop("overwrite", False)
     progress = args.pop("progress", True)
-    values = read_config_file(args.pop("config")) if "config" in args else {}
+    # a config file written before 0.2 may use the learner's old field names
+    values = upgrade_field_names(read_config_file(args.pop("config"))) if "config" in args else {}
     values.update(args)
     # every setting is checked before anything is loaded or any folder touched (kml.validation)
     values = check_values(values)
@@ -177,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer.resume(run_dir, values, dist_info, progress)
         else:
             trainer = Trainer.create(config, overwrite, dist_info, progress)
-        if trainer.config.transference_every:
-            from kml.transference.recorder import TransferenceRecorder
-
-            trainer.callbacks.append(TransferenceRecorder.from_trainer(trainer))
-        path = trainer.fit()
+        path = trainer.fit()  # with --transference-every N, the trainer records transference.csv as it trains
     finally:
         shutdown(dist_info)
     if dist_info.is_main:

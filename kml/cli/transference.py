@@ -24,18 +24,21 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> ArgumentParser:
+    from kml.data.store import SPLITS  # here: importing kml.cli.transference must not import torch
+    from kml.transference.analyzer import PARAMETER_GROUPS
+
     parser = ArgumentParser(prog="kml-transference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by kml-train")
     parser.add_argument("--modes", nargs="+", help="modes mixed in the analysed meta-batches (default: the run's)")
-    parser.add_argument("--split", default="train", choices=("train", "val", "test"), help="classes of the analysed tasks")
+    parser.add_argument("--split", default="train", choices=SPLITS, help="classes of the analysed tasks")
     parser.add_argument("--batches", type=int, default=10, help="meta-batches analysed (all ordered pairs in each)")
     parser.add_argument("--meta-batch", type=int, help="tasks per analysed meta-batch (default: the run's)")
     parser.add_argument("--rate", type=float, help="lookahead rate eta (default: the run's outer lr)")
-    parser.add_argument("--parameters", default="all", choices=("all", "backbone", "modulation"), help="meta-parameters that take the lookahead")
+    parser.add_argument("--parameters", default="all", choices=PARAMETER_GROUPS, help="meta-parameters that take the lookahead")
     parser.add_argument("--source-mode", help="paper design: source tasks from this mode ...")
-    parser.add_argument("--source-split", default="train", choices=("train", "val", "test"), help="... and split")
+    parser.add_argument("--source-split", default="train", choices=SPLITS, help="... and split")
     parser.add_argument("--target-mode", help="... target tasks from this mode ...")
-    parser.add_argument("--target-split", default="test", choices=("train", "val", "test"), help="... and split")
+    parser.add_argument("--target-split", default="test", choices=SPLITS, help="... and split")
     parser.add_argument("--sources", type=int, default=100, help="paper design: source tasks per target task")
     parser.add_argument("--targets", type=int, default=1, help="paper design: target tasks")
     parser.add_argument("--seed", type=int, default=0, help="seed of the analysed episodes")

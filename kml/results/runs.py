@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kml.config import upgrade_field_names
 from kml.errors import KMLError
 
 __all__ = ["episode_rows", "evaluate", "Method", "parse_assignments", "plan", "Run", "Setup", "train"]
@@ -121,7 +122,7 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
     if step is not None:  # a run made before: only with the same settings (the step budget may grow)
-        made = json.loads(request.read_text()) if request.is_file() else {}
+        made = upgrade_field_names(json.loads(request.read_text())) if request.is_file() else {}  # names before 0.2 too
         made.pop("steps", None)
         changed = sorted(k for k in {*made, *values} if made.get(k) != values.get(k))
         if changed:

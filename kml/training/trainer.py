@@ -360,6 +360,8 @@ class Trainer:
         self.sampler = sampler
         self.optimizer = optimizer
         self.scheduler = scheduler
+        if device is not None:  # episodes follow it in train_step
+            learner.to(device)
         self.device = str(device) if device is not None else _device_of(learner)
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -646,6 +648,8 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "window": {k: v.cpu() for k, v in self.window.items()},
             "torch_rng": torch.get_rng_state(),
+            # a custom learner may draw random numbers on the GPU (dropout): its generators resume too
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -685,6 +689,8 @@ class Trainer:
         self.best_val = float(state["best_val"])
         self.window = {k: v.to(self.device) for k, v in state["window"].items()}
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def save(self, name: str = "last.pt") -> Path | None:
         if not self.dist.is_main:
@@ -727,6 +733,12 @@ class Trainer:
             f"a lower --inner-lr needs a new run"
         )
 
+    def _memory_switches(self) -> str:
+        learner = self.config.learner
+        if learner.algorithm == "maml" and learner.backbone != "resnet12":  # activation checkpointing: packed MAML only
+            return "MAML: add --activation-checkpointing; or --bf16"
+        return "or --bf16"
+
     def _out_of_memory(self, tasks: int) -> KMLError:
         chunk = max(1, (self.settings.task_chunk or tasks) // 2)
         if self.custom:
@@ -737,7 +749,7 @@ class Trainer:
         return KMLError(
             f"out of GPU memory at step {self.step + 1} with --meta-batch {self.config.meta_batch}; the same update "
             f"in less memory: kml-train --resume --train-dir {self.run_dir.parent} --run-name {self.run_dir.name} "
-            f"--task-chunk {chunk} (MAML: add --activation-checkpointing; or --bf16)"
+            f"--task-chunk {chunk} ({self._memory_switches()})"
         )
 
     # ------------------------------------------------------------ logging
@@ -862,7 +874,7 @@ class Trainer:
     def train_step(self, episode: Episode) -> None:
         """One outer step on this rank's share of the meta-batch, ``task_chunk`` tasks at a time."""
         total_tasks = episode.num_tasks
-        local = episode.select(slice(self.dist.rank, None, self.dist.world_size))
+        local = episode.select(slice(self.dist.rank, None, self.dist.world_size)).to(self.device)  # no copy if there
         settings = self.settings
 
         def forward(chunk: Episode) -> LearnerOutput:
@@ -912,10 +924,20 @@ class Trainer:
             self._take_run(resume=False, overwrite=False)
         elif self.lock is not None and not self.lock.held:  # a second fit (e.g. further): the run is ours again
             self.lock.acquire()
+        self._attach_transference_recorder()
         try:
             return self._fit()
         finally:
             self.release()
+
+    def _attach_transference_recorder(self) -> None:
+        """A kml-train config's ``transference_every``: record transference while training (once per trainer)."""
+        if self.custom or self.config is None or not self.config.transference_every:
+            return
+        from kml.transference.recorder import TransferenceRecorder
+
+        if not any(isinstance(callback, TransferenceRecorder) for callback in self.callbacks):
+            self.callbacks.append(TransferenceRecorder.from_trainer(self))
 
     def _fit(self) -> Path:
         """Train to ``settings.steps``; on SIGINT/SIGTERM save ``last.pt`` and return early.

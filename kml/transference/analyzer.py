@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from kml.data.episode import Episode
+from kml.errors import KMLError
 
 __all__ = ["COLUMNS", "PARAMETER_GROUPS", "parameter_names", "result_rows", "task_transference", "TransferenceResult"]
 
@@ -58,6 +59,11 @@ def parameter_names(learner: torch.nn.Module, group: str) -> list[str]:
     if group not in PARAMETER_GROUPS:
         raise ValueError(f"unknown parameter group {group!r}; choose one of {', '.join(PARAMETER_GROUPS)}")
     names = [name for name, p in learner.named_parameters() if p.requires_grad]
+    if group == "all":
+        return names
+    if not hasattr(learner, "inner_parameter_names"):
+        raise KMLError(f"parameter group {group!r} needs a learner that names its inner-loop parameters "
+                       f"(inner_parameter_names()); {type(learner).__name__} does not: use parameters='all'")
     inner = set(learner.inner_parameter_names())
     if group == "backbone":
         return [n for n in names if n in inner]
@@ -87,11 +93,13 @@ def task_transference(
     params = dict(learner.named_parameters())
     fixed = {**{n: p.detach() for n, p in params.items() if n not in names}, **dict(learner.named_buffers())}
     theta = {n: params[n].detach().requires_grad_(True) for n in names}
+    # passed only when given: a learner without an inner loop need not take the argument
+    options = {} if inner_steps is None else {"inner_steps": inner_steps}
 
     def target_losses(adapted: dict[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(learner, {**fixed, **adapted}, (targets,), {"inner_steps": inner_steps}).task_loss
+        return functional_call(learner, {**fixed, **adapted}, (targets,), options).task_loss
 
-    source_loss = functional_call(learner, {**fixed, **theta}, (sources,), {"inner_steps": inner_steps}).task_loss
+    source_loss = functional_call(learner, {**fixed, **theta}, (sources,), options).task_loss
     # One meta-gradient per source task through the retained graph: S backward passes, not S*T.
     per_source = [
         torch.autograd.grad(source_loss[i], list(theta.values()), retain_graph=i + 1 < len(source_loss), allow_unused=True)
