@@ -70,6 +70,21 @@ def peak_memory_mib(device: str, baseline: float = 0.0) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
 
 
+def outer_step(forward, episode: Episode, optimizer: torch.optim.Optimizer, device: str, bf16: bool = False):
+    """A closure running one outer step: ``forward(episode).loss`` (under bf16 autocast if asked), its backward
+    and the optimiser step."""
+    from kml.runtime import autocast
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = forward(episode).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def seconds_per_step(step, steps: int, warmup: int, device: str) -> float:
     """Run ``step()`` ``warmup`` times untimed, reset CUDA's peak memory, then time ``steps`` calls."""
     for _ in range(warmup):

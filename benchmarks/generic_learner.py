@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_setup_arguments, random_episode, seconds_per_step
+from common import add_setup_arguments, outer_step, random_episode, seconds_per_step
 import torch
 
 import kml
 from kml.config import LearnerConfig
-from kml.runtime import autocast, check_bf16, tune_cpu_allocator
+from kml.runtime import check_bf16, tune_cpu_allocator
 
 METHODS = {"kml-maml": dict(algorithm="maml", modulation="kml"), "kml-protonet": dict(algorithm="protonet", modulation="kml")}
 
@@ -45,14 +45,7 @@ def tasks_per_second(method: str, path: str, args) -> float:
     learner = build(method, path, args)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device, modes=3)
-
-    def step() -> None:
-        with autocast(args.device, args.bf16):
-            loss = learner(episode).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = outer_step(learner, episode, optimizer, args.device, args.bf16)
     return args.meta_batch / seconds_per_step(step, args.steps, args.warmup, args.device)
 
 

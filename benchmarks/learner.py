@@ -21,12 +21,12 @@ import json
 import subprocess
 import sys
 
-from common import add_setup_arguments, peak_memory_mib, random_episode, seconds_per_step
+from common import add_setup_arguments, outer_step, peak_memory_mib, random_episode, seconds_per_step
 import torch
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
-from kml.runtime import autocast, check_bf16, tune_cpu_allocator
+from kml.runtime import check_bf16, tune_cpu_allocator
 
 METHODS = {"kml-maml": dict(algorithm="maml", modulation="kml"), "kml-protonet": dict(algorithm="protonet", modulation="kml")}
 
@@ -41,14 +41,7 @@ def measure(method: str, path: str, bf16: bool, args) -> tuple[float, float]:
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device, modes=3)
     forward = learner if path == "batched" else learner.reference_forward
-
-    def step() -> None:
-        with autocast(args.device, bf16):
-            loss = forward(episode).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = outer_step(forward, episode, optimizer, args.device, bf16)
     seconds = seconds_per_step(step, args.steps, args.warmup, args.device)
     return args.meta_batch / seconds, peak_memory_mib(args.device, baseline)
 

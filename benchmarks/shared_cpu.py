@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
 
     configure_threads()  # no-op under KML_THREADS=torch, as in kml-train
     import torch
-    from common import random_episode
+    from common import outer_step, random_episode
 
     from kml.algorithms import build_learner
     from kml.config import LearnerConfig
@@ -61,13 +61,7 @@ def worker(args: argparse.Namespace) -> None:
                                           encoder_channels=args.channels, inner_steps=args.inner_steps)).train()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, "cpu", modes=3)
-
-    def step() -> None:
-        loss = learner(episode).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = outer_step(learner, episode, optimizer, "cpu")
     step()
     print("ready", flush=True)
     sys.stdin.readline()

@@ -14,9 +14,9 @@ optional libraries (matplotlib, pandas, torchvision) load only in the functions 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from kml._lazy import lazy_exports
 from kml.errors import KMLError
 
 __version__ = "0.2.0"
@@ -74,12 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from kml.transference.analyzer import task_transference
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name]), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module 'kml' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -210,25 +210,12 @@ def test_learn2learn_maml_adapts_kml_backbone(l2l, episode):
 
 
 # ----------------------------------------------------------------- learn2learn task sets drive kml training
-def glyph_taskset(l2l, store, classes: int, ways: int, samples: int):
-    """A learn2learn Taskset over the first ``classes`` classes of a kml store, built the learn2learn way."""
-    dataset = l2l.data.FilteredMetaDataset(integration.dataset_from_store(store), list(range(classes)))
-    transforms = [
-        l2l.data.transforms.NWays(dataset, ways),
-        l2l.data.transforms.KShots(dataset, samples),
-        l2l.data.transforms.LoadData(dataset),
-        l2l.data.transforms.RemapLabels(dataset),
-        l2l.data.transforms.ConsecutiveLabels(dataset),
-    ]
-    return l2l.data.Taskset(dataset, transforms, num_tasks=-1)
-
-
 @pytest.mark.l2l
 def test_taskset_sampler_drives_training_loop(l2l, glyphs):
     import random
 
     random.seed(0)
-    taskset = glyph_taskset(l2l, glyphs["train"], classes=40, ways=3, samples=1 + 4)
+    taskset = integration.taskset_from_store(glyphs["train"], ways=3, samples=1 + 4, classes=40)
     sampler = integration.TasksetSampler(taskset, shots=1, meta_batch=4, seed=0)
     episode = sampler.sample()
     assert episode.support_x.shape == (4, 3, 3, 16, 16) and episode.query_x.shape == (4, 12, 3, 16, 16)
@@ -265,7 +252,7 @@ def test_benchmark_tasksets_as_kml_mode_train_with_trainer(l2l, glyphs, tmp_path
 
     # A learn2learn benchmark (what get_tasksets returns), over small data: no download.
     tasksets = l2l.vision.benchmarks.BenchmarkTasksets(
-        *(glyph_taskset(l2l, glyphs[split], classes, 3, 2) for split, classes in (("train", 8), ("val", 4), ("test", 4)))
+        *(integration.taskset_from_store(glyphs[split], 3, 2, classes) for split, classes in (("train", 8), ("val", 4), ("test", 4)))
     )
     stores = integration.stores_from_tasksets(tasksets, mode="l2l-glyphs", max_per_class=6)
     assert {s: (st.num_classes, len(st.images)) for s, st in stores.items()} == {"train": (8, 48), "val": (4, 24), "test": (4, 24)}

@@ -77,15 +77,7 @@ def offline_get_tasksets(root: Path):
                      device=None, **kwargs):
         def taskset(split: str, classes: int, ways: int, samples: int):
             store = load_stores(["glyphs"], split, root=data_root, side=28, channels=1)[0]
-            dataset = l2l.data.FilteredMetaDataset(integration.dataset_from_store(store), list(range(classes)))
-            transforms = [
-                l2l.data.transforms.NWays(dataset, ways),
-                l2l.data.transforms.KShots(dataset, samples),
-                l2l.data.transforms.LoadData(dataset),
-                l2l.data.transforms.RemapLabels(dataset),
-                l2l.data.transforms.ConsecutiveLabels(dataset),
-            ]
-            return l2l.data.Taskset(dataset, transforms, num_tasks=num_tasks)
+            return integration.taskset_from_store(store, ways, samples, classes, num_tasks)
 
         return l2l.vision.benchmarks.BenchmarkTasksets(
             taskset("train", 12, train_ways, train_samples),

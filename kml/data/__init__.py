@@ -11,8 +11,7 @@ The names below load on first use, so importing a submodule stays light.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from kml._lazy import lazy_exports
 
 _EXPORTS = {
     "Episode": "kml.data.episode",
@@ -28,7 +27,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kml.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

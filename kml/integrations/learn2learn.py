@@ -75,6 +75,7 @@ __all__ = [
     "store_from_dataset",
     "stores_from_tasksets",
     "task_module",
+    "taskset_from_store",
     "TasksetSampler",
 ]
 
@@ -320,6 +321,24 @@ def dataset_from_store(store: ImageStore, dtype: torch.dtype = torch.float32) ->
     offsets = store.class_offsets.tolist()
     labels_to_indices = {c: list(range(offsets[c], offsets[c + 1])) for c in range(store.num_classes)}
     return l2l.data.MetaDataset(_StoreDataset(store, dtype), labels_to_indices=labels_to_indices)
+
+
+def taskset_from_store(store: ImageStore, ways: int, samples: int, classes: int | None = None, num_tasks: int = -1) -> Any:
+    """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples`` images per class over a kml store (its
+    first ``classes`` classes, default all), built with learn2learn's own transforms (NWays, KShots, LoadData,
+    RemapLabels, ConsecutiveLabels)."""
+    l2l = require_learn2learn()
+    dataset = dataset_from_store(store)
+    if classes is not None:
+        dataset = l2l.data.FilteredMetaDataset(dataset, list(range(classes)))
+    transforms = [
+        l2l.data.transforms.NWays(dataset, ways),
+        l2l.data.transforms.KShots(dataset, samples),
+        l2l.data.transforms.LoadData(dataset),
+        l2l.data.transforms.RemapLabels(dataset),
+        l2l.data.transforms.ConsecutiveLabels(dataset),
+    ]
+    return l2l.data.Taskset(dataset, transforms, num_tasks=num_tasks)
 
 
 def episode_from_tasks(

@@ -58,13 +58,3 @@ class TaskModel(TaskConditionedModel):
             self.inner_rates = nn.ParameterDict({
                 rate_key(name): nn.Parameter(torch.full_like(p, config.inner_lr)) for name, p in self.backbone.named_parameters()
             })
-
-    def modulation(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Modulation | None:
-        """One task's modulation from its support set ``[N*K, C, H, W]``, ``[N*K]`` (``None`` without one)."""
-        if self.encoder is None or self.generator is None:
-            return None
-        return self.generator(self.encoder(support_x, support_y))
-
-    def forward(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` -> logits ``[B, ways]`` (MAML) or features ``[B, D]`` (ProtoNet)."""
-        return self.backbone(x, modulation)

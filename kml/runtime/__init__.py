@@ -7,9 +7,7 @@ not import torch (:func:`configure_threads` must run before torch loads its Open
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
+from kml._lazy import lazy_exports
 from kml.runtime.threads import configure_threads
 
 _LAZY = {
@@ -23,7 +21,4 @@ _LAZY = {
 __all__ = ["autocast", "bf16_native", "check_bf16", "configure_threads", "float32_inner_loop", "tune_cpu_allocator"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kml.runtime' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY, globals())

@@ -5,8 +5,7 @@ The names below load on first use, so importing a submodule (``kml.training.run_
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kml._lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "kml.training.trainer",
@@ -18,7 +17,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'kml.training' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
