@@ -331,3 +331,18 @@ def test_transference_of_a_learner_that_only_maps_episodes_to_losses():
     assert z.shape == (3, 3) and torch.isfinite(z).all() and float(z.abs().max()) > 0
     with pytest.raises(KMLError, match="inner_parameter_names"):
         kml.task_transference(learner, random_episode(tasks=3), rate=1e-2, parameters="backbone")
+
+
+@pytest.mark.parametrize("learner", ["maml", "protonet"])
+def test_predict_gives_the_logits_the_loss_is_computed_from(learner):
+    """predict() needs no query labels; its argmax gives the accuracy forward() reports, its log-softmax the loss."""
+    torch.manual_seed(0)
+    model = kml.modulate(resnet(WAYS if learner == "maml" else None), "kml", encoder_channels=4, identity_init=False)
+    meta = (kml.MAML(model, inner_lr=0.1, inner_steps=2) if learner == "maml" else kml.ProtoNet(model, refine=True)).double()
+    episode = random_episode()
+    logits = meta.predict(episode.support_x, episode.support_y, episode.query_x)
+    assert logits.shape == (2, WAYS * 2, WAYS)
+    output = meta(episode)
+    assert torch.equal((logits.argmax(-1) == episode.query_y).float().mean(-1), output.task_accuracy)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten(), reduction="none").view(2, -1).mean(-1)
+    assert torch.allclose(loss, output.task_loss, atol=1e-12)

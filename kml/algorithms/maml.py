@@ -88,11 +88,10 @@ class MAML(nn.Module):
     def _support_loss(self, fast: Params, network: Params, modulation, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self._calls({**network, **fast}, x, modulation), y)
 
-    def _task_loss(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                   query_y: torch.Tensor, *, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One task's (query loss, query accuracy); ``params`` named as in ``model.named_parameters()``.
-
-        Shapes: ``support_x [N*K, C, H, W]``, ``support_y [N*K]``, ``query_x [N*Q, C, H, W]``, ``query_y [N*Q]``.
+    def _task_logits(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                     *, steps: int) -> torch.Tensor:
+        """One task's query logits ``[M, N]`` after adapting to its support set; ``params`` named as in
+        ``model.named_parameters()``. Shapes: ``support_x [N*K, C, H, W]``, ``support_y [N*K]``, ``query_x [M, C, H, W]``.
         """
         modulation = self._calls.modulation(params, support_x, support_y)  # from the support set only
         prefix = self._calls.network_prefix
@@ -105,8 +104,25 @@ class MAML(nn.Module):
                     grads = {name: g.detach() for name, g in grads.items()}
                 grads = clip_gradients(grads, self.inner_grad_clip, self.inner_grad_clamp)
                 fast = {name: p - self.inner_lr * grads[name] for name, p in fast.items()}
-        logits = self._calls({**network, **fast}, query_x, modulation)
+        return self._calls({**network, **fast}, query_x, modulation)
+
+    def _task_loss(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                   query_y: torch.Tensor, *, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One task's (query loss, query accuracy); query labels ``[N*Q]``, the rest as :meth:`_task_logits`."""
+        logits = self._task_logits(params, support_x, support_y, query_x, steps=steps)
         return cross_entropy(logits, query_y), accuracy(logits, query_y)
+
+    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                inner_steps: int | None = None) -> torch.Tensor:
+        """Query logits of T tasks, each adapted to its labelled support set (queries need no labels).
+
+        Shapes: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]``, ``query_x [T, M, C, H, W]`` ->
+        ``[T, M, N]``. Differentiable like :meth:`forward`; wrap in ``torch.no_grad()`` to only predict.
+        """
+        task = partial(self._task_logits, steps=self._steps(inner_steps))
+        with exact_batch_norm(not self.first_order):
+            return vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
+                dict(self.model.named_parameters()), support_x, support_y, query_x)
 
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
         """Meta-batch loss with every task adapted and evaluated at once (``vmap`` over tasks)."""

@@ -17,7 +17,7 @@ from torch.func import vmap
 
 from kml.algorithms.functional import ModelCalls, Params, subset, use_batch_statistics
 from kml.algorithms.learner import LearnerOutput
-from kml.algorithms.losses import prototypical_loss
+from kml.algorithms.losses import distance_logits, prototypes, prototypical_loss, refine_prototypes
 from kml.data.episode import Episode
 
 __all__ = ["ProtoNet"]
@@ -56,6 +56,28 @@ class ProtoNet(nn.Module):
         support = self._features(params, modulation, support_x)
         query = self._features(params, modulation, query_x)
         return prototypical_loss(support, support_y, query, query_y, ways, self.refine)
+
+    def _task_logits(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                     *, ways: int) -> torch.Tensor:
+        """One task's query logits ``[M, N]``: ``-squared distance`` to the (refined) prototypes, up to a per-query constant."""
+        modulation = self._calls.modulation(params, support_x, support_y)
+        support = self._features(params, modulation, support_x)
+        query = self._features(params, modulation, query_x)
+        centres = prototypes(support, support_y, ways)
+        if self.refine:
+            centres = refine_prototypes(centres, support, support_y, query)
+        return distance_logits(query, centres)
+
+    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int | None = None) -> torch.Tensor:
+        """Query logits of T tasks from their labelled support sets (queries need no labels).
+
+        Shapes: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (labels ``0..N-1``), ``query_x [T, M, C, H, W]``
+        -> ``[T, M, N]``; ``ways`` defaults to ``support_y.max() + 1``.
+        """
+        ways = int(support_y.max()) + 1 if ways is None else ways
+        task = partial(self._task_logits, ways=ways)
+        return vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
+            dict(self.model.named_parameters()), support_x, support_y, query_x)
 
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
         """Meta-batch loss of every task at once (``inner_steps`` is accepted and ignored: no inner loop)."""
