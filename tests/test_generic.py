@@ -55,6 +55,8 @@ MODELS = {
     "resnet12": resnet,
     "resnet12-kml": lambda ways: kml.modulate(resnet(ways), "kml", encoder_channels=4, identity_init=False),
     "resnet12-kml-bare": lambda ways: kml.modulate(resnet(ways), "kml", form="bare", encoder_channels=4, identity_init=False),
+    "resnet12-film": lambda ways: kml.modulate(resnet(ways), "film", encoder_channels=4, identity_init=False),
+    "sequential-kml": lambda ways: kml.modulate(sequential(ways or 8), "kml", encoder_channels=4, identity_init=False),
     "sequential-film": lambda ways: kml.modulate(sequential(ways or 8), "film", encoder_channels=4, identity_init=False),
 }
 
