@@ -34,6 +34,20 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
 
+def add_timing_arguments(parser: argparse.ArgumentParser, steps: int = 5) -> None:
+    """``--steps`` (timed), ``--warmup`` (untimed) and ``--smoke`` (see :func:`smoke_sized`)."""
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per path")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
+
+
+def smoke_sized(args: argparse.Namespace) -> argparse.Namespace:
+    """With ``--smoke``, the setup shrunk to a CI-sized one (16 px, 4 channels, 2 tasks, 1 inner and 1 timed step)."""
+    if args.smoke:
+        args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
+    return args
+
+
 def random_episode(tasks: int, ways: int, shots: int, queries: int, side: int, device: str, modes: int = 1) -> Episode:
     """A meta-batch of random images with the right shapes and labels (speed does not depend on pixels).
 

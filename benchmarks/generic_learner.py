@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_setup_arguments, outer_step, random_episode, seconds_per_step
+from common import add_setup_arguments, add_timing_arguments, outer_step, random_episode, seconds_per_step, smoke_sized
 import torch
 
 import kml
@@ -52,14 +52,11 @@ def tasks_per_second(method: str, path: str, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(parser, steps=5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--paths", nargs="+", default=["packed", "generic"], choices=["packed", "generic", "resnet12"])
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
-    args = parser.parse_args()
+    args = smoke_sized(parser.parse_args())
     if args.smoke:
-        args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
         args.paths = ["packed", "generic", "resnet12"]
     if args.bf16:
         check_bf16(args.device)

@@ -23,7 +23,7 @@ import argparse
 import copy
 import time
 
-from common import add_setup_arguments, random_episode, synchronize
+from common import add_setup_arguments, add_timing_arguments, random_episode, smoke_sized, synchronize
 import torch
 
 from kml.algorithms import build_learner
@@ -66,13 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(parser)
     parser.add_argument("--first-order", action="store_true")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per path")
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(parser, steps=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
+    args = smoke_sized(parser.parse_args(argv))
     l2l = require_learn2learn()
     tune_cpu_allocator()
     if args.bf16:

@@ -21,7 +21,7 @@ import json
 import subprocess
 import sys
 
-from common import add_setup_arguments, outer_step, peak_memory_mib, random_episode, seconds_per_step
+from common import add_setup_arguments, add_timing_arguments, outer_step, peak_memory_mib, random_episode, seconds_per_step, smoke_sized
 import torch
 
 from kml.algorithms import build_learner
@@ -49,14 +49,10 @@ def measure(method: str, path: str, bf16: bool, args) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(parser)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(parser, steps=5)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "PATH", "BF16"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.smoke:
-        args.side, args.channels, args.queries, args.meta_batch, args.inner_steps, args.steps = 16, 4, 2, 2, 1, 1
+    args = smoke_sized(parser.parse_args())
     tuned = tune_cpu_allocator()
     if args.one:  # child process: one measurement, so the CPU peak memory is this configuration's own
         method, path, bf16 = args.one
