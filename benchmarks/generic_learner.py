@@ -16,27 +16,39 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_setup_arguments, add_timing_arguments, outer_step, random_episode, seconds_per_step, smoke_sized
 import torch
+from common import add_setup_arguments, add_timing_arguments, outer_step, random_episode, seconds_per_step, smoke_sized
 
 import kml
 from kml.config import LearnerConfig
 from kml.runtime import check_bf16, tune_cpu_allocator
 
-METHODS = {"kml-maml": dict(algorithm="maml", modulation="kml"), "kml-protonet": dict(algorithm="protonet", modulation="kml")}
+METHODS = {
+    "kml-maml": dict(algorithm="maml", modulation="kml"),
+    "kml-protonet": dict(algorithm="protonet", modulation="kml"),
+}
 
 
 def build(method: str, path: str, args) -> torch.nn.Module:
     """The learner of ``path``: ``packed`` (kml.build_learner), ``generic`` (kml.MAML/ProtoNet over the same
     task model) or ``resnet12`` (kml.build_learner with the ResNet-12 backbone, the vmap path)."""
-    config = LearnerConfig(ways=args.ways, image_size=args.side, base_channels=args.channels, encoder_channels=args.channels,
-                           inner_steps=args.inner_steps, backbone="resnet12" if path == "resnet12" else "published",
-                           **METHODS[method])
+    config = LearnerConfig(
+        ways=args.ways,
+        image_size=args.side,
+        base_channels=args.channels,
+        encoder_channels=args.channels,
+        inner_steps=args.inner_steps,
+        backbone="resnet12" if path == "resnet12" else "published",
+        **METHODS[method],
+    )
     learner = kml.build_learner(config)
     if path == "generic":
         task_model = learner.models[0]
-        learner = (kml.MAML(task_model, inner_lr=config.inner_lr, inner_steps=config.inner_steps) if config.algorithm == "maml"
-                   else kml.ProtoNet(task_model, refine=config.proto_refine))
+        learner = (
+            kml.MAML(task_model, inner_lr=config.inner_lr, inner_steps=config.inner_steps)
+            if config.algorithm == "maml"
+            else kml.ProtoNet(task_model, refine=config.proto_refine)
+        )
     return learner.to(args.device).train()
 
 
@@ -61,17 +73,23 @@ def main() -> None:
     if args.bf16:
         check_bf16(args.device)
     tuned = tune_cpu_allocator()
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
-          f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={tuned}")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
+        f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={tuned}"
+    )
     print(f"{'method':<14}{'path':<10}{'tasks/s':>10}{'ms/step':>10}")
     for method in args.methods:
         rates = {}
         for path in args.paths:
             rates[path] = tasks_per_second(method, path, args)
-            print(f"{method:<14}{path:<10}{rates[path]:>10.2f}{1000 * args.meta_batch / rates[path]:>10.1f}", flush=True)
+            print(
+                f"{method:<14}{path:<10}{rates[path]:>10.2f}{1000 * args.meta_batch / rates[path]:>10.1f}", flush=True
+            )
         if {"packed", "generic"} <= set(rates):
-            print(f"{method:<14}ratio     {rates['packed'] / rates['generic']:>10.2f}x  (packed / generic, same network)")
+            print(
+                f"{method:<14}ratio     {rates['packed'] / rates['generic']:>10.2f}x  (packed / generic, same network)"
+            )
 
 
 if __name__ == "__main__":

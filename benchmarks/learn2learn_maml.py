@@ -23,8 +23,8 @@ import argparse
 import copy
 import time
 
-from common import add_setup_arguments, add_timing_arguments, random_episode, smoke_sized, synchronize
 import torch
+from common import add_setup_arguments, add_timing_arguments, random_episode, smoke_sized, synchronize
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
@@ -73,26 +73,40 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     if args.bf16:
         check_bf16(args.device)
-    print(f"device={args.device} torch={torch.__version__} learn2learn={l2l.__version__} threads={torch.get_num_threads()} "
-          f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} channels={args.channels} "
-          f"inner-steps={args.inner_steps} {'first' if args.first_order else 'second'}-order bf16={args.bf16}")
+    print(
+        f"device={args.device} torch={torch.__version__} learn2learn={l2l.__version__} threads={torch.get_num_threads()} "
+        f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} channels={args.channels} "
+        f"inner-steps={args.inner_steps} {'first' if args.first_order else 'second'}-order bf16={args.bf16}"
+    )
     print(f"{'method':<10}{'path':<13}{'tasks/s':>10}{'ms/step':>10}{'first loss':>13}")
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device)
     paths = {"learn2learn": maml_forward, "kml batched": lambda learner, e: learner(e)}
     for method in args.methods:
         torch.manual_seed(0)
-        config = LearnerConfig(ways=args.ways, image_size=args.side, base_channels=args.channels,
-                               encoder_channels=args.channels, inner_steps=args.inner_steps,
-                               first_order=args.first_order, **METHODS[method])
+        config = LearnerConfig(
+            ways=args.ways,
+            image_size=args.side,
+            base_channels=args.channels,
+            encoder_channels=args.channels,
+            inner_steps=args.inner_steps,
+            first_order=args.first_order,
+            **METHODS[method],
+        )
         learner = build_learner(config).to(args.device).train()
         rates, losses = {}, {}
         for path, forward in paths.items():
             rates[path], losses[path] = measure(copy.deepcopy(learner), forward, episode, args)
-            print(f"{method:<10}{path:<13}{rates[path]:>10.2f}{1000 * args.meta_batch / rates[path]:>10.1f}"
-                  f"{losses[path]:>13.6f}", flush=True)
+            print(
+                f"{method:<10}{path:<13}{rates[path]:>10.2f}{1000 * args.meta_batch / rates[path]:>10.1f}"
+                f"{losses[path]:>13.6f}",
+                flush=True,
+            )
         gap = abs(losses["kml batched"] - losses["learn2learn"])
-        print(f"{method:<10}{'ratio':<13}{rates['kml batched'] / rates['learn2learn']:>10.2f}x  "
-              f"(kml batched / learn2learn; |first loss difference| {gap:.1e})", flush=True)
+        print(
+            f"{method:<10}{'ratio':<13}{rates['kml batched'] / rates['learn2learn']:>10.2f}x  "
+            f"(kml batched / learn2learn; |first loss difference| {gap:.1e})",
+            flush=True,
+        )
     return 0
 
 

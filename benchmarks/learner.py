@@ -21,22 +21,39 @@ import json
 import subprocess
 import sys
 
-from common import add_setup_arguments, add_timing_arguments, outer_step, peak_memory_mib, random_episode, seconds_per_step, smoke_sized
 import torch
+from common import (
+    add_setup_arguments,
+    add_timing_arguments,
+    outer_step,
+    peak_memory_mib,
+    random_episode,
+    seconds_per_step,
+    smoke_sized,
+)
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
 from kml.runtime import check_bf16, tune_cpu_allocator
 
-METHODS = {"kml-maml": dict(algorithm="maml", modulation="kml"), "kml-protonet": dict(algorithm="protonet", modulation="kml")}
+METHODS = {
+    "kml-maml": dict(algorithm="maml", modulation="kml"),
+    "kml-protonet": dict(algorithm="protonet", modulation="kml"),
+}
 
 
 def measure(method: str, path: str, bf16: bool, args) -> tuple[float, float]:
     """(tasks/s, peak MiB) of ``path`` ("batched" or "reference") for ``method``."""
     torch.manual_seed(0)
     baseline = peak_memory_mib("cpu")  # what importing torch costs, not this configuration
-    config = LearnerConfig(ways=args.ways, image_size=args.side, base_channels=args.channels, encoder_channels=args.channels,
-                           inner_steps=args.inner_steps, **METHODS[method])
+    config = LearnerConfig(
+        ways=args.ways,
+        image_size=args.side,
+        base_channels=args.channels,
+        encoder_channels=args.channels,
+        inner_steps=args.inner_steps,
+        **METHODS[method],
+    )
     learner = build_learner(config).to(args.device).train()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, args.device, modes=3)
@@ -60,26 +77,43 @@ def main() -> None:
         return
     if args.bf16:
         check_bf16(args.device)
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
-          f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={tuned}")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"{args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
+        f"channels={args.channels} inner-steps={args.inner_steps} bf16={args.bf16} allocator-tuned={tuned}"
+    )
     print(f"{'method':<14}{'path':<11}{'precision':<11}{'tasks/s':>10}{'ms/step':>10}{'peak MiB':>10}")
     precision = "bf16" if args.bf16 else "fp32"
     runs = [("reference", "fp32"), *([("reference", "bf16")] if args.bf16 else []), ("batched", precision)]
     for method in args.methods:
         figures = {}
         for path, dtype in runs:
-            child = [sys.executable, __file__, *[a for a in sys.argv[1:] if a != "--bf16"], "--one", method, path, dtype]
+            child = [
+                sys.executable,
+                __file__,
+                *[a for a in sys.argv[1:] if a != "--bf16"],
+                "--one",
+                method,
+                path,
+                dtype,
+            ]
             result = subprocess.run(child, capture_output=True, text=True)
             if result.returncode:
                 sys.exit(f"error: {method} {path} {dtype}: {(result.stderr.strip().splitlines() or ['failed'])[-1]}")
             rate, memory = json.loads(result.stdout.splitlines()[-1])
             figures[path, dtype] = rate
-            print(f"{method:<14}{path:<11}{dtype:<11}{rate:>10.2f}{1000 * args.meta_batch / rate:>10.1f}{memory:>10.0f}", flush=True)
+            print(
+                f"{method:<14}{path:<11}{dtype:<11}{rate:>10.2f}{1000 * args.meta_batch / rate:>10.1f}{memory:>10.0f}",
+                flush=True,
+            )
         batched = figures["batched", precision]
-        print(f"{method:<14}ratio      {batched / figures['reference', 'fp32']:>10.2f}x  (batched {precision} / reference fp32)")
+        print(
+            f"{method:<14}ratio      {batched / figures['reference', 'fp32']:>10.2f}x  (batched {precision} / reference fp32)"
+        )
         if args.bf16:
-            print(f"{method:<14}ratio      {batched / figures['reference', 'bf16']:>10.2f}x  (batched / reference, both bf16)")
+            print(
+                f"{method:<14}ratio      {batched / figures['reference', 'bf16']:>10.2f}x  (batched / reference, both bf16)"
+            )
 
 
 if __name__ == "__main__":

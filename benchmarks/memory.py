@@ -17,8 +17,8 @@ import json
 import subprocess
 import sys
 
-from common import add_setup_arguments, peak_memory_mib, random_episode, seconds_per_step
 import torch
+from common import add_setup_arguments, peak_memory_mib, random_episode, seconds_per_step
 
 from kml.algorithms import build_learner
 from kml.algorithms.chunking import accumulate_meta_gradient
@@ -32,8 +32,13 @@ def measure(meta_batch: int, inner_steps: int, chunk: int | None, checkpointing:
     """(seconds per step, peak MiB) of one configuration, in this process."""
     torch.manual_seed(0)
     baseline = peak_memory_mib("cpu")
-    config = LearnerConfig(ways=args.ways, image_size=args.side, base_channels=args.channels,
-                           encoder_channels=args.channels, inner_steps=inner_steps)
+    config = LearnerConfig(
+        ways=args.ways,
+        image_size=args.side,
+        base_channels=args.channels,
+        encoder_channels=args.channels,
+        inner_steps=inner_steps,
+    )
     learner = build_learner(config).to(args.device).train()
     learner.activation_checkpointing = checkpointing
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
@@ -60,19 +65,30 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
-    parser.add_argument("--one", nargs=4, type=int, metavar=("META_BATCH", "INNER", "CHUNK", "CKPT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--one", nargs=4, type=int, metavar=("META_BATCH", "INNER", "CHUNK", "CKPT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.smoke:
         args.side, args.channels, args.queries, args.meta_batches, args.inner_step_counts, args.chunk, args.steps = (
-            16, 4, 2, [4], [2], 2, 1)
+            16,
+            4,
+            2,
+            [4],
+            [2],
+            2,
+            1,
+        )
     tune_cpu_allocator()
     if args.one:
         meta_batch, inner, chunk, checkpointing = args.one
         print(json.dumps(measure(meta_batch, inner, chunk or None, bool(checkpointing), args)))
         return
     memory = "CUDA peak allocated" if args.device.startswith("cuda") else "CPU peak RSS"
-    print(f"device={args.device} KML+MAML second order {args.ways}w{args.shots}s{args.queries}q side={args.side} "
-          f"channels={args.channels} chunk={args.chunk} bf16={args.bf16} memory={memory}")
+    print(
+        f"device={args.device} KML+MAML second order {args.ways}w{args.shots}s{args.queries}q side={args.side} "
+        f"channels={args.channels} chunk={args.chunk} bf16={args.bf16} memory={memory}"
+    )
     print(f"{'meta-batch':>10}{'inner':>6}  {'variant':<13}{'s/step':>9}{'peak MiB':>10}{'memory':>8}{'time':>7}")
     for meta_batch in args.meta_batches:
         for inner in args.inner_step_counts:
@@ -80,15 +96,29 @@ def main() -> None:
             for variant in args.variants:
                 chunk, checkpointing = VARIANTS[variant]
                 chunk = args.chunk if chunk else 0
-                child = [sys.executable, __file__, *sys.argv[1:], "--one", str(meta_batch), str(inner), str(chunk), str(int(checkpointing))]
+                child = [
+                    sys.executable,
+                    __file__,
+                    *sys.argv[1:],
+                    "--one",
+                    str(meta_batch),
+                    str(inner),
+                    str(chunk),
+                    str(int(checkpointing)),
+                ]
                 done = subprocess.run(child, capture_output=True, text=True)
                 if done.returncode:
-                    print(f"{meta_batch:>10}{inner:>6}  {variant:<13}  failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+                    print(
+                        f"{meta_batch:>10}{inner:>6}  {variant:<13}  failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+                    )
                     continue
                 seconds, peak = json.loads(done.stdout.splitlines()[-1])
                 plain = plain or (seconds, peak)
-                print(f"{meta_batch:>10}{inner:>6}  {variant:<13}{seconds:>9.3f}{peak:>10.0f}"
-                      f"{peak / max(plain[1], 1e-9):>7.2f}x{seconds / plain[0]:>6.2f}x", flush=True)
+                print(
+                    f"{meta_batch:>10}{inner:>6}  {variant:<13}{seconds:>9.3f}{peak:>10.0f}"
+                    f"{peak / max(plain[1], 1e-9):>7.2f}x{seconds / plain[0]:>6.2f}x",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

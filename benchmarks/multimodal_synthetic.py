@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from common import BF16_HELP
 import torch
+from common import BF16_HELP
 
 from kml.config import LearnerConfig
 from kml.data.modes import load_stores
@@ -38,22 +38,52 @@ METHODS = {
 
 
 def train_and_evaluate(name: str, args, train_dir: Path, data_root: Path) -> tuple[list, pd.DataFrame]:
-    learner = LearnerConfig(algorithm="maml", base_channels=args.channels, encoder_channels=args.channels,
-                            inner_steps=args.inner_steps, eval_inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                            **METHODS[name])
+    learner = LearnerConfig(
+        algorithm="maml",
+        base_channels=args.channels,
+        encoder_channels=args.channels,
+        inner_steps=args.inner_steps,
+        eval_inner_steps=args.inner_steps,
+        inner_lr=args.inner_lr,
+        **METHODS[name],
+    )
     config = RunConfig(
-        modes=["synthetic"], ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch,
-        steps=args.steps, lr=args.lr, seed=args.seed, data_root=str(data_root), image_size=args.side,
-        train_dir=str(train_dir), run_name=learner.method, val_every=args.steps, val_episodes=30,
-        checkpoint_every=args.steps, log_every=max(1, args.steps // 20), transference_every=args.transference_every,
-        transference_batches=2, bf16=args.bf16, learner=learner,
+        modes=["synthetic"],
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        meta_batch=args.meta_batch,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        data_root=str(data_root),
+        image_size=args.side,
+        train_dir=str(train_dir),
+        run_name=learner.method,
+        val_every=args.steps,
+        val_episodes=30,
+        checkpoint_every=args.steps,
+        log_every=max(1, args.steps // 20),
+        transference_every=args.transference_every,
+        transference_batches=2,
+        bf16=args.bf16,
+        learner=learner,
     )
     trainer = Trainer.create(config, overwrite=True, progress=not args.no_progress)
     trainer.callbacks.append(TransferenceRecorder.from_trainer(trainer))  # what --transference-every adds
     trainer.fit()
     test = load_stores(["synthetic"], "test", data_root, side=args.side)
-    results = evaluate(trainer.learner, test, args.ways, args.shots, args.queries, args.episodes, seed=1234,
-                       bf16=args.bf16, progress=not args.no_progress)
+    results = evaluate(
+        trainer.learner,
+        test,
+        args.ways,
+        args.shots,
+        args.queries,
+        args.episodes,
+        seed=1234,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
     records = load_records(train_dir / learner.method)
     return results, records
 
@@ -91,15 +121,19 @@ def main() -> None:
         for name in args.methods:
             results, records = train_and_evaluate(name, args, train_dir, data_root)
             for result in results:
-                table.append({"method": name, "mode": result.mode, "accuracy": f"{result.accuracy:.2f} ± {result.ci95:.2f}"})
+                table.append(
+                    {"method": name, "mode": result.mode, "accuracy": f"{result.accuracy:.2f} ± {result.ci95:.2f}"}
+                )
             mean = sum(r.accuracy for r in results) / len(results)
             table.append({"method": name, "mode": "average", "accuracy": f"{mean:.2f}"})
             last = records[records["step"] == records["step"].max()]
             matrices[name] = mode_matrix(last)
-    print(f"setup: synthetic modes, {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}px, "
-          f"{args.steps} steps x meta-batch {args.meta_batch}, {args.channels} channels, {args.inner_steps} inner steps "
-          f"(lr {args.inner_lr}), {args.episodes} test episodes per mode, seed {args.seed}, bf16 {args.bf16}, "
-          f"torch {torch.__version__}")
+    print(
+        f"setup: synthetic modes, {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}px, "
+        f"{args.steps} steps x meta-batch {args.meta_batch}, {args.channels} channels, {args.inner_steps} inner steps "
+        f"(lr {args.inner_lr}), {args.episodes} test episodes per mode, seed {args.seed}, bf16 {args.bf16}, "
+        f"torch {torch.__version__}"
+    )
     print("\nheld-out accuracy (%, 95% CI)")
     print(pd.DataFrame(table).pivot(index="mode", columns="method", values="accuracy")[args.methods].to_string())
     for name, matrix in matrices.items():

@@ -69,7 +69,9 @@ def write_image_folder(store, folder: Path) -> tuple[list[Path], list[int], list
     return paths, labels, class_indices
 
 
-def task_loader(store, folder: Path, ways: int, shots: int, queries: int, tasks: int, side: int, workers: int) -> DataLoader:
+def task_loader(
+    store, folder: Path, ways: int, shots: int, queries: int, tasks: int, side: int, workers: int
+) -> DataLoader:
     paths, labels, class_indices = write_image_folder(store, folder)
     return DataLoader(
         FolderImages(paths, labels, side),
@@ -122,7 +124,9 @@ class PublishedStyleKML(nn.Module):
         return loss, accuracy
 
 
-def published_style_step(model, optimizer, tasks: list[tuple[torch.Tensor, torch.Tensor]], ways: int, shots: int, device) -> float:
+def published_style_step(
+    model, optimizer, tasks: list[tuple[torch.Tensor, torch.Tensor]], ways: int, shots: int, device
+) -> float:
     """One outer step over a meta-batch: a Python loop over tasks, loss summed, one Adam step."""
     optimizer.zero_grad()
     total = 0.0

@@ -17,8 +17,8 @@ import hashlib
 from pathlib import Path
 
 from kml.data.sources import prepare
-from kml.data.sources.prepare import format_summary
 from kml.data.sources.omniglot import small_archives
+from kml.data.sources.prepare import format_summary
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "omniglot-small"
 
@@ -34,8 +34,15 @@ def main() -> None:
     for name, data in files.items():  # placed by hand, as on an offline machine
         (raw / name).write_bytes(data)
     checksums = {name: "md5:" + hashlib.md5(data).hexdigest() for name, data in files.items()}
-    rows = prepare(["omniglot"], args.root, force=args.force, split_variant="omniglot=lake", checksums=checksums,
-                   mirrors=["http://127.0.0.1:9/"], progress=False)
+    rows = prepare(
+        ["omniglot"],
+        args.root,
+        force=args.force,
+        split_variant="omniglot=lake",
+        checksums=checksums,
+        mirrors=["http://127.0.0.1:9/"],
+        progress=False,
+    )
     print(format_summary(rows))
 
 

@@ -36,11 +36,45 @@ def plan(device: str, bf16: bool, smoke: bool, out: Path) -> list[tuple[str, lis
     return [
         ("learner", ["learner.py", *dev, *precision, "--steps", "10", "--warmup", "2"], 90),
         ("learner_fp32", ["learner.py", *dev, "--steps", "10", "--warmup", "2"], 60),
-        ("generic_learner", ["generic_learner.py", *dev, *precision, "--steps", "5", "--warmup", "2", "--paths", "packed", "generic", "resnet12"], 60),
+        (
+            "generic_learner",
+            [
+                "generic_learner.py",
+                *dev,
+                *precision,
+                "--steps",
+                "5",
+                "--warmup",
+                "2",
+                "--paths",
+                "packed",
+                "generic",
+                "resnet12",
+            ],
+            60,
+        ),
         ("train_throughput", ["train_throughput.py", *dev, *precision, "--steps", "30", "--eval-episodes", "300"], 120),
         ("sampler", ["sampler.py", *dev], 45),
-        ("memory", ["memory.py", *dev, *precision, "--meta-batches", "10", "40", "80", "--inner-step-counts", "1", "5",
-                    "--chunk", "10", "--steps", "3"], 120),
+        (
+            "memory",
+            [
+                "memory.py",
+                *dev,
+                *precision,
+                "--meta-batches",
+                "10",
+                "40",
+                "80",
+                "--inner-step-counts",
+                "1",
+                "5",
+                "--chunk",
+                "10",
+                "--steps",
+                "3",
+            ],
+            120,
+        ),
         ("sweep", ["sweep.py", *dev, "--repeats", "1", "--plot", str(out / "sweep.png")], 60),
     ]
 
@@ -56,8 +90,16 @@ class UtilisationSampler:
     def __enter__(self) -> UtilisationSampler:
         if shutil.which("nvidia-smi"):
             self._process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
-                stdout=subprocess.PIPE, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read, daemon=True)
             self._thread.start()
         return self
@@ -98,8 +140,12 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     bf16 = args.bf16 and not args.smoke and args.device.startswith("cuda")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    summary = [f"# kml benchmarks on {args.device} ({time.strftime('%Y-%m-%d %H:%M')})", "",
-               "| benchmark | seconds | GPU utilisation | figures |", "|---|---|---|---|"]
+    summary = [
+        f"# kml benchmarks on {args.device} ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        "| benchmark | seconds | GPU utilisation | figures |",
+        "|---|---|---|---|",
+    ]
     started = time.perf_counter()
     failures = 0
     for name, command, limit in plan(args.device, bf16, args.smoke, out.resolve()):
@@ -108,11 +154,23 @@ def main() -> int:
         begin = time.perf_counter()
         with UtilisationSampler() as sampler:
             try:
-                done = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], cwd=out, env=env,
-                                      capture_output=True, text=True, timeout=limit)
-                output, status = done.stdout + done.stderr[-3000:], "ok" if done.returncode == 0 else f"exit {done.returncode}"
+                done = subprocess.run(
+                    [sys.executable, str(HERE / command[0]), *command[1:]],
+                    cwd=out,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=limit,
+                )
+                output, status = (
+                    done.stdout + done.stderr[-3000:],
+                    "ok" if done.returncode == 0 else f"exit {done.returncode}",
+                )
             except subprocess.TimeoutExpired as timeout:
-                output, status = (timeout.stdout or b"").decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or ""), f"timed out after {limit} s"
+                output, status = (
+                    (timeout.stdout or b"").decode() if isinstance(timeout.stdout, bytes) else (timeout.stdout or ""),
+                    f"timed out after {limit} s",
+                )
         seconds = time.perf_counter() - begin
         failures += status != "ok"
         (out / f"{name}.txt").write_text(f"$ python {' '.join(command)}\n{output}")

@@ -28,7 +28,9 @@ from kml.runtime import tune_cpu_allocator
 
 def bench_reference(store, args, folder: Path) -> float:
     per_class = args.shots + args.queries
-    loader = task_loader(store, folder, args.ways, args.shots, args.queries, args.meta_batches * args.meta_batch, args.side, args.workers)
+    loader = task_loader(
+        store, folder, args.ways, args.shots, args.queries, args.meta_batches * args.meta_batch, args.side, args.workers
+    )
     start = time.perf_counter()
     drawn = 0
     meta_batch = []
@@ -65,8 +67,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--meta-batch", type=int, default=10)
     parser.add_argument("--side", type=int, default=84, help="image side length")
-    parser.add_argument("--classes", type=int, default=64, help="classes in the benchmark split (mini-ImageNet train: 64)")
-    parser.add_argument("--meta-batches", type=int, default=20, help="meta-batches timed for the reference (kml: 20x more)")
+    parser.add_argument(
+        "--classes", type=int, default=64, help="classes in the benchmark split (mini-ImageNet train: 64)"
+    )
+    parser.add_argument(
+        "--meta-batches", type=int, default=20, help="meta-batches timed for the reference (kml: 20x more)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")

@@ -57,8 +57,15 @@ def worker(args: argparse.Namespace) -> None:
     from kml.config import LearnerConfig
 
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(ways=args.ways, image_size=args.side, base_channels=args.channels,
-                                          encoder_channels=args.channels, inner_steps=args.inner_steps)).train()
+    learner = build_learner(
+        LearnerConfig(
+            ways=args.ways,
+            image_size=args.side,
+            base_channels=args.channels,
+            encoder_channels=args.channels,
+            inner_steps=args.inner_steps,
+        )
+    ).train()
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     episode = random_episode(args.meta_batch, args.ways, args.shots, args.queries, args.side, "cpu", modes=3)
     step = outer_step(learner, episode, optimizer, "cpu")
@@ -69,15 +76,24 @@ def worker(args: argparse.Namespace) -> None:
     while steps < 2 or time.perf_counter() - start < args.seconds:
         step()
         steps += 1
-    print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / steps, "threads": torch.get_num_threads(),
-                      "env": {k: os.environ.get(k, "") for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}}))
+    print(
+        json.dumps(
+            {
+                "seconds_per_step": (time.perf_counter() - start) / steps,
+                "threads": torch.get_num_threads(),
+                "env": {k: os.environ.get(k, "") for k in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
+            }
+        )
+    )
 
 
 def run_together(commands: list[tuple[list[str], dict[str, str]]], busy_loop: bool) -> list[dict]:
     """Start the workers, release them at once when all are warm, return their results."""
     here = os.path.dirname(os.path.abspath(__file__))
-    workers = [subprocess.Popen(argv, env=env, cwd=here, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for argv, env in commands]
+    workers = [
+        subprocess.Popen(argv, env=env, cwd=here, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for argv, env in commands
+    ]
     for process in workers:
         line = process.stdout.readline()
         if line.strip() != "ready":
@@ -117,10 +133,14 @@ def main() -> None:
         worker(args)
         return
     setup = [a for a in sys.argv[1:] if a not in args.policies and a != "--policies"]
-    print(f"KML+MAML {args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
-          f"channels={args.channels} inner-steps={args.inner_steps}, cpus={len(os.sched_getaffinity(0))}")
-    print(f"{'policy':<14}{'threads':>8}{'solo s/step':>13}{'pair s/step (each)':>20}{'pair/solo':>11}"
-          f"{'busy s/step':>13}{'busy/solo':>11}")
+    print(
+        f"KML+MAML {args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
+        f"channels={args.channels} inner-steps={args.inner_steps}, cpus={len(os.sched_getaffinity(0))}"
+    )
+    print(
+        f"{'policy':<14}{'threads':>8}{'solo s/step':>13}{'pair s/step (each)':>20}{'pair/solo':>11}"
+        f"{'busy s/step':>13}{'busy/solo':>11}"
+    )
     for policy in args.policies:
         env = policy_environment(policy)
         argv = [sys.executable, os.path.abspath(__file__), *setup, "--worker"]
@@ -131,8 +151,11 @@ def main() -> None:
         pair_s = sum(r["seconds_per_step"] for r in pair) / len(pair)
         busy_s = busy["seconds_per_step"]
         each = " / ".join(f"{r['seconds_per_step']:.3f}" for r in pair)
-        print(f"{policy:<14}{solo['threads']:>8}{solo_s:>13.3f}{each:>20}{pair_s / solo_s:>10.2f}x"
-              f"{busy_s:>13.3f}{busy_s / solo_s:>10.2f}x", flush=True)
+        print(
+            f"{policy:<14}{solo['threads']:>8}{solo_s:>13.3f}{each:>20}{pair_s / solo_s:>10.2f}x"
+            f"{busy_s:>13.3f}{busy_s / solo_s:>10.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

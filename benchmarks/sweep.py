@@ -23,8 +23,8 @@ AXES = {"meta_batch": [1, 2, 5, 10, 20], "shots": [1, 5, 10], "ways": [5, 10, 20
 
 def measure(config: dict) -> dict:
     """Time ``repeats`` meta-training steps of one configuration (run inside the child process)."""
-    from common import peak_memory_mib, synchronize
     import torch
+    from common import peak_memory_mib, synchronize
 
     from kml.algorithms import build_learner
     from kml.config import LearnerConfig
@@ -37,10 +37,17 @@ def measure(config: dict) -> dict:
     store = generate_store("shapes", "train", classes=max(config["ways"], 20), images_per_class=max(20, per_class))
     store = store.conformed(config["side"], 3).to(device)
     sampler = MixtureSampler([store], config["ways"], config["shots"], config["queries"], config["meta_batch"], seed=0)
-    learner = build_learner(LearnerConfig(
-        algorithm=config["algorithm"], modulation="kml", ways=config["ways"], image_size=config["side"],
-        base_channels=config["channels"], encoder_channels=config["channels"], inner_steps=config["inner_steps"],
-    )).to(device)
+    learner = build_learner(
+        LearnerConfig(
+            algorithm=config["algorithm"],
+            modulation="kml",
+            ways=config["ways"],
+            image_size=config["side"],
+            base_channels=config["channels"],
+            encoder_channels=config["channels"],
+            inner_steps=config["inner_steps"],
+        )
+    ).to(device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -79,8 +86,14 @@ def main() -> None:
     parser.add_argument("--plot", default="benchmarks/sweep.png", help="where to save the plot ('' for none)")
     parser.add_argument("--smoke", action="store_true", help="two tiny configurations, for CI")
     args = parser.parse_args()
-    common = {"algorithm": args.algorithm, "device": args.device, "channels": args.channels,
-              "inner_steps": args.inner_steps, "queries": args.queries, "repeats": args.repeats}
+    common = {
+        "algorithm": args.algorithm,
+        "device": args.device,
+        "channels": args.channels,
+        "inner_steps": args.inner_steps,
+        "queries": args.queries,
+        "repeats": args.repeats,
+    }
     base, axes = dict(BASE), AXES
     if args.smoke:
         base = {"meta_batch": 2, "shots": 1, "ways": 3, "side": 16}
@@ -90,12 +103,16 @@ def main() -> None:
     for axis, values in axes.items():
         for value in values:
             config = {**common, **base, axis: value}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True, check=True
+            ).stdout
             rows.append({"axis": axis, **{k: config[k] for k in base}, **json.loads(out.strip().splitlines()[-1])})
             r = rows[-1]
-            print(f"{axis:<11} meta_batch={r['meta_batch']:<3} shots={r['shots']:<3} ways={r['ways']:<3} side={r['side']:<3} "
-                  f"step {r['step_ms']:8.1f} ms  {r['tasks_per_s']:7.1f} tasks/s  peak {r['peak_mib']:7.1f} MiB", flush=True)
+            print(
+                f"{axis:<11} meta_batch={r['meta_batch']:<3} shots={r['shots']:<3} ways={r['ways']:<3} side={r['side']:<3} "
+                f"step {r['step_ms']:8.1f} ms  {r['tasks_per_s']:7.1f} tasks/s  peak {r['peak_mib']:7.1f} MiB",
+                flush=True,
+            )
     if args.plot:
         import matplotlib
 

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_setup_arguments, synchronize
 import torch
+from common import add_setup_arguments, synchronize
 from published_style import PublishedStyleKML, published_style_step, task_loader
 
 from kml.config import LearnerConfig
@@ -39,8 +39,18 @@ def reference_throughput(store, args, folder: Path) -> float:
     torch.manual_seed(0)
     model = PublishedStyleKML(args.channels, args.channels).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = iter(task_loader(store, folder, args.ways, args.shots, args.queries,
-                              (args.steps + 1) * args.meta_batch, args.side, args.workers))
+    loader = iter(
+        task_loader(
+            store,
+            folder,
+            args.ways,
+            args.shots,
+            args.queries,
+            (args.steps + 1) * args.meta_batch,
+            args.side,
+            args.workers,
+        )
+    )
     meta_batch = lambda: [next(loader) for _ in range(args.meta_batch)]  # noqa: E731
     published_style_step(model, optimizer, meta_batch(), args.ways, args.shots, args.device)  # warm-up
     synchronize(args.device)
@@ -53,13 +63,33 @@ def reference_throughput(store, args, folder: Path) -> float:
 
 def kml_throughput(args, root: Path, train_dir: Path, algorithm: str, compile: bool = False) -> tuple[float, Trainer]:
     # No transductive refinement: the reference step (like a released-code step with it off) has none.
-    learner = LearnerConfig(algorithm=algorithm, modulation="kml", base_channels=args.channels,
-                            encoder_channels=args.channels, inner_steps=args.inner_steps, proto_refine=False)
+    learner = LearnerConfig(
+        algorithm=algorithm,
+        modulation="kml",
+        base_channels=args.channels,
+        encoder_channels=args.channels,
+        inner_steps=args.inner_steps,
+        proto_refine=False,
+    )
     config = RunConfig(
-        modes=[args.mode], ways=args.ways, shots=args.shots, queries=args.queries, meta_batch=args.meta_batch,
-        steps=args.steps + 1, device=args.device, data_root=str(root), image_size=args.side,
-        train_dir=str(train_dir), run_name=algorithm, log_every=10, val_every=10**9,
-        val_episodes=args.meta_batch, checkpoint_every=10**9, bf16=args.bf16, learner=learner, compile=compile,
+        modes=[args.mode],
+        ways=args.ways,
+        shots=args.shots,
+        queries=args.queries,
+        meta_batch=args.meta_batch,
+        steps=args.steps + 1,
+        device=args.device,
+        data_root=str(root),
+        image_size=args.side,
+        train_dir=str(train_dir),
+        run_name=algorithm,
+        log_every=10,
+        val_every=10**9,
+        val_episodes=args.meta_batch,
+        checkpoint_every=10**9,
+        bf16=args.bf16,
+        learner=learner,
+        compile=compile,
     )
     trainer = Trainer.create(config, overwrite=True, progress=False)
     trainer.train_step(trainer.sampler.sample())  # warm-up (allocations, first-call dispatch, compiling)
@@ -78,9 +108,12 @@ def main() -> None:
     parser.add_argument("--mode", default="shapes", help="synthetic mode whose images both implementations read")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile kml's ProtoNet step (compiling is in the untimed warm-up step; "
-                             "KML+MAML stays eager: torch.compile cannot differentiate twice)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile kml's ProtoNet step (compiling is in the untimed warm-up step; "
+        "KML+MAML stays eager: torch.compile cannot differentiate twice)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     args = parser.parse_args()
     tuned = tune_cpu_allocator()
@@ -97,13 +130,24 @@ def main() -> None:
         maml, trainer = kml_throughput(args, tmp / "data", tmp / "runs", "maml")
         test = load_stores([args.mode], "test", tmp / "data", side=args.side, device=args.device)
         start = time.perf_counter()
-        evaluate(trainer.learner, test, args.ways, args.shots, args.queries, args.eval_episodes,
-                 tasks_per_batch=args.meta_batch, bf16=args.bf16, progress=False)
+        evaluate(
+            trainer.learner,
+            test,
+            args.ways,
+            args.shots,
+            args.queries,
+            args.eval_episodes,
+            tasks_per_batch=args.meta_batch,
+            bf16=args.bf16,
+            progress=False,
+        )
         synchronize(args.device)
         eval_rate = args.eval_episodes / (time.perf_counter() - start)
-    print(f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
-          f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
-          f"kml bf16 {args.bf16}, ProtoNet compiled {args.compile}, allocator tuned {tuned}")
+    print(
+        f"setup: {args.ways}-way {args.shots}-shot {args.queries}-query, {args.side}x{args.side}x3, meta-batch "
+        f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
+        f"kml bf16 {args.bf16}, ProtoNet compiled {args.compile}, allocator tuned {tuned}"
+    )
     print(f"{'training loop':<46}{'tasks/s':>10}")
     print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
     print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")
@@ -111,9 +155,11 @@ def main() -> None:
     print(f"ratio kml / published-style (KML+ProtoNet): {protonet / reference:.1f}x")
     print(f"evaluation, KML+MAML: {eval_rate:.1f} episodes/s")
     hours = lambda steps, rate: steps * args.meta_batch / rate / 3600  # noqa: E731
-    print(f"published schedules at these rates: KML+ProtoNet 30000 steps {hours(30000, protonet):.1f} h "
-          f"(published-style {hours(30000, reference):.1f} h), KML+MAML 30000 steps {hours(30000, maml):.1f} h, "
-          f"MMAML's 60000 steps {hours(60000, maml):.1f} h")
+    print(
+        f"published schedules at these rates: KML+ProtoNet 30000 steps {hours(30000, protonet):.1f} h "
+        f"(published-style {hours(30000, reference):.1f} h), KML+MAML 30000 steps {hours(30000, maml):.1f} h, "
+        f"MMAML's 60000 steps {hours(60000, maml):.1f} h"
+    )
 
 
 if __name__ == "__main__":

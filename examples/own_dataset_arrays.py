@@ -64,8 +64,14 @@ def make_dots(classes: int, per_class: int, side: int, seed: int = 1) -> tuple[n
     return np.stack(images), np.array(labels)
 
 
-def split_by_class(images: np.ndarray, labels: np.ndarray, mode: str, side: int,
-                   fractions: tuple[float, float] = (0.7, 0.15), seed: int = 0) -> dict[str, ImageStore]:
+def split_by_class(
+    images: np.ndarray,
+    labels: np.ndarray,
+    mode: str,
+    side: int,
+    fractions: tuple[float, float] = (0.7, 0.15),
+    seed: int = 0,
+) -> dict[str, ImageStore]:
     """One store per split, the classes (not the images) shuffled and cut by ``fractions`` (the rest: test).
 
     Every store is brought to ``side`` x ``side`` RGB (``conformed``): the modes of a mixture share one shape.
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     classes, per_class, side = (20, 6, 16) if args.tiny else (60, 20, 32)
     datasets = {
         "stripes": make_stripes(classes, per_class, side),  # [n, H, W, 3]
-        "dots": make_dots(classes, per_class, side),        # [n, H, W]
+        "dots": make_dots(classes, per_class, side),  # [n, H, W]
     }
     stores = {mode: split_by_class(images, labels, mode, side) for mode, (images, labels) in datasets.items()}
     for mode, split_stores in stores.items():
@@ -109,9 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. A learner: KML-modulated MAML, sized for these images.
     config = LearnerConfig(
-        algorithm="maml", modulation="kml", num_modes=len(modes), ways=ways, in_channels=3, image_size=side,
-        base_channels=4 if args.tiny else 32, encoder_channels=4 if args.tiny else 32,
-        inner_steps=1 if args.tiny else 5, eval_inner_steps=1 if args.tiny else 5,
+        algorithm="maml",
+        modulation="kml",
+        num_modes=len(modes),
+        ways=ways,
+        in_channels=3,
+        image_size=side,
+        base_channels=4 if args.tiny else 32,
+        encoder_channels=4 if args.tiny else 32,
+        inner_steps=1 if args.tiny else 5,
+        eval_inner_steps=1 if args.tiny else 5,
     )
     learner = build_learner(config).to(args.device)
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
@@ -126,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         output.loss.backward()
         optimizer.step()
         if step % max(1, steps // 10) == 0 or step == steps:
-            print(f"step {step}: loss {output.loss.item():.3f}, accuracy {100 * output.task_accuracy.mean().item():.1f}%")
+            print(
+                f"step {step}: loss {output.loss.item():.3f}, accuracy {100 * output.task_accuracy.mean().item():.1f}%"
+            )
 
     # 5. Meta-test on classes never trained on: fixed seeded episodes per mode.
     results = evaluate(learner, test, ways, shots, queries, episodes=4 if args.tiny else 300, progress=False)

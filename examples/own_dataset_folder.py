@@ -55,9 +55,14 @@ def write_demo_folder(root: Path, classes: int, per_class: int, side: int, seed:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--folder", type=Path, help="your image folder root/<class>/*.png (default: generate a demo one)")
-    parser.add_argument("--data-root", default=None,
-                        help="where the converted store is cached (default: data, or a temp folder for the demo folder)")
+    parser.add_argument(
+        "--folder", type=Path, help="your image folder root/<class>/*.png (default: generate a demo one)"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="where the converted store is cached (default: data, or a temp folder for the demo folder)",
+    )
     parser.add_argument("--train-dir", default="train_dir", help="where the run folder is written")
     parser.add_argument("--steps", type=int, default=300, help="outer (meta-training) steps")
     parser.add_argument("--ways", type=int, default=5)
@@ -78,13 +83,28 @@ def main(argv: list[str] | None = None) -> int:
         steps = 4 if args.tiny else args.steps
         config = RunConfig(
             modes=[f"folder:{args.folder}"],
-            ways=ways, shots=shots, queries=queries, meta_batch=2 if args.tiny else 4, steps=steps,
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            meta_batch=2 if args.tiny else 4,
+            steps=steps,
             image_size=16 if args.tiny else 32,  # folder stores are 84x84; conformed once to this size at load
-            data_root=data_root, train_dir=args.train_dir, run_name="own_folder", device="auto",
-            val_every=steps, val_episodes=4 if args.tiny else 100, checkpoint_every=steps, log_every=2 if args.tiny else 50,
-            learner=LearnerConfig(algorithm="maml", modulation="kml", base_channels=4 if args.tiny else 32,
-                                  encoder_channels=4 if args.tiny else 32, inner_steps=1 if args.tiny else 5,
-                                  eval_inner_steps=1 if args.tiny else 5),
+            data_root=data_root,
+            train_dir=args.train_dir,
+            run_name="own_folder",
+            device="auto",
+            val_every=steps,
+            val_episodes=4 if args.tiny else 100,
+            checkpoint_every=steps,
+            log_every=2 if args.tiny else 50,
+            learner=LearnerConfig(
+                algorithm="maml",
+                modulation="kml",
+                base_channels=4 if args.tiny else 32,
+                encoder_channels=4 if args.tiny else 32,
+                inner_steps=1 if args.tiny else 5,
+                eval_inner_steps=1 if args.tiny else 5,
+            ),
         )
         trainer = Trainer.create(config, overwrite=True, progress=not args.tiny)
         checkpoint = trainer.fit()
@@ -93,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         # Meta-test: classes the learner never saw, a fixed set of seeded episodes (what kml-eval runs).
         config = trainer.config  # resolved: the image size the run trained at
         test_stores = load_stores(config.modes, "test", data_root, config.image_size, 3, trainer.device)
-        results = evaluate(trainer.learner, test_stores, ways, shots, queries, episodes=6 if args.tiny else 300,
-                           progress=False)
+        results = evaluate(
+            trainer.learner, test_stores, ways, shots, queries, episodes=6 if args.tiny else 300, progress=False
+        )
         summary = average(results)
-        print(f"{ways}-way {shots}-shot on {test_stores[0].num_classes} held-out classes: "
-              f"{summary.accuracy:.1f}% +- {summary.ci95:.1f} (chance {100 / ways:.0f}%)")
+        print(
+            f"{ways}-way {shots}-shot on {test_stores[0].num_classes} held-out classes: "
+            f"{summary.accuracy:.1f}% +- {summary.ci95:.1f} (chance {100 / ways:.0f}%)"
+        )
         if not demo:
             print(f"evaluate it again: kml-eval --checkpoint {checkpoint} --data-root {data_root}")
     return 0

@@ -24,8 +24,13 @@ class MyBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                  nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
         self.skip = nn.Conv2d(cin, cout, 1, bias=False)
         self.pool = nn.MaxPool2d(2)
 
@@ -56,19 +61,37 @@ def main() -> None:
     torch.manual_seed(0)
 
     modes = ["glyphs", "textures", "shapes"]
-    sampler = kml.MixtureSampler(kml.load_stores(modes, "train", args.data_root, side), ways=5, shots=1, queries=5,
-                                 meta_batch=4, seed=0)
-    learner = kml.MAML(kml.modulate(MyNet(ways=5, width=width), "kml", encoder_channels=width // 2),
-                       inner_lr=0.05, inner_steps=2)
+    sampler = kml.MixtureSampler(
+        kml.load_stores(modes, "train", args.data_root, side), ways=5, shots=1, queries=5, meta_batch=4, seed=0
+    )
+    learner = kml.MAML(
+        kml.modulate(MyNet(ways=5, width=width), "kml", encoder_channels=width // 2), inner_lr=0.05, inner_steps=2
+    )
     trainer = kml.Trainer(
-        learner, sampler, torch.optim.Adam(learner.parameters(), lr=1e-3), run_dir=args.run_dir,
-        val_stores=kml.load_stores(modes, "val", args.data_root, side), steps=steps, val_every=max(2, steps // 5),
-        val_episodes=10 if args.tiny else 100, checkpoint_every=max(2, steps // 5), log_every=1 if args.tiny else 25,
-        resume=args.resume, overwrite=not args.resume, progress=not args.tiny,
+        learner,
+        sampler,
+        torch.optim.Adam(learner.parameters(), lr=1e-3),
+        run_dir=args.run_dir,
+        val_stores=kml.load_stores(modes, "val", args.data_root, side),
+        steps=steps,
+        val_every=max(2, steps // 5),
+        val_episodes=10 if args.tiny else 100,
+        checkpoint_every=max(2, steps // 5),
+        log_every=1 if args.tiny else 25,
+        resume=args.resume,
+        overwrite=not args.resume,
+        progress=not args.tiny,
     )
     print(f"checkpoint: {trainer.fit()}")
-    results = kml.evaluate(learner, kml.load_stores(modes, "test", args.data_root, side), ways=5, shots=1, queries=5,
-                           episodes=10 if args.tiny else 300, progress=False)
+    results = kml.evaluate(
+        learner,
+        kml.load_stores(modes, "test", args.data_root, side),
+        ways=5,
+        shots=1,
+        queries=5,
+        episodes=10 if args.tiny else 300,
+        progress=False,
+    )
     for result in results:
         print(f"{result.mode}: {result.accuracy:.2f} ± {result.ci95:.2f} %")
 

@@ -33,8 +33,9 @@ def main() -> None:
     torch.manual_seed(0)
 
     modes = ["glyphs", "textures", "shapes"]
-    sampler = kml.MixtureSampler(kml.load_stores(modes, "train", args.data_root, 28), ways=5, shots=1, queries=5,
-                                 meta_batch=4, seed=0)
+    sampler = kml.MixtureSampler(
+        kml.load_stores(modes, "train", args.data_root, 28), ways=5, shots=1, queries=5, meta_batch=4, seed=0
+    )
     learner = kml.ProtoNet(kml.modulate(feature_extractor(), "film", encoder_channels=8))  # MProtoNet on your network
     optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -49,8 +50,15 @@ def main() -> None:
         if step % max(1, steps // 5) == 0:
             print(f"step {step}: loss {output.loss.item():.3f}, accuracy {output.task_accuracy.mean().item():.2%}")
 
-    results = kml.evaluate(learner, kml.load_stores(modes, "test", args.data_root, 28), ways=5, shots=1, queries=5,
-                           episodes=episodes, progress=False)
+    results = kml.evaluate(
+        learner,
+        kml.load_stores(modes, "test", args.data_root, 28),
+        ways=5,
+        shots=1,
+        queries=5,
+        episodes=episodes,
+        progress=False,
+    )
     for result in results:
         print(f"{result.mode}: {result.accuracy:.2f} ± {result.ci95:.2f} %")
 

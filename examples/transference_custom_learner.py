@@ -39,9 +39,12 @@ def main() -> None:
     torch.manual_seed(0)
 
     modes = ["glyphs", "textures", "shapes"]
-    sampler = kml.MixtureSampler(kml.load_stores(modes, "train", args.data_root, 28), ways=5, shots=1, queries=5,
-                                 meta_batch=6, seed=0)
-    learner = kml.MAML(kml.modulate(small_cnn(5), "kml", encoder_channels=8), inner_lr=0.1, inner_steps=1, first_order=True)
+    sampler = kml.MixtureSampler(
+        kml.load_stores(modes, "train", args.data_root, 28), ways=5, shots=1, queries=5, meta_batch=6, seed=0
+    )
+    learner = kml.MAML(
+        kml.modulate(small_cnn(5), "kml", encoder_channels=8), inner_lr=0.1, inner_steps=1, first_order=True
+    )
     optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
     for _ in range(steps):
         optimizer.zero_grad()

@@ -17,9 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kml._lazy import lazy_exports
+from kml._version import __version__
 from kml.errors import KMLError
-
-__version__ = "0.2.0"
 
 # public name -> the module that defines it
 _LAZY = {

@@ -160,23 +160,41 @@ class LearnerConfig:
                 raise KMLError(f"invalid learner {name} {value!r}; choose one of {', '.join(choices)}")
         check_fields(self)  # every numeric field: type, finiteness, range (kml.validation, shared with the CLIs)
         self._check_recipe_fields()
-        for name in ("multi_maml", "first_order", "meta_sgd", "encoder_uses_labels", "proto_refine", "identity_init",
-                     "batchnorm_affine"):
+        for name in (
+            "multi_maml",
+            "first_order",
+            "meta_sgd",
+            "encoder_uses_labels",
+            "proto_refine",
+            "identity_init",
+            "batchnorm_affine",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise KMLError(f"invalid learner {name} {getattr(self, name)!r}; must be true or false")
         if self.backbone == "resnet12" and self.kml_bias != "conv":
-            raise KMLError("kml_bias 'after_norm' is defined for the 4-block backbones; ResNet-12 takes KML's bias on its convs")
+            raise KMLError(
+                "kml_bias 'after_norm' is defined for the 4-block backbones; ResNet-12 takes KML's bias on its convs"
+            )
         if self.image_size < 16:  # four halvings must leave at least one pixel
             raise KMLError(f"invalid learner image_size {self.image_size}; the 4-block backbones need at least 16")
 
     def _check_recipe_fields(self) -> None:
         """Validate the fields the published recipes added (one-line errors)."""
-        if self.encoder_hidden is not None and (isinstance(self.encoder_hidden, bool) or not isinstance(self.encoder_hidden, int)
-                                                or self.encoder_hidden < 1):
-            raise KMLError(f"invalid learner encoder_hidden {self.encoder_hidden!r}; must be a positive integer or None")
+        if self.encoder_hidden is not None and (
+            isinstance(self.encoder_hidden, bool) or not isinstance(self.encoder_hidden, int) or self.encoder_hidden < 1
+        ):
+            raise KMLError(
+                f"invalid learner encoder_hidden {self.encoder_hidden!r}; must be a positive integer or None"
+            )
         if self.inner_grad_clamp is not None:
-            if isinstance(self.inner_grad_clamp, bool) or not isinstance(self.inner_grad_clamp, (int, float)) or self.inner_grad_clamp <= 0:
-                raise KMLError(f"invalid learner inner_grad_clamp {self.inner_grad_clamp!r}; must be a positive number or None")
+            if (
+                isinstance(self.inner_grad_clamp, bool)
+                or not isinstance(self.inner_grad_clamp, (int, float))
+                or self.inner_grad_clamp <= 0
+            ):
+                raise KMLError(
+                    f"invalid learner inner_grad_clamp {self.inner_grad_clamp!r}; must be a positive number or None"
+                )
             self.inner_grad_clamp = float(self.inner_grad_clamp)
         if self.init == "pytorch" and self.identity_init:
             raise KMLError("learner init 'pytorch' is PyTorch's default initialisation; it needs identity_init=False")
@@ -184,8 +202,10 @@ class LearnerConfig:
             values = getattr(self, name)
             if values is None:
                 continue
-            if not isinstance(values, (list, tuple)) or not values or any(
-                isinstance(v, bool) or not isinstance(v, kind) or v < low for v in values
+            if (
+                not isinstance(values, (list, tuple))
+                or not values
+                or any(isinstance(v, bool) or not isinstance(v, kind) or v < low for v in values)
             ):
                 raise KMLError(f"invalid learner {name} {values!r}; must be a list with one number >= {low} per mode")
             setattr(self, name, [float(v) for v in values] if name == "mode_inner_lr" else [int(v) for v in values])

@@ -84,8 +84,15 @@ def evaluate(
     try:
         for index, store in enumerate(stores):
             sampler = EpisodeSampler(
-                store, ways, shots, queries, rotate=bool(rotate[index]) if rotate else False,
-                seed=episode_seed(seed, store.mode), mode_index=indices[index], mode_names=names, dtype=torch.uint8,
+                store,
+                ways,
+                shots,
+                queries,
+                rotate=bool(rotate[index]) if rotate else False,
+                seed=episode_seed(seed, store.mode),
+                mode_index=indices[index],
+                mode_names=names,
+                dtype=torch.uint8,
             )
             accuracies, losses = [], []
             bar = tqdm(total=episodes, desc=f"eval {store.mode}", leave=False, disable=not progress)
@@ -103,8 +110,14 @@ def evaluate(
             bar.close()
             accuracy = torch.cat(accuracies) * 100
             results.append(
-                ModeResult(store.mode, float(accuracy.mean()), confidence_interval95(accuracy), float(torch.cat(losses).mean()),
-                           episodes, accuracy.tolist())
+                ModeResult(
+                    store.mode,
+                    float(accuracy.mean()),
+                    confidence_interval95(accuracy),
+                    float(torch.cat(losses).mean()),
+                    episodes,
+                    accuracy.tolist(),
+                )
             )
     finally:
         learner.train(was_training)
@@ -115,4 +128,10 @@ def average(results: Sequence[ModeResult]) -> ModeResult:
     """The mean over modes (each mode weighs the same, as the published tables average)."""
     n = len(results)
     ci = math.sqrt(sum(r.ci95**2 for r in results)) / n  # independent modes
-    return ModeResult("average", sum(r.accuracy for r in results) / n, ci, sum(r.loss for r in results) / n, sum(r.episodes for r in results))
+    return ModeResult(
+        "average",
+        sum(r.accuracy for r in results) / n,
+        ci,
+        sum(r.loss for r in results) / n,
+        sum(r.episodes for r in results),
+    )

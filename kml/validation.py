@@ -70,27 +70,54 @@ SEED = Number(int, 0, high=2**32 - 1)  # numpy's RandomState takes seeds below 2
 
 # Settings of kml-train (RunConfig and LearnerConfig fields) and of the config files that hold them.
 TRAIN_NUMBERS: dict[str, Number] = {
-    "ways": Number(int, 2), "shots": INT_1, "queries": INT_1, "meta_batch": OPT_INT_1, "steps": OPT_INT_1,
-    "lr": Number(float, 0, above=True), "lr_halve_every": INT_1, "seed": SEED,
-    "image_size": Number(int, 16, optional=True), "val_every": OPT_INT_1, "val_episodes": OPT_INT_1,
-    "checkpoint_every": OPT_INT_1, "log_every": INT_1, "grad_clip": Number(float, 0, above=True, optional=True),
-    "transference_every": Number(int, 0), "transference_batches": INT_1, "task_chunk": OPT_INT_1,
+    "ways": Number(int, 2),
+    "shots": INT_1,
+    "queries": INT_1,
+    "meta_batch": OPT_INT_1,
+    "steps": OPT_INT_1,
+    "lr": Number(float, 0, above=True),
+    "lr_halve_every": INT_1,
+    "seed": SEED,
+    "image_size": Number(int, 16, optional=True),
+    "val_every": OPT_INT_1,
+    "val_episodes": OPT_INT_1,
+    "checkpoint_every": OPT_INT_1,
+    "log_every": INT_1,
+    "grad_clip": Number(float, 0, above=True, optional=True),
+    "transference_every": Number(int, 0),
+    "transference_batches": INT_1,
+    "task_chunk": OPT_INT_1,
     "weights": Number(float, 0, optional=True, many=True),
     # learner
-    "num_modes": INT_1, "in_channels": INT_1, "base_channels": INT_1, "encoder_channels": INT_1,
-    "inner_steps": Number(int, 0), "eval_inner_steps": Number(int, 0), "inner_lr": Number(float, 0),
+    "num_modes": INT_1,
+    "in_channels": INT_1,
+    "base_channels": INT_1,
+    "encoder_channels": INT_1,
+    "inner_steps": Number(int, 0),
+    "eval_inner_steps": Number(int, 0),
+    "inner_lr": Number(float, 0),
     "inner_grad_clip": Number(float, 0, above=True, optional=True),
-    "inner_grad_clamp": Number(float, 0, above=True, optional=True), "encoder_hidden": OPT_INT_1,
+    "inner_grad_clamp": Number(float, 0, above=True, optional=True),
+    "encoder_hidden": OPT_INT_1,
     "mode_inner_lr": Number(float, 0, optional=True, many=True),
     "mode_inner_steps": Number(int, 0, optional=True, many=True),
 }
 EVAL_NUMBERS: dict[str, Number] = {
-    "episodes": INT_1, "seed": SEED, "inner_steps": Number(int, 0, optional=True), "shots": OPT_INT_1,
-    "queries": OPT_INT_1, "tasks_per_batch": INT_1, "ways": Number(int, 2, optional=True),
+    "episodes": INT_1,
+    "seed": SEED,
+    "inner_steps": Number(int, 0, optional=True),
+    "shots": OPT_INT_1,
+    "queries": OPT_INT_1,
+    "tasks_per_batch": INT_1,
+    "ways": Number(int, 2, optional=True),
 }
 TRANSFERENCE_NUMBERS: dict[str, Number] = {
-    "batches": INT_1, "meta_batch": Number(int, 2, optional=True), "rate": Number(float, 0, above=True, optional=True),
-    "sources": INT_1, "targets": INT_1, "seed": SEED,
+    "batches": INT_1,
+    "meta_batch": Number(int, 2, optional=True),
+    "rate": Number(float, 0, above=True, optional=True),
+    "sources": INT_1,
+    "targets": INT_1,
+    "seed": SEED,
 }
 
 
@@ -131,7 +158,9 @@ def check_number(label: str, value: Any, spec: Number) -> Any:
     return value
 
 
-def check_values(values: Mapping[str, Any], specs: Mapping[str, Number] = TRAIN_NUMBERS, where: str | None = None) -> dict[str, Any]:
+def check_values(
+    values: Mapping[str, Any], specs: Mapping[str, Number] = TRAIN_NUMBERS, where: str | None = None
+) -> dict[str, Any]:
     """``values`` with every known numeric setting checked and converted; unknown names pass through.
 
     ``where`` (e.g. ``"config file run.yaml"``) prefixes the message; without it settings are named as flags.
@@ -172,8 +201,14 @@ def check_device(device: Any) -> str:
 def check_run_name(name: Any) -> str:
     """A run name must be one plain folder inside the train dir (``..``, ``.``, ``a/b`` or ``/x`` are refused)."""
     if (
-        not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
-        or "/" in name or os.sep in name or (os.altsep and os.altsep in name) or "\0" in name
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or name.startswith(".")
+        or "/" in name
+        or os.sep in name
+        or (os.altsep and os.altsep in name)
+        or "\0" in name
     ):
         raise KMLError(
             f"--run-name {name!r} is not a plain folder name; use a name such as my-run "
@@ -199,10 +234,13 @@ def check_learner_combinations(learner: Any) -> None:
     """Refuse switches that do nothing for the chosen method (they would be recorded as if they did)."""
     if learner.algorithm == "protonet":
         maml_only = [
-            name for name, on in (
-                ("--first-order", learner.first_order), ("--meta-sgd", learner.meta_sgd),
+            name
+            for name, on in (
+                ("--first-order", learner.first_order),
+                ("--meta-sgd", learner.meta_sgd),
                 ("--inner-grad-clip", learner.inner_grad_clip is not None),
-            ) if on
+            )
+            if on
         ]
         if maml_only:
             raise KMLError(
@@ -210,7 +248,9 @@ def check_learner_combinations(learner: Any) -> None:
                 f"{'it' if len(maml_only) == 1 else 'them'}"
             )
     if learner.modulation == "none" and learner.encoder_uses_labels:
-        raise KMLError("--encoder-uses-labels needs a task encoder; --modulation none has none: drop it or pick --modulation kml/film")
+        raise KMLError(
+            "--encoder-uses-labels needs a task encoder; --modulation none has none: drop it or pick --modulation kml/film"
+        )
 
 
 def check_run_combinations(config: Any) -> None:
@@ -219,11 +259,17 @@ def check_run_combinations(config: Any) -> None:
     if getattr(config, "activation_checkpointing", False) and config.learner.algorithm == "protonet":
         raise KMLError("--activation-checkpointing only applies to MAML's inner loop; drop it for --algorithm protonet")
     if getattr(config, "activation_checkpointing", False) and config.learner.backbone == "resnet12":
-        raise KMLError("--activation-checkpointing works on the packed path of the 4-block backbones; ResNet-12 runs "
-                       "the vmap path: use --task-chunk K to bound memory instead")
+        raise KMLError(
+            "--activation-checkpointing works on the packed path of the 4-block backbones; ResNet-12 runs "
+            "the vmap path: use --task-chunk K to bound memory instead"
+        )
     if config.weights is not None and config.policy == "alternate":
-        raise KMLError("--weights is not used by --policy alternate; drop it or use --policy mixed, random or per-batch")
+        raise KMLError(
+            "--weights is not used by --policy alternate; drop it or use --policy mixed, random or per-batch"
+        )
     if config.weights is not None and len(config.weights) != len(config.modes):
-        raise KMLError(f"--weights needs one weight per mode ({len(config.modes)}: {' '.join(config.modes)}), got {len(config.weights)}")
+        raise KMLError(
+            f"--weights needs one weight per mode ({len(config.modes)}: {' '.join(config.modes)}), got {len(config.weights)}"
+        )
     if config.weights is not None and sum(config.weights) <= 0:
         raise KMLError("--weights must not all be 0")

@@ -15,8 +15,11 @@ configure_threads()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default=os.environ.get("KML_TEST_DEVICE", "cpu"),
-                     help="device of the tests that take the `device` fixture (default: $KML_TEST_DEVICE or cpu)")
+    parser.addoption(
+        "--device",
+        default=os.environ.get("KML_TEST_DEVICE", "cpu"),
+        help="device of the tests that take the `device` fixture (default: $KML_TEST_DEVICE or cpu)",
+    )
 
 
 @pytest.fixture(scope="session")

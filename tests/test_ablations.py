@@ -19,7 +19,12 @@ TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_st
 @pytest.fixture(scope="module")
 def episode(synthetic_stores, device):
     stores = synthetic_stores["train"]
-    return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=3, seed=2).sample().to_float(torch.float64).to(device)
+    return (
+        MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=3, seed=2)
+        .sample()
+        .to_float(torch.float64)
+        .to(device)
+    )
 
 
 def learner_for(device, **method) -> torch.nn.Module:

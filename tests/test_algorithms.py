@@ -17,7 +17,16 @@ from kml.data.sampler import MixtureSampler
 from kml.evaluation import evaluate
 from kml.recipes import RECIPES
 
-TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, num_modes=3, inner_steps=2, eval_inner_steps=3, inner_lr=0.3)
+TINY = dict(
+    ways=3,
+    image_size=16,
+    base_channels=4,
+    encoder_channels=4,
+    num_modes=3,
+    inner_steps=2,
+    eval_inner_steps=3,
+    inner_lr=0.3,
+)
 
 METHODS = {
     "maml": dict(algorithm="maml", modulation="none"),
@@ -47,11 +56,15 @@ def recipe_method(name: str, **extra) -> dict:
 
 # Every recipe, plus variants where its inner clamp binds and where modes differ in rates and step counts.
 METHODS.update({f"recipe-{name}": recipe_method(name) for name in RECIPES})
-METHODS.update({
-    "recipe-mmaml-clamp-binds": recipe_method("mmaml", inner_grad_clamp=1e-3),
-    "recipe-multi-maml-per-mode": recipe_method("multi-maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[1, 3, 2]),
-    "recipe-maml-per-mode-rates": recipe_method("maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[0, 3, 2]),
-})
+METHODS.update(
+    {
+        "recipe-mmaml-clamp-binds": recipe_method("mmaml", inner_grad_clamp=1e-3),
+        "recipe-multi-maml-per-mode": recipe_method(
+            "multi-maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[1, 3, 2]
+        ),
+        "recipe-maml-per-mode-rates": recipe_method("maml", mode_inner_lr=[0.4, 0.05, 0.1], mode_inner_steps=[0, 3, 2]),
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +76,11 @@ def stores(synthetic_stores):
 @pytest.fixture(scope="module")
 def episode(stores):
     """A fixed float64 meta-batch of 4 tasks from the 3 synthetic modes (every mode present)."""
-    return MixtureSampler(stores["train"], ways=3, shots=2, queries=3, meta_batch=4, seed=3).sample().to_float(torch.float64)
+    return (
+        MixtureSampler(stores["train"], ways=3, shots=2, queries=3, meta_batch=4, seed=3)
+        .sample()
+        .to_float(torch.float64)
+    )
 
 
 def tiny_learner(seed: int = 0, perturb: float = 0.05, **method) -> torch.nn.Module:
@@ -174,8 +191,10 @@ def test_first_order_differs_from_second_order_and_matches_its_definition(episod
         query_loss = F.cross_entropy(functional_call(backbone, fast, (episode.query_x[t],)), episode.query_y[t])
         for n, g in zip(fast, torch.autograd.grad(query_loss, list(fast.values()))):
             expected[n] += g / episode.num_tasks
-    assert_gradients_close({f"models.0.backbone.{n}": g_first[f"models.0.backbone.{n}"] for n in expected},
-                           {f"models.0.backbone.{n}": g for n, g in expected.items()})
+    assert_gradients_close(
+        {f"models.0.backbone.{n}": g_first[f"models.0.backbone.{n}"] for n in expected},
+        {f"models.0.backbone.{n}": g for n, g in expected.items()},
+    )
 
 
 @pytest.mark.parametrize("method", ["maml", "kml-maml"])
@@ -225,8 +244,17 @@ LEARNING = {
 @pytest.mark.parametrize("method", LEARNING)
 def test_every_method_learns_and_beats_chance_on_held_out_classes(method, stores):
     torch.manual_seed(0)
-    config = LearnerConfig(ways=5, image_size=16, base_channels=8, encoder_channels=4, num_modes=3, inner_steps=1,
-                           eval_inner_steps=3, inner_lr=0.4, **LEARNING[method])
+    config = LearnerConfig(
+        ways=5,
+        image_size=16,
+        base_channels=8,
+        encoder_channels=4,
+        num_modes=3,
+        inner_steps=1,
+        eval_inner_steps=3,
+        inner_lr=0.4,
+        **LEARNING[method],
+    )
     learner = build_learner(config)
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-3)
     sampler = MixtureSampler(stores["train"], ways=5, shots=1, queries=5, meta_batch=4, seed=0, dtype=torch.uint8)

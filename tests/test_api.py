@@ -17,8 +17,10 @@ def all_modules() -> list[str]:
 
 
 def test_import_kml_loads_neither_torch_nor_the_heavy_optional_libraries():
-    code = ("import sys, kml; kml.__all__; "
-            "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'torchvision') if m in sys.modules))")
+    code = (
+        "import sys, kml; kml.__all__; "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'torchvision') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

@@ -22,7 +22,9 @@ from kml.errors import KMLError
 SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 
 
-def coded_store(mode: str = "coded", split: str = "train", classes: int = 12, per_class: int = 20, side: int = 6) -> ImageStore:
+def coded_store(
+    mode: str = "coded", split: str = "train", classes: int = 12, per_class: int = 20, side: int = 6
+) -> ImageStore:
     """A store whose every image says who it is: pixel (0,0)=class, (0,1)=index in class, (0,2)=split.
 
     The rest of the image is random so that rotations are visible.
@@ -85,7 +87,9 @@ def test_split_never_yields_other_split_images(tmp_path):
     for split in ("train", "val", "test"):
         store = ImageStore.load(tmp_path / split)
         episode = EpisodeSampler(store, 5, 1, 5, meta_batch=30).sample()
-        codes = torch.cat([identities(episode.support_x)[..., 2].flatten(), identities(episode.query_x)[..., 2].flatten()])
+        codes = torch.cat(
+            [identities(episode.support_x)[..., 2].flatten(), identities(episode.query_x)[..., 2].flatten()]
+        )
         assert set(codes.tolist()) == {SPLIT_CODE[split]}
 
 
@@ -137,7 +141,9 @@ def test_rotation_turns_whole_classes():
                 for quarter in range(4):
                     original = torch.rot90(image, -quarter, dims=(-2, -1))
                     index = int(round(float(original[0, 0, 1]) * 255))
-                    if int(round(float(original[0, 0, 0]) * 255)) == c and torch.allclose(original, raw[store.class_offsets[c] + index]):
+                    if int(round(float(original[0, 0, 0]) * 255)) == c and torch.allclose(
+                        original, raw[store.class_offsets[c] + index]
+                    ):
                         turns.add(quarter)
                         break
             assert len(turns) == 1, "every image of one class in a task shares one rotation"
@@ -226,14 +232,20 @@ def test_synthetic_cache_is_generated_once_by_processes_that_ask_at_once(tmp_pat
     every process generated and saved its own copy, and one could find the folder that another had just
     renamed into place ("could not write cache ...: Directory not empty"; the torchrun test failed so
     1 run in 5). Generation is slowed by 1 s here so that all 4 ask before the first one finishes."""
-    script = ("import sys, time; import kml.data.synthetic as synthetic; from kml.data.modes import load_stores\n"
-              "generate = synthetic.generate_store\n"
-              "def slow(*args, **kwargs):\n    time.sleep(1); print('generated', flush=True); return generate(*args, **kwargs)\n"
-              "synthetic.generate_store = slow\n"
-              "stores = load_stores(['synthetic'], 'train', root=sys.argv[1], side=28)\n"
-              "print(sum(int(s.images.sum()) for s in stores))")
-    processes = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    script = (
+        "import sys, time; import kml.data.synthetic as synthetic; from kml.data.modes import load_stores\n"
+        "generate = synthetic.generate_store\n"
+        "def slow(*args, **kwargs):\n    time.sleep(1); print('generated', flush=True); return generate(*args, **kwargs)\n"
+        "synthetic.generate_store = slow\n"
+        "stores = load_stores(['synthetic'], 'train', root=sys.argv[1], side=28)\n"
+        "print(sum(int(s.images.sum()) for s in stores))"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     results = [process.communicate(timeout=300) for process in processes]
     assert all(process.returncode == 0 for process in processes), [err for _, err in results]
     outputs = [out.split() for out, _ in results]
@@ -267,7 +279,9 @@ def test_too_many_ways():
 def test_too_many_shots_names_mode_and_class():
     arrays = [torch.zeros(20, 1, 4, 4, dtype=torch.uint8)] * 4 + [torch.zeros(5, 1, 4, 4, dtype=torch.uint8)]
     store = ImageStore.from_class_arrays(arrays, list("abcde"), "tiny", "val")
-    with pytest.raises(KMLError, match=r"mode 'tiny' split 'val': class 'e' has 5 images, fewer than shots \+ queries = 1 \+ 15"):
+    with pytest.raises(
+        KMLError, match=r"mode 'tiny' split 'val': class 'e' has 5 images, fewer than shots \+ queries = 1 \+ 15"
+    ):
         EpisodeSampler(store, ways=5, shots=1, queries=15)
 
 
@@ -299,7 +313,9 @@ def test_interrupted_cache_is_not_complete(tmp_path):
 
 
 def test_mismatched_image_sizes():
-    with pytest.raises(KMLError, match=r"mismatched image sizes, class 'b' has \[1, 5, 5\] but class 'a' has \[1, 4, 4\]"):
+    with pytest.raises(
+        KMLError, match=r"mismatched image sizes, class 'b' has \[1, 5, 5\] but class 'a' has \[1, 4, 4\]"
+    ):
         ImageStore.from_class_arrays(
             [np.zeros((3, 1, 4, 4), np.uint8), np.zeros((3, 1, 5, 5), np.uint8)], ["a", "b"], "m", "train"
         )
@@ -308,7 +324,9 @@ def test_mismatched_image_sizes():
 
 
 def test_bad_policy_and_weights():
-    with pytest.raises(KMLError, match=r"unknown mixture policy 'roundrobin'; choose one of mixed, random, per-batch, alternate"):
+    with pytest.raises(
+        KMLError, match=r"unknown mixture policy 'roundrobin'; choose one of mixed, random, per-batch, alternate"
+    ):
         MixtureSampler([coded_store()], 5, 1, 1, policy="roundrobin")
     with pytest.raises(KMLError, match=r"one non-negative weight per mode"):
         MixtureSampler([coded_store("a"), coded_store("b")], 5, 1, 1, weights=[1.0])
@@ -396,8 +414,11 @@ def test_episode_indices_point_at_its_images(dtype, rotate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_mixture_episode_indices_index_each_tasks_own_mode_store(dtype):
     # distinct stores of different sizes: an index into the wrong store (or into the joined images) would not match
-    stores = [coded_store("a", classes=12, per_class=20), coded_store("b", classes=9, per_class=17),
-              coded_store("c", classes=7, per_class=22)]
+    stores = [
+        coded_store("a", classes=12, per_class=20),
+        coded_store("b", classes=9, per_class=17),
+        coded_store("c", classes=7, per_class=22),
+    ]
     sampler = MixtureSampler(stores, 5, 1, 3, meta_batch=9, rotate=[True, False, True], seed=5, dtype=dtype)
     episodes = [sampler.sample() for _ in range(3)]
     for episode in episodes:
@@ -414,9 +435,15 @@ def test_mixture_episode_indices_index_each_tasks_own_mode_store(dtype):
 
 
 def test_episodes_built_without_indices_still_work():
-    episode = Episode(torch.rand(2, 4, 1, 5, 5), torch.arange(2).repeat_interleave(2).expand(2, -1),
-                      torch.rand(2, 2, 1, 5, 5), torch.arange(2).expand(2, -1), torch.zeros(2, dtype=torch.int64),
-                      torch.zeros(2, 2, dtype=torch.int64), ("m",))
+    episode = Episode(
+        torch.rand(2, 4, 1, 5, 5),
+        torch.arange(2).repeat_interleave(2).expand(2, -1),
+        torch.rand(2, 2, 1, 5, 5),
+        torch.arange(2).expand(2, -1),
+        torch.zeros(2, dtype=torch.int64),
+        torch.zeros(2, 2, dtype=torch.int64),
+        ("m",),
+    )
     assert episode.support_index is None and episode.query_index is None and episode.turns is None
     for other in (episode.select([1]), episode.to("cpu"), episode.to_float(), Episode.concat([episode, episode])):
         assert other.support_index is None and other.query_index is None and other.turns is None
@@ -449,9 +476,13 @@ def test_store_from_arrays_groups_images_by_label(layout):
     assert labels[positions.numpy()].tolist() == [10] * 10 + [20] * 10 + [30] * 10
     assert all(bool((p[1:] > p[:-1]).all()) for p in positions.view(3, 10))  # order kept inside a class
     original = torch.from_numpy(images[positions.numpy()])
-    original = original.unsqueeze(1) if layout == "grey" else original.permute(0, 3, 1, 2) if layout == "last" else original
+    original = (
+        original.unsqueeze(1) if layout == "grey" else original.permute(0, 3, 1, 2) if layout == "last" else original
+    )
     assert torch.equal(store.images, original)
-    named = ImageStore.from_arrays(torch.from_numpy(images), torch.from_numpy(labels), class_names={10: "cat", 20: "dog", 30: "eel"})
+    named = ImageStore.from_arrays(
+        torch.from_numpy(images), torch.from_numpy(labels), class_names={10: "cat", 20: "dog", 30: "eel"}
+    )
     assert named.class_names == ["cat", "dog", "eel"] and named.mode == "arrays"
     episode = EpisodeSampler(store, 3, 2, 3, meta_batch=4, seed=1, dtype=torch.uint8).sample()
     assert_indices_match(episode, [store])
@@ -517,7 +548,9 @@ def test_episodes_notebook_executes_headless_and_draws(tmp_path, monkeypatch):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend renders the figures
     path = Path(__file__).resolve().parents[1] / "notebooks" / "episodes.ipynb"
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 2

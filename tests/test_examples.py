@@ -19,6 +19,9 @@ def test_examples_are_found():
 @pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
 def test_example_runs_tiny(script, tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    result = subprocess.run([sys.executable, str(script), "--tiny"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, f"{script.name} --tiny exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        [sys.executable, str(script), "--tiny"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (
+        f"{script.name} --tiny exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )

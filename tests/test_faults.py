@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_training import tiny_args
 
 from kml.training.checkpoint import load_checkpoint
-from test_training import tiny_args
 
 STEPS = 24  # the default test; the slow one trains longer so that kills land all along the run
 EVERY = 4
@@ -86,14 +86,26 @@ def inject(tmp_path: Path, kills: int, seed: int, kinds: tuple[str, ...], steps:
     """Run, kill -9 ``kills`` times (resuming as advised each time), finish; return the figures."""
     rng = random.Random(seed)
     run = tmp_path / "train_dir" / "faulty"
-    figures = {"kills": 0, "killed_alive": 0, "in_checkpoint_write": 0, "resumed": 0, "restarted": 0, "steps_retrained": 0}
+    figures = {
+        "kills": 0,
+        "killed_alive": 0,
+        "in_checkpoint_write": 0,
+        "resumed": 0,
+        "restarted": 0,
+        "steps_retrained": 0,
+    }
     for attempt in range(kills + 1):
         extra: tuple[str, ...] = ()
         if attempt:
             extra = ("--resume",) if (run / "checkpoints" / "last.pt").is_file() else ("--overwrite",)
             figures["resumed" if extra == ("--resume",) else "restarted"] += 1
-        process = subprocess.Popen(command(tmp_path, "faulty", steps, *extra), env=ENV, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command(tmp_path, "faulty", steps, *extra),
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if attempt == kills:  # the last one runs to the end
             _, err = process.communicate(timeout=300)
             assert process.returncode == 0, err[-2000:]

@@ -40,9 +40,16 @@ def random_episode(tasks: int = 2, shots: int = 1, queries: int = 2, side: int =
 def sequential(outputs: int = WAYS) -> nn.Module:
     """A user's plain CNN with BatchNorm (running statistics on, as nn.BatchNorm2d defaults)."""
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(4 * (SIDE // 4) ** 2, outputs),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * (SIDE // 4) ** 2, outputs),
     )
 
 
@@ -54,17 +61,23 @@ MODELS = {
     "sequential": lambda ways: sequential(ways or 8),
     "resnet12": resnet,
     "resnet12-kml": lambda ways: kml.modulate(resnet(ways), "kml", encoder_channels=4, identity_init=False),
-    "resnet12-kml-bare": lambda ways: kml.modulate(resnet(ways), "kml", form="bare", encoder_channels=4, identity_init=False),
+    "resnet12-kml-bare": lambda ways: kml.modulate(
+        resnet(ways), "kml", form="bare", encoder_channels=4, identity_init=False
+    ),
     "resnet12-film": lambda ways: kml.modulate(resnet(ways), "film", encoder_channels=4, identity_init=False),
     "sequential-kml": lambda ways: kml.modulate(sequential(ways or 8), "kml", encoder_channels=4, identity_init=False),
-    "sequential-film": lambda ways: kml.modulate(sequential(ways or 8), "film", encoder_channels=4, identity_init=False),
+    "sequential-film": lambda ways: kml.modulate(
+        sequential(ways or 8), "film", encoder_channels=4, identity_init=False
+    ),
 }
 
 
 def meta_gradients(learner: nn.Module, forward) -> list[torch.Tensor]:
     loss = forward(random_episode()).loss
-    return [torch.zeros_like(p) if g is None else g
-            for p, g in zip(learner.parameters(), torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))]
+    return [
+        torch.zeros_like(p) if g is None else g
+        for p, g in zip(learner.parameters(), torch.autograd.grad(loss, list(learner.parameters()), allow_unused=True))
+    ]
 
 
 def assert_batched_equals_loop(learner: nn.Module) -> None:
@@ -106,7 +119,9 @@ def test_second_order_needs_the_exact_batch_norm():
         maml_module.exact_batch_norm = original
     error = max(float((a - b).abs().max()) for a, b in zip(batched, loop))
     if error < 1e-10:
-        pytest.skip(f"torch {torch.__version__} differentiates nn.BatchNorm2d twice under vmap exactly: exact_batch_norm can go")
+        pytest.skip(
+            f"torch {torch.__version__} differentiates nn.BatchNorm2d twice under vmap exactly: exact_batch_norm can go"
+        )
     assert error > 1e-6, f"off by {error:.1e}: neither exact nor the known error"
 
 
@@ -121,7 +136,10 @@ def test_maml_adapts_only_the_network_of_a_modulated_model():
 def test_learners_train_under_an_optimizer_and_evaluate_without_gradients():
     torch.manual_seed(0)
     episode = random_episode(dtype=torch.float32)
-    for learner in (kml.MAML(sequential(), inner_steps=1), kml.ProtoNet(kml.modulate(resnet(None), "film", encoder_channels=4))):
+    for learner in (
+        kml.MAML(sequential(), inner_steps=1),
+        kml.ProtoNet(kml.modulate(resnet(None), "film", encoder_channels=4)),
+    ):
         optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3)
         before = [p.detach().clone() for p in learner.parameters()]
         learner(episode).loss.backward()
@@ -162,7 +180,7 @@ def test_modulate_wraps_every_conv_of_resnet12_in_place():
     names = [n for n, _ in model.named_parameters()]
     kml_model = kml.modulate(model, "kml", encoder_channels=4)
     assert sum(isinstance(m, ModulatedConv2d) for m in model.modules()) == 16  # 4 blocks x (3 convs + shortcut)
-    assert [n[len("backbone.network."):] for n, _ in kml_model.backbone.named_parameters(prefix="backbone")] == names
+    assert [n[len("backbone.network.") :] for n, _ in kml_model.backbone.named_parameters(prefix="backbone")] == names
     assert len(kml_model.generator.layers) == 16
     film_model = kml.modulate(kml.ResNet12(widths=TINY_WIDTHS), "film", encoder_channels=4)
     assert sum(isinstance(m, FiLMBatchNorm2d) for m in film_model.modules()) == 16
@@ -175,7 +193,9 @@ def test_kml_factor_acts_on_the_kernel_as_defined():
     model = kml.modulate(nn.Sequential(conv), "kml", encoder_channels=4, identity_init=False).double()
     episode = random_episode()
     modulation = model.modulation(episode.support_x[0], episode.support_y[0])
-    expected = nn.functional.conv2d(episode.query_x[0], conv.weight * modulation["kernel1"], conv.bias + modulation["bias1"], padding=1)
+    expected = nn.functional.conv2d(
+        episode.query_x[0], conv.weight * modulation["kernel1"], conv.bias + modulation["bias1"], padding=1
+    )
     assert torch.allclose(model(episode.query_x[0], modulation), expected)
 
 
@@ -216,9 +236,21 @@ def test_resnet12_has_the_usual_few_shot_widths():
 @pytest.mark.parametrize("modulation", ["none", "kml", "film"])
 def test_config_built_resnet12_learner_equals_its_loop(algorithm, modulation):
     torch.manual_seed(0)
-    config = LearnerConfig(algorithm=algorithm, modulation=modulation, backbone="resnet12", base_channels=2,
-                           encoder_channels=4, ways=WAYS, image_size=SIDE, in_channels=3, inner_steps=2,
-                           multi_maml=modulation == "none", num_modes=2, identity_init=False, init="pytorch")
+    config = LearnerConfig(
+        algorithm=algorithm,
+        modulation=modulation,
+        backbone="resnet12",
+        base_channels=2,
+        encoder_channels=4,
+        ways=WAYS,
+        image_size=SIDE,
+        in_channels=3,
+        inner_steps=2,
+        multi_maml=modulation == "none",
+        num_modes=2,
+        identity_init=False,
+        init="pytorch",
+    )
     learner = kml.build_learner(config)
     assert learner.batching == "vmap"
     assert_batched_equals_loop(learner)
@@ -230,29 +262,81 @@ def test_resnet12_rejects_the_packed_path_in_one_line():
         pass
 
 
-@pytest.mark.parametrize("method", [
-    ["--algorithm", "maml", "--modulation", "kml"],
-    ["--algorithm", "maml", "--modulation", "film"],
-    ["--algorithm", "maml", "--modulation", "none", "--multi-maml"],
-    ["--algorithm", "protonet", "--modulation", "kml"],
-], ids=lambda m: "-".join(m[1::2]))
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--algorithm", "maml", "--modulation", "kml"],
+        ["--algorithm", "maml", "--modulation", "film"],
+        ["--algorithm", "maml", "--modulation", "none", "--multi-maml"],
+        ["--algorithm", "protonet", "--modulation", "kml"],
+    ],
+    ids=lambda m: "-".join(m[1::2]),
+)
 def test_kml_train_and_eval_with_resnet12_backbone(tmp_path, method):
     import json
 
     from kml.cli import evaluate as eval_cli
     from kml.cli import train as train_cli
 
-    argv = ["--modes", "glyphs", "shapes", "--backbone", "resnet12", "--image-size", "16", "--base-channels", "2",
-            "--encoder-channels", "4", "--meta-batch", "2", "--queries", "2", "--inner-steps", "1", "--eval-inner-steps", "1",
-            "--steps", "2", "--val-every", "2", "--val-episodes", "2", "--checkpoint-every", "2", "--log-every", "1",
-            "--no-progress", "--train-dir", str(tmp_path / "runs"), "--run-name", "r", "--data-root", str(tmp_path / "data"),
-            *method]
+    argv = [
+        "--modes",
+        "glyphs",
+        "shapes",
+        "--backbone",
+        "resnet12",
+        "--image-size",
+        "16",
+        "--base-channels",
+        "2",
+        "--encoder-channels",
+        "4",
+        "--meta-batch",
+        "2",
+        "--queries",
+        "2",
+        "--inner-steps",
+        "1",
+        "--eval-inner-steps",
+        "1",
+        "--steps",
+        "2",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--train-dir",
+        str(tmp_path / "runs"),
+        "--run-name",
+        "r",
+        "--data-root",
+        str(tmp_path / "data"),
+        *method,
+    ]
     assert train_cli.main(argv) == 0
     run = tmp_path / "runs" / "r"
     assert json.loads((run / "config.json").read_text())["learner"]["backbone"] == "resnet12"
     out = tmp_path / "eval.json"
-    assert eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "2", "--no-progress",
-                          "--data-root", str(tmp_path / "data"), "--output", str(out)]) == 0
+    assert (
+        eval_cli.main(
+            [
+                "--checkpoint",
+                str(run / "checkpoints" / "last.pt"),
+                "--episodes",
+                "2",
+                "--no-progress",
+                "--data-root",
+                str(tmp_path / "data"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["glyphs", "shapes", "average"]
 
 
@@ -262,8 +346,12 @@ def test_transference_of_a_generic_learner_equals_its_definition(order):
     from torch.func import functional_call
 
     torch.manual_seed(0)
-    learner = kml.MAML(kml.modulate(sequential(), "kml", encoder_channels=4, identity_init=False), inner_lr=0.1,
-                       inner_steps=1, first_order=order == "first").double()
+    learner = kml.MAML(
+        kml.modulate(sequential(), "kml", encoder_channels=4, identity_init=False),
+        inner_lr=0.1,
+        inner_steps=1,
+        first_order=order == "first",
+    ).double()
     episode, rate = random_episode(tasks=3), 1e-3
     z = kml.task_transference(learner, episode, rate=rate).z
     params = dict(learner.named_parameters())
@@ -276,18 +364,37 @@ def test_transference_of_a_generic_learner_equals_its_definition(order):
     assert float(z.abs().max()) > 1e-6
 
 
-@pytest.mark.parametrize("method", [dict(algorithm="maml", modulation="kml"), dict(algorithm="maml", modulation="film"),
-                                    dict(algorithm="protonet", modulation="kml", proto_refine=False)],
-                         ids=lambda m: f"{m['modulation']}-{m['algorithm']}")
+@pytest.mark.parametrize(
+    "method",
+    [
+        dict(algorithm="maml", modulation="kml"),
+        dict(algorithm="maml", modulation="film"),
+        dict(algorithm="protonet", modulation="kml", proto_refine=False),
+    ],
+    ids=lambda m: f"{m['modulation']}-{m['algorithm']}",
+)
 def test_generic_learner_over_kml_task_model_equals_the_packed_fast_path(method):
     """kml's config-built learner (packed layout) is the fast special case of the generic core: same numbers."""
     torch.manual_seed(0)
-    config = LearnerConfig(**method, base_channels=4, encoder_channels=4, ways=WAYS, image_size=SIDE, in_channels=3,
-                           inner_steps=2, inner_lr=0.1, identity_init=False, init="pytorch")
+    config = LearnerConfig(
+        **method,
+        base_channels=4,
+        encoder_channels=4,
+        ways=WAYS,
+        image_size=SIDE,
+        in_channels=3,
+        inner_steps=2,
+        inner_lr=0.1,
+        identity_init=False,
+        init="pytorch",
+    )
     fast = kml.build_learner(config).double()
     task_model = fast.models[0]
-    generic = (kml.MAML(task_model, inner_lr=0.1, inner_steps=2) if config.algorithm == "maml"
-               else kml.ProtoNet(task_model, refine=False))
+    generic = (
+        kml.MAML(task_model, inner_lr=0.1, inner_steps=2)
+        if config.algorithm == "maml"
+        else kml.ProtoNet(task_model, refine=False)
+    )
     assert fast.batching == "packed"
     episode = random_episode()
     a = torch.autograd.grad(fast(episode).loss, list(task_model.parameters()))
@@ -304,8 +411,16 @@ def test_trainer_resumes_a_generic_learner_exactly(tmp_path, synthetic_stores):
         sampler = kml.MixtureSampler(synthetic_stores["train"], ways=WAYS, shots=1, queries=2, meta_batch=2, seed=0)
         learner = kml.MAML(kml.modulate(sequential(), "kml", encoder_channels=4), inner_lr=0.1, inner_steps=1)
         optimizer = torch.optim.AdamW(learner.parameters(), lr=1e-3)
-        trainer = kml.Trainer(learner, sampler, optimizer, run_dir=tmp_path / name, resume=resume, progress=False,
-                              checkpoint_every=2, log_every=1)
+        trainer = kml.Trainer(
+            learner,
+            sampler,
+            optimizer,
+            run_dir=tmp_path / name,
+            resume=resume,
+            progress=False,
+            checkpoint_every=2,
+            log_every=1,
+        )
         trainer.fit(steps)
         return {k: v.clone() for k, v in learner.state_dict().items()}
 
@@ -340,11 +455,17 @@ def test_predict_gives_the_logits_the_loss_is_computed_from(learner):
     """predict() needs no query labels; its argmax gives the accuracy forward() reports, its log-softmax the loss."""
     torch.manual_seed(0)
     model = kml.modulate(resnet(WAYS if learner == "maml" else None), "kml", encoder_channels=4, identity_init=False)
-    meta = (kml.MAML(model, inner_lr=0.1, inner_steps=2) if learner == "maml" else kml.ProtoNet(model, refine=True)).double()
+    meta = (
+        kml.MAML(model, inner_lr=0.1, inner_steps=2) if learner == "maml" else kml.ProtoNet(model, refine=True)
+    ).double()
     episode = random_episode()
     logits = meta.predict(episode.support_x, episode.support_y, episode.query_x)
     assert logits.shape == (2, WAYS * 2, WAYS)
     output = meta(episode)
     assert torch.equal((logits.argmax(-1) == episode.query_y).float().mean(-1), output.task_accuracy)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten(), reduction="none").view(2, -1).mean(-1)
+    loss = (
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten(), reduction="none")
+        .view(2, -1)
+        .mean(-1)
+    )
     assert torch.allclose(loss, output.task_loss, atol=1e-12)

@@ -28,7 +28,10 @@ from kml.data.sampler import EpisodeSampler
 from kml.errors import KMLError
 from kml.integrations import learn2learn as integration
 
-REQUIRED = os.environ.get("KML_REQUIRE_LEARN2LEARN", "") not in ("", "0") or os.environ.get("CI", "").lower() in ("1", "true")
+REQUIRED = os.environ.get("KML_REQUIRE_LEARN2LEARN", "") not in ("", "0") or os.environ.get("CI", "").lower() in (
+    "1",
+    "true",
+)
 TINY = dict(ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_steps=2, eval_inner_steps=2, inner_lr=0.3)
 TOLERANCE = 1e-5
 
@@ -53,7 +56,11 @@ def glyphs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def episode(glyphs):
     """A fixed float64 meta-batch: 3 tasks, 3-way 2-shot, 3 queries per class."""
-    return EpisodeSampler(glyphs["train"], ways=3, shots=2, queries=3, meta_batch=3, seed=5).sample().to_float(torch.float64)
+    return (
+        EpisodeSampler(glyphs["train"], ways=3, shots=2, queries=3, meta_batch=3, seed=5)
+        .sample()
+        .to_float(torch.float64)
+    )
 
 
 def tiny_learner(seed: int = 0, **method) -> torch.nn.Module:
@@ -151,7 +158,9 @@ def test_maml_forward_equals_learner_forward(l2l, episode):
         assert_close(a, b, f"meta-gradient {name}")
     learner.eval()
     with torch.no_grad():  # evaluation: eval_inner_steps, and the inner loop still differentiates
-        assert_close(learner(episode, inner_steps=3).task_loss, integration.maml_forward(learner, episode, 3).task_loss, "eval")
+        assert_close(
+            learner(episode, inner_steps=3).task_loss, integration.maml_forward(learner, episode, 3).task_loss, "eval"
+        )
     with pytest.raises(KMLError, match="MetaSGD"):
         integration.maml_forward(tiny_learner(meta_sgd=True), episode)
     with pytest.raises(KMLError, match="MAML learner"):
@@ -162,8 +171,9 @@ def test_maml_forward_equals_learner_forward(l2l, episode):
 def test_maml_forward_equals_learner_forward_for_mmaml_network(l2l, episode):
     """The MMAML recipe's pieces (spatial-mean head, non-affine BatchNorm, 128-d-style encoder layer, default init)
     give the same loss and meta-gradients through learn2learn's MAML as through kml's forward."""
-    learner = tiny_learner(modulation="film", head="avgpool", batchnorm_affine=False, encoder_hidden=8, init="pytorch",
-                           identity_init=False)
+    learner = tiny_learner(
+        modulation="film", head="avgpool", batchnorm_affine=False, encoder_hidden=8, init="pytorch", identity_init=False
+    )
     names, params = zip(*learner.named_parameters())
     kml, ours = learner(episode), integration.maml_forward(learner, episode)
     assert_close(kml.task_loss.detach(), ours.task_loss.detach(), "query loss")
@@ -225,7 +235,9 @@ def test_taskset_sampler_drives_training_loop(l2l, glyphs):
 
     fixed = [sampler.sample() for _ in range(3)]  # fixed meta-batches to measure on
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(**{**TINY, "modulation": "none", "base_channels": 8, "inner_steps": 1, "inner_lr": 0.1}))
+    learner = build_learner(
+        LearnerConfig(**{**TINY, "modulation": "none", "base_channels": 8, "inner_steps": 1, "inner_lr": 0.1})
+    )
     optimizer = torch.optim.Adam(learner.train().parameters(), lr=1e-2)
 
     def held_out_loss() -> float:
@@ -252,10 +264,17 @@ def test_benchmark_tasksets_as_kml_mode_train_with_trainer(l2l, glyphs, tmp_path
 
     # A learn2learn benchmark (what get_tasksets returns), over small data: no download.
     tasksets = l2l.vision.benchmarks.BenchmarkTasksets(
-        *(integration.taskset_from_store(glyphs[split], 3, 2, classes) for split, classes in (("train", 8), ("val", 4), ("test", 4)))
+        *(
+            integration.taskset_from_store(glyphs[split], 3, 2, classes)
+            for split, classes in (("train", 8), ("val", 4), ("test", 4))
+        )
     )
     stores = integration.stores_from_tasksets(tasksets, mode="l2l-glyphs", max_per_class=6)
-    assert {s: (st.num_classes, len(st.images)) for s, st in stores.items()} == {"train": (8, 48), "val": (4, 24), "test": (4, 24)}
+    assert {s: (st.num_classes, len(st.images)) for s, st in stores.items()} == {
+        "train": (8, 48),
+        "val": (4, 24),
+        "test": (4, 24),
+    }
     assert torch.equal(stores["train"].class_images(2), glyphs["train"].class_images(2)[:6])
     mode = integration.export_folder(stores, tmp_path / "l2l-glyphs")
     assert mode == f"folder:{tmp_path / 'l2l-glyphs'}"
@@ -264,9 +283,21 @@ def test_benchmark_tasksets_as_kml_mode_train_with_trainer(l2l, glyphs, tmp_path
     assert load_store(mode, "val", tmp_path / "data").num_classes == 4
 
     config = RunConfig(
-        modes=[mode], ways=3, shots=1, queries=2, meta_batch=2, steps=4, val_every=4, val_episodes=2,
-        checkpoint_every=4, log_every=2, device="cpu", data_root=str(tmp_path / "data"),
-        train_dir=str(tmp_path / "train_dir"), run_name="l2l", image_size=16,
+        modes=[mode],
+        ways=3,
+        shots=1,
+        queries=2,
+        meta_batch=2,
+        steps=4,
+        val_every=4,
+        val_episodes=2,
+        checkpoint_every=4,
+        log_every=2,
+        device="cpu",
+        data_root=str(tmp_path / "data"),
+        train_dir=str(tmp_path / "train_dir"),
+        run_name="l2l",
+        image_size=16,
         learner=LearnerConfig(base_channels=4, encoder_channels=4, inner_steps=1, eval_inner_steps=1, inner_lr=0.1),
     )
     trainer = Trainer.create(config, progress=False)
@@ -295,7 +326,10 @@ def test_store_from_plain_datasets():
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    grey = [(Image.fromarray(rng.integers(0, 256, (10 + i % 3, 12), dtype=np.uint8)), "b" if i % 2 else "a") for i in range(8)]
+    grey = [
+        (Image.fromarray(rng.integers(0, 256, (10 + i % 3, 12), dtype=np.uint8)), "b" if i % 2 else "a")
+        for i in range(8)
+    ]
     with pytest.raises(KMLError, match="several sizes"):
         integration.store_from_dataset(grey)
     store = integration.store_from_dataset(grey, split="test", side=8)
@@ -327,7 +361,9 @@ def test_episode_export_in_learn2learn_form(l2l, glyphs, episode):
     back = integration.episode_from_tasks([(d, y) for d, y, _ in batches], shots=2, dtype=torch.float64)
     for name in ("support_x", "support_y", "query_x", "query_y"):
         assert torch.equal(getattr(back, name), getattr(episode, name)), name
-    shuffled = integration.episode_from_tasks([(d, y) for d, y, _ in batches], 2, generator=torch.Generator().manual_seed(1))
+    shuffled = integration.episode_from_tasks(
+        [(d, y) for d, y, _ in batches], 2, generator=torch.Generator().manual_seed(1)
+    )
     assert sorted(shuffled.classes[0].tolist()) == [0, 1, 2]
 
     # The interleaved layout: learn2learn's example scripts take the even positions as the support set.
@@ -352,18 +388,35 @@ def test_missing_learn2learn_names_install_command(monkeypatch):
 
 
 def test_installer_help_and_toolchain_check():
-    result = subprocess.run([sys.executable, "-m", "kml.integrations.install_learn2learn", "--help"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kml.integrations.install_learn2learn", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "current Cython" in result.stdout and "--force" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "kml.integrations.install_learn2learn", "--force"],
-                            capture_output=True, text=True, env={**os.environ, "CC": "no-such-compiler"})
-    assert result.returncode == 2 and result.stderr.startswith("error: no C compiler") and result.stderr.count("\n") == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "kml.integrations.install_learn2learn", "--force"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CC": "no-such-compiler"},
+    )
+    assert (
+        result.returncode == 2 and result.stderr.startswith("error: no C compiler") and result.stderr.count("\n") == 1
+    )
 
 
 @pytest.mark.l2l
 def test_benchmark_smoke_run_prints_its_figures(l2l, tmp_path):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "learn2learn_maml.py")
-    done = subprocess.run([sys.executable, script, "--smoke", "--methods", "kml-maml"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        [sys.executable, script, "--smoke", "--methods", "kml-maml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "tasks/s" in done.stdout and "ratio" in done.stdout and "kml batched / learn2learn" in done.stdout, done.stdout
+    assert "tasks/s" in done.stdout and "ratio" in done.stdout and "kml batched / learn2learn" in done.stdout, (
+        done.stdout
+    )

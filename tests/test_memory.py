@@ -26,7 +26,12 @@ METHODS = {
 def episode(synthetic_stores, device):
     """A float64 meta-batch of 5 tasks from the 3 synthetic modes, on the test device."""
     stores = synthetic_stores["train"]
-    return MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=5, seed=1).sample().to_float(torch.float64).to(device)
+    return (
+        MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=5, seed=1)
+        .sample()
+        .to_float(torch.float64)
+        .to(device)
+    )
 
 
 def learner_for(method: str, device: str = "cpu") -> torch.nn.Module:
@@ -118,13 +123,30 @@ def test_activation_checkpointing_keeps_less_of_the_inner_loop(episode):
 
 def test_trainer_step_with_task_chunks_and_checkpointing_gives_the_plain_meta_gradient(tmp_path):
     flags = [
-        "--modes", "synthetic", "--image-size", "16", "--base-channels", "4", "--encoder-channels", "4",
-        "--meta-batch", "5", "--queries", "3", "--inner-steps", "2", "--train-dir", str(tmp_path / "runs"),
-        "--data-root", str(tmp_path / "data"),
+        "--modes",
+        "synthetic",
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--encoder-channels",
+        "4",
+        "--meta-batch",
+        "5",
+        "--queries",
+        "3",
+        "--inner-steps",
+        "2",
+        "--train-dir",
+        str(tmp_path / "runs"),
+        "--data-root",
+        str(tmp_path / "data"),
     ]
     grads = {}
     for name, extra in {"plain": [], "chunked": ["--task-chunk", "2", "--activation-checkpointing"]}.items():
-        values = {k: v for k, v in vars(train_cli.build_parser().parse_args([*flags, "--run-name", name, *extra])).items()}
+        values = {
+            k: v for k, v in vars(train_cli.build_parser().parse_args([*flags, "--run-name", name, *extra])).items()
+        }
         trainer = Trainer.create(train_cli.config_from_values(values), progress=False)
         trainer.train_step(trainer.sampler.sample())
         grads[name] = gradients(trainer.learner)

@@ -15,7 +15,9 @@ def random_images(count: int = 6, side: int = 20, channels: int = 3, seed: int =
     return torch.randn(count, channels, side, side, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("layout,side,expected", [("published", 84, 6), ("conv4", 84, 5), ("published", 32, 2), ("conv4", 28, 1)])
+@pytest.mark.parametrize(
+    "layout,side,expected", [("published", 84, 6), ("conv4", 84, 5), ("published", 32, 2), ("conv4", 28, 1)]
+)
 def test_backbone_output_sizes(layout, side, expected):
     assert output_side(side, layout) == expected
     backbone = Backbone(3, 4, side, layout, ways=5)
@@ -99,7 +101,9 @@ def test_film_generator_identity_start():
     backbone = Backbone(3, 4, 20, "published", ways=5).double()
     generator = FiLMGenerator(16, backbone.channels, identity_init=True).double()
     x = random_images()
-    torch.testing.assert_close(backbone(x, generator(torch.randn(16, dtype=torch.float64))), backbone(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        backbone(x, generator(torch.randn(16, dtype=torch.float64))), backbone(x), rtol=0, atol=0
+    )
 
 
 def test_modulation_comes_from_the_support_set_and_varies_by_task():
@@ -111,7 +115,9 @@ def test_modulation_comes_from_the_support_set_and_varies_by_task():
 
 
 def test_encoder_with_labels_requires_labels():
-    config = LearnerConfig(modulation="film", image_size=20, base_channels=4, encoder_channels=4, encoder_uses_labels=True)
+    config = LearnerConfig(
+        modulation="film", image_size=20, base_channels=4, encoder_channels=4, encoder_uses_labels=True
+    )
     model = TaskModel(config)
     labels = torch.arange(6) % 5
     assert model.modulation(torch.randn(6, 3, 20, 20), labels)["scale1"].shape == (4, 1, 1)
@@ -121,8 +127,14 @@ def test_encoder_with_labels_requires_labels():
 
 @pytest.mark.parametrize(
     "field,value,message",
-    [("algorithm", "reptile", "maml, protonet"), ("modulation", "lora", "kml, film, none"), ("ways", 1, "ways must be an integer >= 2"),
-     ("inner_lr", -1.0, ">= 0"), ("image_size", 8, "image-size must be an integer >= 16"), ("first_order", "yes", "true or false")],
+    [
+        ("algorithm", "reptile", "maml, protonet"),
+        ("modulation", "lora", "kml, film, none"),
+        ("ways", 1, "ways must be an integer >= 2"),
+        ("inner_lr", -1.0, ">= 0"),
+        ("image_size", 8, "image-size must be an integer >= 16"),
+        ("first_order", "yes", "true or false"),
+    ],
 )
 def test_config_rejects_bad_values_in_one_line(field, value, message):
     with pytest.raises(KMLError, match=message) as info:
@@ -145,8 +157,14 @@ def test_config_saved_before_the_rename_still_loads():
     old = LearnerConfig(modulation="film", kml_form="bare").to_dict()
     old["model"], old["modulation"] = old.pop("modulation"), old.pop("kml_form")
     assert LearnerConfig.from_dict(old) == LearnerConfig(modulation="film", kml_form="bare")
-    run = RunConfig.from_dict({"modes": ["synthetic"], "learner": old, "recipe": "kml-maml@1",
-                               "recipe_overrides": ["model", "modulation", "steps"]})
+    run = RunConfig.from_dict(
+        {
+            "modes": ["synthetic"],
+            "learner": old,
+            "recipe": "kml-maml@1",
+            "recipe_overrides": ["model", "modulation", "steps"],
+        }
+    )
     assert run.learner.modulation == "film" and run.learner.kml_form == "bare"
     assert run.recipe_overrides == ["modulation", "kml_form", "steps"]
 
@@ -156,10 +174,25 @@ def test_kml_train_config_file_with_the_old_field_names_still_runs(tmp_path):
 
     from kml.cli import train as train_cli
 
-    old = {"model": "film", "modulation": "bare", "modes": ["glyphs"], "image_size": 16, "base_channels": 4,
-           "encoder_channels": 4, "meta_batch": 2, "queries": 2, "inner_steps": 1, "eval_inner_steps": 1, "steps": 1,
-           "val_every": 1, "val_episodes": 2, "checkpoint_every": 1, "train_dir": str(tmp_path / "runs"),
-           "run_name": "old", "data_root": str(tmp_path / "data")}
+    old = {
+        "model": "film",
+        "modulation": "bare",
+        "modes": ["glyphs"],
+        "image_size": 16,
+        "base_channels": 4,
+        "encoder_channels": 4,
+        "meta_batch": 2,
+        "queries": 2,
+        "inner_steps": 1,
+        "eval_inner_steps": 1,
+        "steps": 1,
+        "val_every": 1,
+        "val_episodes": 2,
+        "checkpoint_every": 1,
+        "train_dir": str(tmp_path / "runs"),
+        "run_name": "old",
+        "data_root": str(tmp_path / "data"),
+    }
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert train_cli.main(["--config", str(tmp_path / "old.json"), "--no-progress"]) == 0
     learner = json.loads((tmp_path / "runs" / "old" / "config.json").read_text())["learner"]

@@ -24,7 +24,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-REQUIRE_L2L = os.environ.get("KML_REQUIRE_LEARN2LEARN", "") not in ("", "0") or os.environ.get("CI", "").lower() in ("1", "true")
+REQUIRE_L2L = os.environ.get("KML_REQUIRE_LEARN2LEARN", "") not in ("", "0") or os.environ.get("CI", "").lower() in (
+    "1",
+    "true",
+)
 
 
 def python_blocks(text: str) -> list[tuple[str, int, str]]:
@@ -73,8 +76,17 @@ def offline_get_tasksets(root: Path):
 
     l2l = integration.require_learn2learn()
 
-    def get_tasksets(name, train_ways=5, train_samples=10, test_ways=5, test_samples=10, num_tasks=-1, root=None,
-                     device=None, **kwargs):
+    def get_tasksets(
+        name,
+        train_ways=5,
+        train_samples=10,
+        test_ways=5,
+        test_samples=10,
+        num_tasks=-1,
+        root=None,
+        device=None,
+        **kwargs,
+    ):
         def taskset(split: str, classes: int, ways: int, samples: int):
             store = load_stores(["glyphs"], split, root=data_root, side=28, channels=1)[0]
             return integration.taskset_from_store(store, ways, samples, classes, num_tasks)
@@ -117,7 +129,7 @@ def test_readme_python_session_runs(section, tmp_path, monkeypatch):
         for start, code in blocks:
             tree = ast.parse(code, "README.md")
             ast.increment_lineno(tree, start - 1)  # a traceback names README.md and its line
-            exec(compile(tree, "README.md", "exec"), namespace)  # noqa: S102
+            exec(compile(tree, "README.md", "exec"), namespace)
     finally:
         plt.close("all")
 
@@ -131,7 +143,9 @@ def test_download_script_help_and_one_line_error(tmp_path):
     done = run(sys.executable, str(ROOT / "download.py"), "--help", cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--datasets" in done.stdout and "--omniglot-side" in done.stdout
-    bad = run(sys.executable, str(ROOT / "download.py"), "--on-corrupt", "ignore", "--root", str(tmp_path), cwd=tmp_path)
+    bad = run(
+        sys.executable, str(ROOT / "download.py"), "--on-corrupt", "ignore", "--root", str(tmp_path), cwd=tmp_path
+    )
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
     assert "--on-corrupt" in bad.stderr and "python download.py --help" in bad.stderr
@@ -142,7 +156,9 @@ def test_kml_download_entry_point(tmp_path):
     from importlib.metadata import entry_points
 
     scripts = {entry.name: entry.value for entry in entry_points(group="console_scripts")}
-    assert scripts.get("kml-download") == "kml.cli.download:main", "the kml-download script is missing: pip install -e ."
+    assert scripts.get("kml-download") == "kml.cli.download:main", (
+        "the kml-download script is missing: pip install -e ."
+    )
     script = Path(sys.executable).parent / "kml-download"
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "kml.cli.download"]
     done = run(*command, "--help", cwd=tmp_path)

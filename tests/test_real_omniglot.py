@@ -15,11 +15,11 @@ import json
 import zipfile
 from pathlib import Path
 
+import fixtures_datasets as fx
 import numpy as np
 import pytest
 from PIL import Image
 
-import fixtures_datasets as fx
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
 from kml.data.sources import prepare
@@ -40,8 +40,15 @@ def real_root(tmp_path_factory):
     files = small_archives(FIXTURE / "images_background_small1.zip", FIXTURE / "images_background_small2.zip")
     root = tmp_path_factory.mktemp("real")
     with fx.ArchiveServer(files, ranges=True) as server:
-        rows = prepare(["omniglot"], root, split_variant="omniglot=lake", mirrors=[server.url],
-                       checksums={name: fx.md5(data) for name, data in files.items()}, progress=False, workers=2)
+        rows = prepare(
+            ["omniglot"],
+            root,
+            split_variant="omniglot=lake",
+            mirrors=[server.url],
+            checksums={name: fx.md5(data) for name, data in files.items()},
+            progress=False,
+            workers=2,
+        )
     assert [row.status for row in rows] == ["converted"]
     return root
 
@@ -66,16 +73,51 @@ def test_real_archives_convert_with_held_out_alphabets(real_root):
 @pytest.mark.parametrize("algorithm", ["protonet", "maml"])
 def test_short_training_on_real_omniglot_beats_the_stated_held_out_accuracy(algorithm, real_root, tmp_path):
     flags = [
-        "--modes", "omniglot", "--data-root", str(real_root), "--image-size", "28", "--algorithm", algorithm,
-        "--modulation", "none", "--steps", "300", "--meta-batch", "4", "--queries", "5", "--base-channels", "16",
-        "--inner-steps", "1", "--eval-inner-steps", "3", "--inner-lr", "0.4", "--lr", "0.003",
-        "--val-every", "300", "--val-episodes", "20", "--checkpoint-every", "300", "--no-progress",
-        "--train-dir", str(tmp_path), "--run-name", algorithm,
+        "--modes",
+        "omniglot",
+        "--data-root",
+        str(real_root),
+        "--image-size",
+        "28",
+        "--algorithm",
+        algorithm,
+        "--modulation",
+        "none",
+        "--steps",
+        "300",
+        "--meta-batch",
+        "4",
+        "--queries",
+        "5",
+        "--base-channels",
+        "16",
+        "--inner-steps",
+        "1",
+        "--eval-inner-steps",
+        "3",
+        "--inner-lr",
+        "0.4",
+        "--lr",
+        "0.003",
+        "--val-every",
+        "300",
+        "--val-episodes",
+        "20",
+        "--checkpoint-every",
+        "300",
+        "--no-progress",
+        "--train-dir",
+        str(tmp_path),
+        "--run-name",
+        algorithm,
     ]
     assert train_cli.main(flags) == 0
     output = tmp_path / "eval.json"
     checkpoint = tmp_path / algorithm / "checkpoints" / "last.pt"
-    assert eval_cli.main(["--checkpoint", str(checkpoint), "--episodes", "200", "--output", str(output), "--no-progress"]) == 0
+    assert (
+        eval_cli.main(["--checkpoint", str(checkpoint), "--episodes", "200", "--output", str(output), "--no-progress"])
+        == 0
+    )
     result = json.loads(output.read_text())
     accuracy = next(row["accuracy"] for row in result["results"] if row["mode"] == "omniglot")
     print(f"{algorithm}: {accuracy:.2f}% on held-out alphabets")

@@ -42,8 +42,14 @@ def shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 CONVS = {  # the published backbone's and encoder's convs at C = E = 32
-    "conv1.weight": (32, 3, 3, 3), "conv1.bias": (32,), "conv2.weight": (64, 32, 3, 3), "conv2.bias": (64,),
-    "conv3.weight": (128, 64, 3, 3), "conv3.bias": (128,), "conv4.weight": (256, 128, 3, 3), "conv4.bias": (256,),
+    "conv1.weight": (32, 3, 3, 3),
+    "conv1.bias": (32,),
+    "conv2.weight": (64, 32, 3, 3),
+    "conv2.bias": (64,),
+    "conv3.weight": (128, 64, 3, 3),
+    "conv3.bias": (128,),
+    "conv4.weight": (256, 128, 3, 3),
+    "conv4.bias": (256,),
 }
 AFFINE_NORMS = {f"norm{i}.{p}": (c,) for i, c in enumerate((32, 64, 128, 256), start=1) for p in ("weight", "bias")}
 
@@ -56,8 +62,12 @@ def test_mmaml_network_is_the_published_one():
     assert count(model.backbone) == 389_701
     assert model.backbone.feature_dim == 256  # the head reads the 8C channel means, not 9216 flattened features
     # task encoder (affine BatchNorm, Linear(256, 128)) + one (gamma, beta) pair of Linear(128, C_l) per block
-    film = {f"{kind}.{i}.{p}": (c,) if p == "bias" else (c, 128)
-            for kind in ("gamma", "beta") for i, c in enumerate((32, 64, 128, 256)) for p in ("weight", "bias")}
+    film = {
+        f"{kind}.{i}.{p}": (c,) if p == "bias" else (c, 128)
+        for kind in ("gamma", "beta")
+        for i, c in enumerate((32, 64, 128, 256))
+        for p in ("weight", "bias")
+    }
     assert shapes(model.encoder) == {**CONVS, **AFFINE_NORMS, "hidden.weight": (128, 256), "hidden.bias": (128,)}
     assert shapes(model.generator) == film
     assert count(model.encoder) + count(model.generator) == 546_112
@@ -110,14 +120,17 @@ def test_inner_clamp_is_element_wise():
     assert clamped["a"].tolist() == [[20.0, -20.0, 3.0]] and clamped["b"].tolist() == [[[-0.5, 20.0]]]
 
 
-@pytest.mark.parametrize(("name", "ways", "expected", "meta_batch", "steps"), [
-    ("kml-protonet-released", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
-    ("kml-maml", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
-    ("mmaml", 5, [1e-3] * 4, 10, 60000),
-    ("maml", 5, [1e-3] * 4, 10, 60000),
-    ("mmaml", 20, [1e-3] * 4, 5, 80000),
-    ("maml", 20, [1e-3] * 4, 5, 80000),
-])
+@pytest.mark.parametrize(
+    ("name", "ways", "expected", "meta_batch", "steps"),
+    [
+        ("kml-protonet-released", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
+        ("kml-maml", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
+        ("mmaml", 5, [1e-3] * 4, 10, 60000),
+        ("maml", 5, [1e-3] * 4, 10, 60000),
+        ("mmaml", 20, [1e-3] * 4, 5, 80000),
+        ("maml", 20, [1e-3] * 4, 5, 80000),
+    ],
+)
 def test_schedules(name, ways, expected, meta_batch, steps):
     values = recipe_values(name, {"ways": ways, "modes": ["omniglot", "miniimagenet"]})
     config = RunConfig(**{k: v for k, v in values.items() if k not in LEARNER_FIELDS})
@@ -150,11 +163,15 @@ def test_per_mode_step_counts_stop_each_task_at_its_own_count():
     plain = build_learner(LearnerConfig(**base)).double()
     plain.load_state_dict(learner.state_dict())
     generator = torch.Generator().manual_seed(0)
-    episode = Episode(torch.rand(3, 6, 3, 16, 16, generator=generator, dtype=torch.float64),
-                      torch.arange(3).repeat_interleave(2).expand(3, 6).clone(),
-                      torch.rand(3, 6, 3, 16, 16, generator=generator, dtype=torch.float64),
-                      torch.arange(3).repeat_interleave(2).expand(3, 6).clone(),
-                      torch.tensor([0, 1, 2]), torch.zeros(3, 3, dtype=torch.int64), ("a", "b", "c"))
+    episode = Episode(
+        torch.rand(3, 6, 3, 16, 16, generator=generator, dtype=torch.float64),
+        torch.arange(3).repeat_interleave(2).expand(3, 6).clone(),
+        torch.rand(3, 6, 3, 16, 16, generator=generator, dtype=torch.float64),
+        torch.arange(3).repeat_interleave(2).expand(3, 6).clone(),
+        torch.tensor([0, 1, 2]),
+        torch.zeros(3, 3, dtype=torch.int64),
+        ("a", "b", "c"),
+    )
     ours = learner(episode).task_loss
     for task, steps in enumerate([0, 2, 1]):
         alone = plain(episode.select([task]), inner_steps=steps).task_loss
@@ -188,11 +205,24 @@ def test_flags_override_a_recipe_value_by_value():
 
 def test_old_configs_without_the_new_fields_keep_their_behaviour():
     old = LearnerConfig().to_dict()
-    for name in ("head", "batchnorm_affine", "encoder_hidden", "init", "inner_grad_clamp", "mode_inner_lr", "mode_inner_steps"):
+    for name in (
+        "head",
+        "batchnorm_affine",
+        "encoder_hidden",
+        "init",
+        "inner_grad_clamp",
+        "mode_inner_lr",
+        "mode_inner_steps",
+    ):
         old.pop(name)
     config = LearnerConfig.from_dict(old)
     assert (config.head, config.batchnorm_affine, config.encoder_hidden, config.init, config.inner_grad_clamp) == (
-        "flatten", True, None, "kml", None)
+        "flatten",
+        True,
+        None,
+        "kml",
+        None,
+    )
     run = RunConfig().to_dict()
     for name in ("lr_schedule", "recipe", "recipe_overrides"):
         run.pop(name)
@@ -201,20 +231,56 @@ def test_old_configs_without_the_new_fields_keep_their_behaviour():
 
 # ----------------------------------------------------------------------------- CI-sized runs
 def tiny_recipe_args(tmp_path: Path, name: str) -> list[str]:
-    return ["--recipe", name, "--modes", "synthetic", "--image-size", "16", "--base-channels", "4",
-            "--encoder-channels", "4", "--encoder-hidden", "8", "--meta-batch", "3", "--queries", "2",
-            "--inner-steps", "1", "--eval-inner-steps", "1", "--steps", "2", "--val-every", "2", "--val-episodes", "3",
-            "--checkpoint-every", "2", "--log-every", "1", "--no-progress", "--train-dir", str(tmp_path / "train_dir"),
-            "--run-name", name, "--data-root", str(tmp_path / "data")]
+    return [
+        "--recipe",
+        name,
+        "--modes",
+        "synthetic",
+        "--image-size",
+        "16",
+        "--base-channels",
+        "4",
+        "--encoder-channels",
+        "4",
+        "--encoder-hidden",
+        "8",
+        "--meta-batch",
+        "3",
+        "--queries",
+        "2",
+        "--inner-steps",
+        "1",
+        "--eval-inner-steps",
+        "1",
+        "--steps",
+        "2",
+        "--val-every",
+        "2",
+        "--val-episodes",
+        "3",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--train-dir",
+        str(tmp_path / "train_dir"),
+        "--run-name",
+        name,
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_trains_and_evaluates(name, tmp_path):
     argv = tiny_recipe_args(tmp_path, name)
-    if name == "multi-maml":  # its per-mode meta-batch (4 per mode) and per-mode step counts are the recipe's: keep them
+    if (
+        name == "multi-maml"
+    ):  # its per-mode meta-batch (4 per mode) and per-mode step counts are the recipe's: keep them
         for flag in ("--meta-batch", "--inner-steps", "--eval-inner-steps"):
             at = argv.index(flag)
-            del argv[at:at + 2]
+            del argv[at : at + 2]
     assert train_cli.main(argv) == 0
     run = tmp_path / "train_dir" / name
     config = json.loads((run / "config.json").read_text())
@@ -227,7 +293,9 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
         assert recorded == value or key in config["recipe_overrides"], key
     if name == "multi-maml":
         assert config["learner"]["mode_inner_lr"] == [0.01] * 3 and config["learner"]["mode_inner_steps"] == [5] * 3
-    assert eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "3", "--no-progress"]) == 0
+    assert (
+        eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "3", "--no-progress"]) == 0
+    )
     report = json.loads((run / "checkpoints" / "eval_last_test.json").read_text())
     assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
 
@@ -235,13 +303,23 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
 def test_multi_maml_evaluated_on_a_subset_of_modes_uses_each_mode_own_parameters(tmp_path):
     argv = tiny_recipe_args(tmp_path, "multi-maml")
     at = argv.index("--meta-batch")
-    del argv[at:at + 2]
+    del argv[at : at + 2]
     assert train_cli.main(argv) == 0
     checkpoint = tmp_path / "train_dir" / "multi-maml" / "checkpoints" / "last.pt"
     rows = {}
     for modes in (["glyphs", "textures", "shapes"], ["shapes"]):
         output = tmp_path / f"{len(modes)}.json"
-        argv = ["--checkpoint", str(checkpoint), "--episodes", "4", "--no-progress", "--output", str(output), "--modes", *modes]
+        argv = [
+            "--checkpoint",
+            str(checkpoint),
+            "--episodes",
+            "4",
+            "--no-progress",
+            "--output",
+            str(output),
+            "--modes",
+            *modes,
+        ]
         assert eval_cli.main(argv) == 0
         rows[len(modes)] = {r["mode"]: r for r in json.loads(output.read_text())["results"]}
     assert rows[1]["shapes"] == rows[3]["shapes"]  # was: shapes evaluated with glyphs' parameter set (index 0)
@@ -250,15 +328,26 @@ def test_multi_maml_evaluated_on_a_subset_of_modes_uses_each_mode_own_parameters
 # ----------------------------------------------------------------------------- evaluation at another N
 def test_protonet_trained_5_way_evaluates_20_way(tmp_path):
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(algorithm="protonet", modulation="kml", ways=5, image_size=16, base_channels=4,
-                                          encoder_channels=4, num_modes=3))
+    learner = build_learner(
+        LearnerConfig(
+            algorithm="protonet",
+            modulation="kml",
+            ways=5,
+            image_size=16,
+            base_channels=4,
+            encoder_channels=4,
+            num_modes=3,
+        )
+    )
     stores = load_stores(["synthetic"], "test", root=tmp_path, side=16)
     episode = MixtureSampler(stores, ways=20, shots=1, queries=2, meta_batch=3, seed=0).sample().to_float()
     for batching in ("packed", "vmap"):
         with torch.no_grad(), learner.batched_with(batching):
             output = learner(episode)  # was: IndexError (Target 10 is out of bounds) in the prototype loss
         assert output.task_accuracy.shape == (3,)
-        torch.testing.assert_close(output.task_loss, learner.reference_forward(episode).task_loss.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            output.task_loss, learner.reference_forward(episode).task_loss.detach(), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_kml_eval_ways(tmp_path, capsys):
@@ -273,7 +362,9 @@ def test_kml_eval_ways(tmp_path, capsys):
     argv = tiny_recipe_args(tmp_path, "maml")
     assert train_cli.main(argv) == 0
     with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["--checkpoint", str(tmp_path / "train_dir" / "maml" / "checkpoints" / "last.pt"), "--ways", "20"])
+        eval_cli.main(
+            ["--checkpoint", str(tmp_path / "train_dir" / "maml" / "checkpoints" / "last.pt"), "--ways", "20"]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "MAML head" in err and "\n" not in err
@@ -294,8 +385,15 @@ def test_omniglot_stored_at_84_is_the_105_pixel_original_lanczos_resized(tmp_pat
     for name, data in files.items():
         (tmp_path / "raw" / "omniglot" / name).write_bytes(data)
     checksums = {name: fx.md5(data) for name, data in files.items()}
-    prepare(["omniglot"], tmp_path, mirrors=[fx.dead_url()], checksums=checksums, omniglot_side=84,
-            progress=False, workers=2)
+    prepare(
+        ["omniglot"],
+        tmp_path,
+        mirrors=[fx.dead_url()],
+        checksums=checksums,
+        omniglot_side=84,
+        progress=False,
+        workers=2,
+    )
     store = load_store("omniglot", "test", tmp_path)
     assert store.image_shape == (1, 84, 84) and "84x84" in store.info["preprocessing"]
     page = Image.open(io.BytesIO(fx.omniglot_character_png())).convert("L").resize((84, 84), Image.LANCZOS)
@@ -313,7 +411,9 @@ def test_aircraft_whole_photo_with_its_banner_as_the_released_converters(tmp_pat
     (tmp_path / "raw" / "aircraft").mkdir(parents=True)
     for name, data in files.items():
         (tmp_path / "raw" / "aircraft" / name).write_bytes(data)
-    prepare(["aircraft"], tmp_path, mirrors=[fx.dead_url()], crop=False, aircraft_banner=True, progress=False, workers=2)
+    prepare(
+        ["aircraft"], tmp_path, mirrors=[fx.dead_url()], crop=False, aircraft_banner=True, progress=False, workers=2
+    )
     store = load_store("aircraft", "train", tmp_path)
     whole = store.images[0].float()
     assert whole[2, 2, 2] > 200 and whole[1, -1].mean() > 100  # the sky and the green copyright banner are there

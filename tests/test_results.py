@@ -16,10 +16,15 @@ from kml.results.runs import Method, Setup
 
 def frame(accuracy) -> pd.DataFrame:
     """Episodes of methods a/b, seeds 0-2, modes x/y, 4 episodes each; ``accuracy(method, seed, mode, episode)``."""
-    return pd.DataFrame([
-        {"setup": "5w1s", "method": m, "seed": s, "mode": mode, "episode": e, "accuracy": accuracy(m, s, mode, e)}
-        for m in ("a", "b") for s in range(3) for mode in ("x", "y") for e in range(4)
-    ])
+    return pd.DataFrame(
+        [
+            {"setup": "5w1s", "method": m, "seed": s, "mode": mode, "episode": e, "accuracy": accuracy(m, s, mode, e)}
+            for m in ("a", "b")
+            for s in range(3)
+            for mode in ("x", "y")
+            for e in range(4)
+        ]
+    )
 
 
 def test_summary_means_over_seeds_with_t_intervals_and_episode_intervals():
@@ -71,14 +76,42 @@ def test_published_rows_match_only_the_published_setups():
     assert published_rows(["glyphs", "textures", "shapes"], 5, 1) == {}
 
 
-TINY = ["image_size=16", "base_channels=4", "encoder_channels=4", "meta_batch=3", "queries=2", "inner_steps=1",
-        "eval_inner_steps=1", "val_every=3", "val_episodes=3", "checkpoint_every=3", "encoder_hidden=8"]
+TINY = [
+    "image_size=16",
+    "base_channels=4",
+    "encoder_channels=4",
+    "meta_batch=3",
+    "queries=2",
+    "inner_steps=1",
+    "eval_inner_steps=1",
+    "val_every=3",
+    "val_episodes=3",
+    "checkpoint_every=3",
+    "encoder_hidden=8",
+]
 
 
 def test_kml_results_runs_tabulates_and_then_reuses(tmp_path, capsys):
-    argv = ["--methods", "kml-maml", "ablation=kml-maml,kml_form=bare", "protonet", "--seeds", "0", "1",
-            "--steps", "3", "--episodes", "4", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data"),
-            "--no-progress", "--set", *TINY]
+    argv = [
+        "--methods",
+        "kml-maml",
+        "ablation=kml-maml,kml_form=bare",
+        "protonet",
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "3",
+        "--episodes",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+        "--data-root",
+        str(tmp_path / "data"),
+        "--no-progress",
+        "--set",
+        *TINY,
+    ]
     assert results_cli.main(argv) == 0
     first = capsys.readouterr().out
     assert first.count("trained, step 3") == 6
@@ -94,7 +127,7 @@ def test_kml_results_runs_tabulates_and_then_reuses(tmp_path, capsys):
     # again: every run and evaluation is reused; then a longer budget resumes each run from its checkpoint
     assert results_cli.main(argv) == 0
     assert capsys.readouterr().out.count("reused, step 3") == 6
-    assert results_cli.main([*argv[:argv.index("--steps")], "--steps", "6", *argv[argv.index("--steps") + 2:]]) == 0
+    assert results_cli.main([*argv[: argv.index("--steps")], "--steps", "6", *argv[argv.index("--steps") + 2 :]]) == 0
     assert capsys.readouterr().out.count("resumed, step 6") == 6
     # other settings for the same run folders: refused in one line, nothing retrained
     with pytest.raises(SystemExit):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_training import one_line_error, read_metrics, tiny_args
 
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
@@ -25,7 +26,6 @@ from kml.errors import KMLError
 from kml.training import checkpoint as checkpoint_module
 from kml.training.checkpoint import load_checkpoint, save_checkpoint
 from kml.training.run_lock import RunLock
-from test_training import one_line_error, read_metrics, tiny_args
 
 
 def error_after_progress(capsys, argv) -> str:
@@ -34,7 +34,7 @@ def error_after_progress(capsys, argv) -> str:
         train_cli.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    err = err[err.index("error: "):].strip()
+    err = err[err.index("error: ") :].strip()
     assert "\n" not in err, err
     return err
 
@@ -112,15 +112,19 @@ def test_stale_lock_of_a_crashed_run_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------ 6. one line instead of a traceback
-@pytest.mark.parametrize("flags, message", [
-    (("--queries", "0"), "--queries must be an integer >= 1, got 0"),
-    (("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
-    (("--lr-halve-every", "0"), "--lr-halve-every must be an integer >= 1, got 0"),
-    (("--weights", "nan", "1", "1"), "--weights must be a finite number >= 0, got nan"),
-    (("--device", "tpu"), "unsupported --device 'tpu'; kml runs on auto, cpu, cuda or cuda:N"),
-    (("--device", "mps"), "unsupported --device 'mps'"),
-    (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
-], ids=["queries-0", "lr-nan", "halve-0", "weights-nan", "tpu", "mps", "seed"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--queries", "0"), "--queries must be an integer >= 1, got 0"),
+        (("--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+        (("--lr-halve-every", "0"), "--lr-halve-every must be an integer >= 1, got 0"),
+        (("--weights", "nan", "1", "1"), "--weights must be a finite number >= 0, got nan"),
+        (("--device", "tpu"), "unsupported --device 'tpu'; kml runs on auto, cpu, cuda or cuda:N"),
+        (("--device", "mps"), "unsupported --device 'mps'"),
+        (("--seed", "-1"), "--seed must be an integer from 0 to 4294967295, got -1"),
+    ],
+    ids=["queries-0", "lr-nan", "halve-0", "weights-nan", "tpu", "mps", "seed"],
+)
 def test_bad_flag_values_are_one_line(tmp_path, capsys, flags, message):
     assert message in one_line_error(capsys, tiny_args(tmp_path, *flags, steps=2))
     assert not (tmp_path / "train_dir").exists()
@@ -166,10 +170,14 @@ def test_empty_images_file_is_one_line_with_a_working_rebuild_command(tmp_path, 
     assert download_cli.parse_args(["--datasets", "omniglot", "--root", str(tmp_path / "data"), "--force"]).force
 
 
-@pytest.mark.parametrize("manifest, problem", [
-    ([], "a list, not a mapping"),
-    ({"format_version": 1, "mode": "omniglot"}, "missing split, image_shape"),
-], ids=["list", "missing-keys"])
+@pytest.mark.parametrize(
+    "manifest, problem",
+    [
+        ([], "a list, not a mapping"),
+        ({"format_version": 1, "mode": "omniglot"}, "missing split, image_shape"),
+    ],
+    ids=["list", "missing-keys"],
+)
 def test_broken_manifest_is_one_line(tmp_path, capsys, manifest, problem):
     directory = dataset_cache(tmp_path)
     (directory / "manifest.json").write_text(json.dumps(manifest))
@@ -195,8 +203,13 @@ def test_unreadable_class_folder_is_one_line(tmp_path, capsys, monkeypatch):
         from kml.data.sources import folder as folder_source
 
         real = folder_source._images
-        monkeypatch.setattr(folder_source, "_images", lambda p: (_ for _ in ()).throw(
-            PermissionError(13, "Permission denied", str(p))) if p == blocked else real(p))
+        monkeypatch.setattr(
+            folder_source,
+            "_images",
+            lambda p: (
+                (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(p))) if p == blocked else real(p)
+            ),
+        )
     try:
         err = error_after_progress(capsys, ["--modes", f"folder:{folder}", "--data-root", str(tmp_path / "data")])
     finally:
@@ -207,7 +220,9 @@ def test_unreadable_class_folder_is_one_line(tmp_path, capsys, monkeypatch):
 def test_unwritable_data_root_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    err = one_line_error(capsys, ["--modes", "glyphs", "--data-root", str(blocker / "data"), "--train-dir", str(tmp_path)])
+    err = one_line_error(
+        capsys, ["--modes", "glyphs", "--data-root", str(blocker / "data"), "--train-dir", str(tmp_path)]
+    )
     assert "pass --data-root a writable folder" in err
 
 
@@ -219,21 +234,26 @@ def test_resume_with_corrupt_config_json_recovers_it_from_the_checkpoint(tmp_pat
     assert train_cli.main(tiny_args(tmp_path, "--resume", steps=12)) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
     assert len(lines) == 1 and "rewrote it from the settings saved in" in lines[0]
-    assert {k: v for k, v in json.loads(config.read_text()).items() if k != "steps"} == \
-        {k: v for k, v in good.items() if k != "steps"}
+    assert {k: v for k, v in json.loads(config.read_text()).items() if k != "steps"} == {
+        k: v for k, v in good.items() if k != "steps"
+    }
     (run_dir(tmp_path) / "checkpoints" / "last.pt").unlink()
     config.write_text("[1, 2]")
     err = one_line_error(capsys, tiny_args(tmp_path, "--resume", steps=14))
     assert f"cannot resume: {config}: run config must be a mapping" in err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--tasks-per-batch", "0"), "--tasks-per-batch must be an integer >= 1, got 0"),
-    (("--inner-steps", "-1"), "--inner-steps must be an integer >= 0, got -1"),
-    (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
-    (("--queries", "0"), "--queries must be an integer >= 1, got 0"),
-    (("--device", "mps"), "unsupported --device 'mps'"),
-], ids=["tasks-per-batch-0", "inner-steps-negative", "shots-0", "queries-0", "mps"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--tasks-per-batch", "0"), "--tasks-per-batch must be an integer >= 1, got 0"),
+        (("--inner-steps", "-1"), "--inner-steps must be an integer >= 0, got -1"),
+        (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
+        (("--queries", "0"), "--queries must be an integer >= 1, got 0"),
+        (("--device", "mps"), "unsupported --device 'mps'"),
+    ],
+    ids=["tasks-per-batch-0", "inner-steps-negative", "shots-0", "queries-0", "mps"],
+)
 def test_eval_bad_numbers_are_one_line_before_reading_anything(tmp_path, capsys, flags, message):
     err = one_line_error(capsys, ["--checkpoint", str(tmp_path / "missing.pt"), *flags], eval_cli)
     assert message in err
@@ -244,16 +264,22 @@ def test_eval_output_into_a_missing_folder_fails_before_evaluating(trained, caps
 
     monkeypatch.setattr(kml.evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --output"))
     missing = trained / "nowhere" / "out.json"
-    err = one_line_error(capsys, ["--checkpoint", str(run_dir(trained) / "checkpoints" / "last.pt"), "--output", str(missing)], eval_cli)
+    err = one_line_error(
+        capsys, ["--checkpoint", str(run_dir(trained) / "checkpoints" / "last.pt"), "--output", str(missing)], eval_cli
+    )
     assert f"folder {missing.parent} does not exist; create it first (mkdir -p {missing.parent})" in err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--rate", "nan"), "--rate must be a finite number > 0, got nan"),
-    (("--rate", "-5"), "--rate must be a finite number > 0, got -5"),
-    (("--meta-batch", "1"), "--meta-batch must be an integer >= 2, got 1"),
-    (("--meta-batch", "0"), "--meta-batch must be an integer >= 2, got 0"),
-], ids=["rate-nan", "rate-negative", "meta-batch-1", "meta-batch-0"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--rate", "nan"), "--rate must be a finite number > 0, got nan"),
+        (("--rate", "-5"), "--rate must be a finite number > 0, got -5"),
+        (("--meta-batch", "1"), "--meta-batch must be an integer >= 2, got 1"),
+        (("--meta-batch", "0"), "--meta-batch must be an integer >= 2, got 0"),
+    ],
+    ids=["rate-nan", "rate-negative", "meta-batch-1", "meta-batch-0"],
+)
 def test_transference_bad_numbers_are_one_line_before_any_work(tmp_path, capsys, flags, message):
     err = one_line_error(capsys, ["--checkpoint", str(tmp_path / "missing.pt"), *flags], transference_cli)
     assert message in err
@@ -278,7 +304,9 @@ def test_corrupt_image_in_a_folder_mode_gives_advice_kml_train_accepts(tmp_path,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_eval_on_cuda_without_a_gpu_names_the_device(trained, capsys):
-    err = one_line_error(capsys, ["--checkpoint", str(run_dir(trained) / "checkpoints" / "last.pt"), "--device", "cuda"], eval_cli)
+    err = one_line_error(
+        capsys, ["--checkpoint", str(run_dir(trained) / "checkpoints" / "last.pt"), "--device", "cuda"], eval_cli
+    )
     assert "--device cuda asked for, but this machine has no usable CUDA GPU; use --device cpu" in err
     assert "corrupt" not in err
 
@@ -306,15 +334,21 @@ def test_new_runs_write_a_step_0_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ 8. accepted nonsense
-@pytest.mark.parametrize("flags, message", [
-    (("--algorithm", "protonet", "--multi-maml", "--first-order", "--meta-sgd"),
-     "--first-order --meta-sgd only apply to MAML's inner loop"),
-    (("--transference-every", "-1"), "--transference-every must be an integer >= 0, got -1"),
-    (("--grad-clip", "-1"), "--grad-clip must be a finite number > 0, got -1"),
-    (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
-    (("--meta-batch", "0"), "--meta-batch must be an integer >= 1, got 0"),
-    (("--modulation", "none", "--encoder-uses-labels"), "--encoder-uses-labels needs a task encoder"),
-], ids=["protonet-maml-switches", "transference-every", "grad-clip", "shots-0", "meta-batch-0", "labels-no-encoder"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ("--algorithm", "protonet", "--multi-maml", "--first-order", "--meta-sgd"),
+            "--first-order --meta-sgd only apply to MAML's inner loop",
+        ),
+        (("--transference-every", "-1"), "--transference-every must be an integer >= 0, got -1"),
+        (("--grad-clip", "-1"), "--grad-clip must be a finite number > 0, got -1"),
+        (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
+        (("--meta-batch", "0"), "--meta-batch must be an integer >= 1, got 0"),
+        (("--modulation", "none", "--encoder-uses-labels"), "--encoder-uses-labels needs a task encoder"),
+    ],
+    ids=["protonet-maml-switches", "transference-every", "grad-clip", "shots-0", "meta-batch-0", "labels-no-encoder"],
+)
 def test_meaningless_training_settings_are_refused(tmp_path, capsys, flags, message):
     assert message in one_line_error(capsys, tiny_args(tmp_path, *flags, steps=2))
 
@@ -362,10 +396,16 @@ def test_corrupt_tensor_bytes_are_caught_by_the_checksum(trained, tmp_path, caps
     assert f"checkpoint {broken} is corrupt (its contents do not match the checksum" in err
 
 
-@pytest.mark.parametrize("failure", [
-    RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: file write failed"),
-    OSError(28, "No space left on device"),
-], ids=["torch-runtime-error", "oserror-enospc"])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError(
+            "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/3: file write failed"
+        ),
+        OSError(28, "No space left on device"),
+    ],
+    ids=["torch-runtime-error", "oserror-enospc"],
+)
 def test_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint(path, {"step": 1, "model": {"w": torch.ones(3)}})
@@ -420,10 +460,12 @@ def test_checkpoint_with_non_finite_parameters_is_refused_at_load(tmp_path):
 # ------------------------------------------------------------------ non-finite loss
 def poison_parameters_at(step: int):
     """A callback that overflows the parameters after ``step`` (what --lr inf did), so step + 1's loss is NaN."""
+
     def callback(trainer, current, episode):
         if current == step:
             with torch.no_grad():
                 next(trainer.learner.parameters()).fill_(math.inf)
+
     return callback
 
 

@@ -53,14 +53,17 @@ def test_packed_channels_last_equals_default_layout():
 
     torch.manual_seed(0)
     backbone = Backbone(3, 4, 32, ways=None).double()  # last map 2x2, so the two orders differ
-    params = {name: p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)
-              for name, p in backbone.named_parameters()}
+    params = {
+        name: p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)
+        for name, p in backbone.named_parameters()
+    }
     images = torch.randn(3, 6, 3, 32, 32, dtype=torch.float64)
     default = packed_forward(params, images, None, "published")
     spatial_major = default.view(3, 6, 32, 2, 2).permute(0, 1, 3, 4, 2).reshape(3, 6, -1)
     assert not torch.equal(spatial_major, default)
-    torch.testing.assert_close(packed_forward(params, images, None, "published", channels_last=True), spatial_major,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        packed_forward(params, images, None, "published", channels_last=True), spatial_major, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_packed_channels_last_with_a_head_gives_the_same_logits_and_contiguous_weight_gradients():
@@ -70,8 +73,12 @@ def test_packed_channels_last_with_a_head_gives_the_same_logits_and_contiguous_w
 
     torch.manual_seed(0)
     backbone = Backbone(3, 4, 32, ways=5).double()
-    params = {name: (p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)).requires_grad_()
-              for name, p in backbone.named_parameters()}
+    params = {
+        name: (
+            p.detach().expand(3, *p.shape).clone() + 0.01 * torch.randn(3, *p.shape, dtype=torch.float64)
+        ).requires_grad_()
+        for name, p in backbone.named_parameters()
+    }
     images = torch.randn(3, 6, 3, 32, 32, dtype=torch.float64)
     default = packed_forward(params, images, None, "published")
     packed = packed_forward(params, images, None, "published", channels_last=True)
@@ -90,24 +97,40 @@ def test_packed_task_embedding_equals_the_encoder_per_task(label_ways, channels_
 
     torch.manual_seed(0)
     encoder = TaskEncoder(3, 4, label_ways).double()
-    params = {name: p.detach().expand(4, *p.shape).clone() + 0.05 * torch.randn(4, *p.shape, dtype=torch.float64)
-              for name, p in encoder.named_parameters()}
+    params = {
+        name: p.detach().expand(4, *p.shape).clone() + 0.05 * torch.randn(4, *p.shape, dtype=torch.float64)
+        for name, p in encoder.named_parameters()
+    }
     images, labels = torch.randn(4, 6, 3, 32, 32, dtype=torch.float64), torch.randint(0, 3, (4, 6))
-    expected = torch.stack([torch.func.functional_call(encoder, {n: p[t] for n, p in params.items()}, (images[t], labels[t]))
-                            for t in range(4)])
+    expected = torch.stack(
+        [
+            torch.func.functional_call(encoder, {n: p[t] for n, p in params.items()}, (images[t], labels[t]))
+            for t in range(4)
+        ]
+    )
     packed = packed_task_embedding(params, images, labels, label_ways, channels_last)
     torch.testing.assert_close(packed, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", [dict(algorithm="protonet", modulation="kml", proto_refine=True),
-                                    dict(algorithm="maml", modulation="kml", encoder_uses_labels=True)])
+@pytest.mark.parametrize(
+    "method",
+    [
+        dict(algorithm="protonet", modulation="kml", proto_refine=True),
+        dict(algorithm="maml", modulation="kml", encoder_uses_labels=True),
+    ],
+)
 def test_packed_path_equals_reference_where_the_last_map_is_larger_than_1x1(method, tmp_path):
     """At 32 px the maps end 2x2, so the channels-last feature order and the encoder's pooling matter."""
     stores = load_stores(["synthetic"], "train", root=tmp_path, side=32)
     episode = MixtureSampler(stores, ways=3, shots=2, queries=3, meta_batch=3, seed=1).sample().to_float(torch.float64)
     torch.manual_seed(0)
-    learner = build_learner(LearnerConfig(ways=3, image_size=32, base_channels=4, encoder_channels=4, inner_steps=1,
-                                          **method)).double().train()
+    learner = (
+        build_learner(
+            LearnerConfig(ways=3, image_size=32, base_channels=4, encoder_channels=4, inner_steps=1, **method)
+        )
+        .double()
+        .train()
+    )
     with torch.no_grad():
         for p in learner.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -126,11 +149,15 @@ def test_distance_logits_are_negative_distances_up_to_a_per_query_constant():
     direct = -(queries.unsqueeze(-2) - prototypes.unsqueeze(-3)).pow(2).sum(-1)
     logits = distance_logits(queries, prototypes)
     offset = logits - direct
-    torch.testing.assert_close(offset, offset[..., :1].expand_as(offset), rtol=1e-12, atol=1e-12)  # same for every class
+    torch.testing.assert_close(
+        offset, offset[..., :1].expand_as(offset), rtol=1e-12, atol=1e-12
+    )  # same for every class
     assert offset.abs().max() > 1  # not equal to the distances themselves
     ours, theirs = cross_entropy(logits, labels).sum(), cross_entropy(direct, labels).sum()
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(ours, [queries, prototypes]), torch.autograd.grad(theirs, [queries, prototypes])):
+    for a, b in zip(
+        torch.autograd.grad(ours, [queries, prototypes]), torch.autograd.grad(theirs, [queries, prototypes])
+    ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -153,8 +180,17 @@ def test_cpu_bf16_forward_and_meta_gradient_follow_float32(algorithm, inner_step
     in bf16 the adapted weights drifted and this meta-gradient's cosine with float32 was 0.47.
     """
     torch.manual_seed(0)
-    config = LearnerConfig(algorithm=algorithm, modulation="kml", ways=3, image_size=16, base_channels=8, encoder_channels=8,
-                           num_modes=3, inner_steps=inner_steps, inner_lr=0.1)
+    config = LearnerConfig(
+        algorithm=algorithm,
+        modulation="kml",
+        ways=3,
+        image_size=16,
+        base_channels=8,
+        encoder_channels=8,
+        num_modes=3,
+        inner_steps=inner_steps,
+        inner_lr=0.1,
+    )
     learner = build_learner(config).train()
     params = list(learner.parameters())
 
@@ -188,8 +224,16 @@ def test_maml_inner_loop_runs_in_float32_under_bf16_autocast(batching, episode, 
         return conv2d(x, weight, *args, **kwargs)
 
     torch.manual_seed(0)
-    config = LearnerConfig(algorithm="maml", modulation="none", ways=3, image_size=16, base_channels=4, num_modes=3,
-                           inner_steps=1, inner_lr=0.1)
+    config = LearnerConfig(
+        algorithm="maml",
+        modulation="none",
+        ways=3,
+        image_size=16,
+        base_channels=4,
+        num_modes=3,
+        inner_steps=1,
+        inner_lr=0.1,
+    )
     learner = build_learner(config).train()
     monkeypatch.setattr(F, "conv2d", recording_conv2d)
     with autocast("cpu", True):
@@ -239,6 +283,7 @@ print(tuned, sum(faults[3:]) / 5)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc mallopt")
 def test_allocator_tuning_cuts_page_faults_of_training_steps():
     """Steady-state training steps page-fault far less once tuned (measured ~10x fewer), and not with KML_MALLOC=system."""
+
     def run(setting: str) -> tuple[str, float]:
         env = {"KML_MALLOC": setting, "PATH": "/usr/bin:/bin"}
         out = subprocess.run([sys.executable, "-c", STEP_FAULTS], env=env, capture_output=True, text=True, check=True)

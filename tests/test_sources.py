@@ -17,12 +17,12 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import fixtures_datasets as fx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import fixtures_datasets as fx
 from kml.data.modes import load_store, load_stores
 from kml.data.sampler import MixtureSampler
 from kml.data.sources import fetch, prepare

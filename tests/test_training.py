@@ -27,16 +27,49 @@ from kml.runtime import bf16_native
 from kml.training.checkpoint import load_checkpoint
 
 TINY = [
-    "--modes", "synthetic", "--image-size", "16", "--base-channels", "8", "--encoder-channels", "8",
-    "--meta-batch", "3", "--queries", "3", "--inner-steps", "1", "--eval-inner-steps", "1",
-    "--log-every", "5", "--val-every", "10", "--val-episodes", "6", "--checkpoint-every", "10",
-    "--no-progress", "--inner-lr", "0.1",
+    "--modes",
+    "synthetic",
+    "--image-size",
+    "16",
+    "--base-channels",
+    "8",
+    "--encoder-channels",
+    "8",
+    "--meta-batch",
+    "3",
+    "--queries",
+    "3",
+    "--inner-steps",
+    "1",
+    "--eval-inner-steps",
+    "1",
+    "--log-every",
+    "5",
+    "--val-every",
+    "10",
+    "--val-episodes",
+    "6",
+    "--checkpoint-every",
+    "10",
+    "--no-progress",
+    "--inner-lr",
+    "0.1",
 ]
 
 
 def tiny_args(tmp_path: Path, *extra: str, steps: int = 20, name: str = "run") -> list[str]:
-    return [*TINY, "--steps", str(steps), "--train-dir", str(tmp_path / "train_dir"), "--run-name", name,
-            "--data-root", str(tmp_path / "data"), *extra]
+    return [
+        *TINY,
+        "--steps",
+        str(steps),
+        "--train-dir",
+        str(tmp_path / "train_dir"),
+        "--run-name",
+        name,
+        "--data-root",
+        str(tmp_path / "data"),
+        *extra,
+    ]
 
 
 def free_port() -> str:
@@ -62,8 +95,15 @@ def one_line_error(capsys, argv, cli=train_cli) -> str:
 def test_short_run_writes_all_files_and_improves(tmp_path):
     assert train_cli.main(tiny_args(tmp_path, "--lr", "0.003", steps=60)) == 0
     run = tmp_path / "train_dir" / "run"
-    for name in ("config.json", "metrics.csv", "log.txt", "validation.csv", "checkpoints/last.pt",
-                 "checkpoints/best.pt", "checkpoints/step_000010.pt"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "log.txt",
+        "validation.csv",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "checkpoints/step_000010.pt",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     config = json.loads((run / "config.json").read_text())
@@ -150,8 +190,18 @@ def test_torchrun_two_processes_match_single(tmp_path):
     extra = ("--meta-batch", "4", "--checkpoint-every", "1", "--val-every", "100", "--log-every", "1")
     assert train_cli.main(tiny_args(tmp_path, *extra, steps=1, name="single")) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               "-m", "kml.cli.train", *tiny_args(tmp_path, *extra, steps=1, name="ddp")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        free_port(),
+        "-m",
+        "kml.cli.train",
+        *tiny_args(tmp_path, *extra, steps=1, name="ddp"),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     a = load_checkpoint(tmp_path / "train_dir" / "single" / "checkpoints" / "last.pt")["model"]
@@ -179,7 +229,9 @@ def test_unknown_mode_and_flag_value(tmp_path, capsys):
 
 
 def test_missing_dataset_cache_names_download_command(tmp_path, capsys):
-    err = one_line_error(capsys, ["--modes", "omniglot", "--data-root", str(tmp_path), "--train-dir", str(tmp_path / "t")])
+    err = one_line_error(
+        capsys, ["--modes", "omniglot", "--data-root", str(tmp_path), "--train-dir", str(tmp_path / "t")]
+    )
     assert f"python download.py --datasets omniglot --root {tmp_path}" in err
 
 
@@ -245,7 +297,10 @@ def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, 
     assert rows and all(math.isfinite(float(row["loss"])) for row in rows)
     checkpoint = str(tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt")
     assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
-    assert json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"] == "bf16"
+    assert (
+        json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"]
+        == "bf16"
+    )
     for name in ("kml.runtime.precision.bf16_native", "kml.runtime.bf16_native"):  # another machine
         monkeypatch.setattr(name, lambda device: False)
     err = one_line_error(capsys, tiny_args(tmp_path, "--resume", steps=15))
@@ -253,11 +308,16 @@ def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, 
     assert train_cli.main(tiny_args(tmp_path, "--resume", "--no-bf16", steps=15)) == 0
     assert int(read_metrics(tmp_path / "train_dir" / "run")[-1]["step"]) == 15
     assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
-    assert json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"] == "float32"
+    assert (
+        json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"]
+        == "float32"
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [("--algorithm", "protonet"), ("--first-order",)], ids=["protonet", "first-order-maml"])
+@pytest.mark.parametrize(
+    "method", [("--algorithm", "protonet"), ("--first-order",)], ids=["protonet", "first-order-maml"]
+)
 def test_compiled_run_matches_eager(tmp_path, method):
     """torch.compile (slow to compile on CPU, hence -m slow) trains to the same losses as the eager learner."""
     args = (*method, "--steps", "3")
@@ -273,8 +333,18 @@ def test_compiled_run_matches_eager(tmp_path, method):
 def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
     """SIGTERM to rank 1 only: rank 0, which writes the files, learns it in the step's all-reduce, stops after the
     same step and saves (before, it went on into an all-reduce that rank 1 never joined)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               "-m", "kml.cli.train", *tiny_args(tmp_path, "--meta-batch", "4", name="ddp-term", steps=100000)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        free_port(),
+        "-m",
+        "kml.cli.train",
+        *tiny_args(tmp_path, "--meta-batch", "4", name="ddp-term", steps=100000),
+    ]
     launcher = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "train_dir" / "ddp-term" / "metrics.csv"
     deadline = time.time() + 180
@@ -282,7 +352,9 @@ def test_torchrun_stops_every_rank_when_one_is_signalled(tmp_path):
         time.sleep(0.2)
     assert metrics.is_file(), launcher.stderr.read() if launcher.poll() is not None else "no metrics in time"
     workers = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    rank1 = [pid for pid in workers if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes().replace(b"LOCAL_RANK", b"")]
+    rank1 = [
+        pid for pid in workers if b"RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes().replace(b"LOCAL_RANK", b"")
+    ]
     assert len(workers) == 2 and len(rank1) == 1
     os.kill(int(rank1[0]), signal.SIGTERM)
     try:
@@ -302,8 +374,14 @@ class TinyProtoNet(nn.Module):
     def __init__(self, channels: int = 3, hidden: int = 8) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
 
     def forward(self, episode) -> LearnerOutput:
@@ -333,8 +411,16 @@ def custom_parts(root: Path):
     from kml.data.sampler import MixtureSampler
 
     torch.manual_seed(0)
-    sampler = MixtureSampler(load_stores(["glyphs", "textures"], "train", root, 16, 3, "cpu"), 5, 1, 3, 4,
-                             rotate=[True, False], seed=0, dtype=torch.uint8)
+    sampler = MixtureSampler(
+        load_stores(["glyphs", "textures"], "train", root, 16, 3, "cpu"),
+        5,
+        1,
+        3,
+        4,
+        rotate=[True, False],
+        seed=0,
+        dtype=torch.uint8,
+    )
     learner = TinyProtoNet()
     return learner, sampler, torch.optim.AdamW(learner.parameters(), lr=3e-3)
 
@@ -348,15 +434,26 @@ def test_custom_learner_trains_logs_checkpoints_and_resumes_exactly(tmp_path, gl
 
     val = load_stores(["glyphs", "textures"], "val", glyph_root, 16, 3, "cpu")
     full = tmp_path / "full"
-    trainer = Trainer(*custom_parts(glyph_root), run_dir=full, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS)
+    trainer = Trainer(
+        *custom_parts(glyph_root), run_dir=full, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS
+    )
     assert trainer.custom and trainer.learner_name == f"{__name__}.TinyProtoNet"
     assert trainer.fit() == full / "checkpoints" / "last.pt" and not trainer.interrupted
-    for name in ("config.json", "metrics.csv", "log.txt", "validation.csv", "checkpoints/best.pt", "checkpoints/step_000008.pt"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "log.txt",
+        "validation.csv",
+        "checkpoints/best.pt",
+        "checkpoints/step_000008.pt",
+    ):
         assert (full / name).is_file(), name
     rows = read_metrics(full)
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10]
     assert {"accuracy_glyphs", "accuracy_textures"} <= set(rows[0]) and {float(r["lr"]) for r in rows} == {3e-3}
-    assert [line.split(",")[0] for line in (full / "validation.csv").read_text().splitlines()[1:]] == ["4"] * 3 + ["8"] * 3 + ["10"] * 3
+    assert [line.split(",")[0] for line in (full / "validation.csv").read_text().splitlines()[1:]] == ["4"] * 3 + [
+        "8"
+    ] * 3 + ["10"] * 3
     state = load_checkpoint(full / "checkpoints" / "last.pt")
     assert state["step"] == 10 and state["scheduler"] is None
     assert state["config"]["custom_learner"] == trainer.learner_name and state["config"]["steps"] == 10
@@ -365,7 +462,9 @@ def test_custom_learner_trains_logs_checkpoints_and_resumes_exactly(tmp_path, gl
     # A real SIGTERM after step 5 stops the run with last.pt saved; resuming in a new Trainer (built the same way,
     # settings from the checkpoint) ends bit-identical to the uninterrupted run, its logs included.
     cut = tmp_path / "cut"
-    trainer = Trainer(*custom_parts(glyph_root), run_dir=cut, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS)
+    trainer = Trainer(
+        *custom_parts(glyph_root), run_dir=cut, val_stores=val, steps=10, progress=False, **CUSTOM_SETTINGS
+    )
     trainer.callbacks.append(lambda trainer, step, episode: step == 5 and os.kill(os.getpid(), signal.SIGTERM))
     trainer.fit()
     assert trainer.interrupted and load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 5
@@ -406,13 +505,30 @@ def test_trainer_composed_of_kml_train_parts_matches_kml_train(tmp_path):
 
     torch.manual_seed(config.seed)
     stores = load_stores(config.modes, "train", config.data_root, config.image_size, 3, "cpu")
-    sampler = MixtureSampler(stores, config.ways, config.shots, config.queries, config.meta_batch,
-                             rotate=[mode in ROTATED_BY_DEFAULT for mode in config.modes], seed=config.seed, dtype=torch.uint8)
+    sampler = MixtureSampler(
+        stores,
+        config.ways,
+        config.shots,
+        config.queries,
+        config.meta_batch,
+        rotate=[mode in ROTATED_BY_DEFAULT for mode in config.modes],
+        seed=config.seed,
+        dtype=torch.uint8,
+    )
     learner = build_learner(dataclasses.replace(config.learner, image_size=16, in_channels=3))
     optimizer = torch.optim.Adam(learner.parameters(), lr=config.lr)
     parts = tmp_path / "train_dir" / "parts"
-    Trainer(learner, sampler, optimizer, build_scheduler(optimizer, config), run_dir=parts, steps=6, log_every=5,
-            checkpoint_every=10, progress=False).fit()
+    Trainer(
+        learner,
+        sampler,
+        optimizer,
+        build_scheduler(optimizer, config),
+        run_dir=parts,
+        steps=6,
+        log_every=5,
+        checkpoint_every=10,
+        progress=False,
+    ).fit()
 
     runs = tmp_path / "train_dir"
     reference = load_checkpoint(runs / "cli" / "checkpoints" / "last.pt")

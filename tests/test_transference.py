@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -32,8 +31,15 @@ def episode(synthetic_stores):
 
 def tiny_learner(**method) -> torch.nn.Module:
     config = LearnerConfig(
-        ways=3, image_size=16, base_channels=4, encoder_channels=4, inner_steps=1, eval_inner_steps=1,
-        inner_lr=0.1, num_modes=3, **method,
+        ways=3,
+        image_size=16,
+        base_channels=4,
+        encoder_channels=4,
+        inner_steps=1,
+        eval_inner_steps=1,
+        inner_lr=0.1,
+        num_modes=3,
+        **method,
     )
     torch.manual_seed(0)
     learner = build_learner(config).double()
@@ -140,13 +146,34 @@ def test_csv_schema(episode):
 def test_aggregation_matches_hand_computation():
     rows = [
         # step, i, j, mode_i, mode_j, Z, self_pair
-        (1, 0, 1, "a", "b", 0.2, False), (1, 1, 0, "b", "a", -0.1, False), (1, 0, 2, "a", "b", 0.4, False),
-        (1, 2, 0, "b", "a", -0.3, False), (1, 1, 2, "b", "b", 0.1, False), (1, 0, 0, "a", "a", 0.9, True),
-        (2, 0, 1, "a", "b", -0.2, False), (2, 3, 4, "a", "a", 0.5, False),
+        (1, 0, 1, "a", "b", 0.2, False),
+        (1, 1, 0, "b", "a", -0.1, False),
+        (1, 0, 2, "a", "b", 0.4, False),
+        (1, 2, 0, "b", "a", -0.3, False),
+        (1, 1, 2, "b", "b", 0.1, False),
+        (1, 0, 0, "a", "a", 0.9, True),
+        (2, 0, 1, "a", "b", -0.2, False),
+        (2, 3, 4, "a", "a", 0.5, False),
     ]
     frame = pd.DataFrame(
-        [{"step": s, "batch": 0, "task_i": i, "task_j": j, "mode_i": mi, "mode_j": mj, "classes_i": "", "classes_j": "",
-          "loss_j": 1.0, "loss_j_after": 1 - z, "rate": 0.1, "self_pair": sp, "Z": z} for s, i, j, mi, mj, z, sp in rows]
+        [
+            {
+                "step": s,
+                "batch": 0,
+                "task_i": i,
+                "task_j": j,
+                "mode_i": mi,
+                "mode_j": mj,
+                "classes_i": "",
+                "classes_j": "",
+                "loss_j": 1.0,
+                "loss_j_after": 1 - z,
+                "rate": 0.1,
+                "self_pair": sp,
+                "Z": z,
+            }
+            for s, i, j, mi, mj, z, sp in rows
+        ]
     )
     matrix = mode_matrix(frame)
     assert matrix.loc["a", "b"] == pytest.approx((0.2 + 0.4 - 0.2) / 3)
@@ -170,11 +197,43 @@ def two_runs(tmp_path_factory):
     runs = {}
     for model in ("none", "kml"):
         argv = [
-            "--modes", "synthetic", "--modulation", model, "--image-size", "16", "--base-channels", "4",
-            "--encoder-channels", "4", "--meta-batch", "3", "--queries", "2", "--inner-steps", "1",
-            "--eval-inner-steps", "1", "--steps", "4", "--log-every", "2", "--val-every", "4", "--val-episodes", "3",
-            "--checkpoint-every", "4", "--transference-every", "2", "--no-progress",
-            "--train-dir", str(root / "train_dir"), "--run-name", model, "--data-root", str(root / "data"),
+            "--modes",
+            "synthetic",
+            "--modulation",
+            model,
+            "--image-size",
+            "16",
+            "--base-channels",
+            "4",
+            "--encoder-channels",
+            "4",
+            "--meta-batch",
+            "3",
+            "--queries",
+            "2",
+            "--inner-steps",
+            "1",
+            "--eval-inner-steps",
+            "1",
+            "--steps",
+            "4",
+            "--log-every",
+            "2",
+            "--val-every",
+            "4",
+            "--val-episodes",
+            "3",
+            "--checkpoint-every",
+            "4",
+            "--transference-every",
+            "2",
+            "--no-progress",
+            "--train-dir",
+            str(root / "train_dir"),
+            "--run-name",
+            model,
+            "--data-root",
+            str(root / "data"),
         ]
         assert train_cli.main(argv) == 0
         runs[model] = root / "train_dir" / model
@@ -188,10 +247,13 @@ def test_training_records_transference_with_the_schema(two_runs):
     assert len(records) == 2 * 3 * 3  # every ordered pair (self pairs included) of a 3-task meta-batch
 
 
-@pytest.mark.parametrize("notebook,env", [
-    ("transference.ipynb", lambda runs: {"KML_RUN": str(runs["kml"])}),
-    ("compare_runs.ipynb", lambda runs: {"KML_RUN_A": str(runs["none"]), "KML_RUN_B": str(runs["kml"])}),
-])
+@pytest.mark.parametrize(
+    "notebook,env",
+    [
+        ("transference.ipynb", lambda runs: {"KML_RUN": str(runs["kml"])}),
+        ("compare_runs.ipynb", lambda runs: {"KML_RUN_A": str(runs["none"]), "KML_RUN_B": str(runs["kml"])}),
+    ],
+)
 def test_notebooks_execute_headless_and_draw_their_figures(notebook, env, two_runs, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -202,9 +264,20 @@ def test_notebooks_execute_headless_and_draw_their_figures(notebook, env, two_ru
     path = Path(__file__).resolve().parents[1] / "notebooks" / notebook
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    errors = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+    images = [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    errors = [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    ]
     assert not errors
     assert len(images) >= 2
 
@@ -214,16 +287,38 @@ def test_offline_cli_on_a_checkpoint_writes_records_and_plots(two_runs, tmp_path
 
     checkpoint = two_runs["kml"] / "checkpoints" / "last.pt"
     output = tmp_path / "offline.csv"
-    argv = ["--checkpoint", str(checkpoint), "--batches", "2", "--meta-batch", "3", "--output", str(output),
-            "--data-root", str(two_runs["kml"].parents[1] / "data")]
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--batches",
+        "2",
+        "--meta-batch",
+        "3",
+        "--output",
+        str(output),
+        "--data-root",
+        str(two_runs["kml"].parents[1] / "data"),
+    ]
     assert transference_cli.main(argv) == 0
     records = pd.read_csv(output)
     assert list(records.columns) == list(COLUMNS) and len(records) == 2 * 3 * 3
     assert list(tmp_path.glob("*.png"))
     # the paper's design: many sources from one mode's train classes against a target from another's test classes
     paper = tmp_path / "paper.csv"
-    argv = ["--checkpoint", str(checkpoint), "--source-mode", "glyphs", "--target-mode", "textures", "--sources", "4",
-            "--output", str(paper), "--data-root", str(two_runs["kml"].parents[1] / "data")]
+    argv = [
+        "--checkpoint",
+        str(checkpoint),
+        "--source-mode",
+        "glyphs",
+        "--target-mode",
+        "textures",
+        "--sources",
+        "4",
+        "--output",
+        str(paper),
+        "--data-root",
+        str(two_runs["kml"].parents[1] / "data"),
+    ]
     assert transference_cli.main(argv) == 0
     records = pd.read_csv(paper)
     assert set(records["mode_i"]) == {"glyphs"} and set(records["mode_j"]) == {"textures"} and len(records) == 4

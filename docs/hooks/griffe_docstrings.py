@@ -59,6 +59,6 @@ def split_groups(text: str) -> str:
 class KMLDocstrings(griffe.Extension):
     """Rewrite each docstring once, when griffe loads the object."""
 
-    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:  # noqa: ARG002 - griffe passes more
         if obj.docstring is not None:
             obj.docstring.value = ROLE.sub(r"`\1`", split_groups(obj.docstring.value))

@@ -13,14 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelCalls", "Params", "clip_gradients", "clip_task_gradients", "exact_batch_norm", "subset", "use_batch_statistics"]
+__all__ = [
+    "ModelCalls",
+    "Params",
+    "clip_gradients",
+    "clip_task_gradients",
+    "exact_batch_norm",
+    "subset",
+    "use_batch_statistics",
+]
 
 Params = dict[str, torch.Tensor]
 
 
 def subset(params: Params, prefix: str) -> Params:
     """Entries of ``params`` under ``prefix``, with the prefix removed."""
-    return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
 
 
 def clip_task_gradients(grads: Params, max_norm: float | None, clamp: float | None = None) -> Params:
@@ -52,9 +60,11 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
     return replace_all_batch_norm_modules_(model)
 
 
-def _elementary_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                           eps=1e-5):
+def _elementary_batch_norm(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
     """``F.batch_norm`` with batch statistics, written with elementary ops (any input rank ``[B, C, ...]``)."""
+    del running_mean, running_var, training, momentum  # F.batch_norm's signature; batch statistics only
     dims = [0, *range(2, input.dim())]
     mean = input.mean(dim=dims, keepdim=True)
     normed = (input - mean) * torch.rsqrt((input - mean).pow(2).mean(dim=dims, keepdim=True) + eps)
@@ -105,14 +115,18 @@ class ModelCalls:
         from kml.models.modulate import TaskConditionedModel
 
         self.model = model
-        self.conditioned = isinstance(model, TaskConditionedModel) and model.encoder is not None and model.generator is not None
+        self.conditioned = (
+            isinstance(model, TaskConditionedModel) and model.encoder is not None and model.generator is not None
+        )
         self.network_prefix = "backbone." if isinstance(model, TaskConditionedModel) else ""
 
     def network_names(self) -> list[str]:
         """Names of the network's parameters: what the inner loop adapts (the encoder and generator are not)."""
         return [name for name, p in self.model.named_parameters() if name.startswith(self.network_prefix)]
 
-    def modulation(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    def modulation(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
         """One task's modulation from its support set ``[N*K, C, H, W]``, ``[N*K]`` (``None`` for a plain model)."""
         if not self.conditioned:
             return None

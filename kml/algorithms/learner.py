@@ -86,9 +86,13 @@ class MetaLearner(nn.Module):
         for name in ("mode_inner_lr", "mode_inner_steps"):
             values = getattr(config, name)
             if values is not None and len(values) != config.num_modes:
-                raise KMLError(f"learner {name} has {len(values)} entries for {config.num_modes} modes; give one per mode")
+                raise KMLError(
+                    f"learner {name} has {len(values)} entries for {config.num_modes} modes; give one per mode"
+                )
         if config.mode_inner_lr is not None and config.meta_sgd:
-            raise KMLError("per-mode inner rates (mode_inner_lr) and learned Meta-SGD rates exclude each other; choose one")
+            raise KMLError(
+                "per-mode inner rates (mode_inner_lr) and learned Meta-SGD rates exclude each other; choose one"
+            )
         self.models = nn.ModuleList(TaskModel(config) for _ in range(count))
         # "packed" or "vmap" (see the module docstring); not part of the config: same numbers. The packed
         # layout is written for the 4-block backbones; ResNet-12 runs the vmap path.
@@ -104,7 +108,9 @@ class MetaLearner(nn.Module):
         if batching not in ("packed", "vmap"):
             raise ValueError(f"unknown batching {batching!r}; choose packed or vmap")
         if batching == "packed" and not self.packable:
-            raise KMLError(f"the packed path runs the 4-block backbones only; backbone {self.config.backbone!r} runs vmap")
+            raise KMLError(
+                f"the packed path runs the 4-block backbones only; backbone {self.config.backbone!r} runs vmap"
+            )
         previous, self.batching = self.batching, batching
         try:
             yield self
@@ -123,7 +129,9 @@ class MetaLearner(nn.Module):
             return max(self.config.mode_inner_steps)
         return self.config.inner_steps if self.training else self.config.eval_inner_steps
 
-    def _step_rates(self, mode: torch.Tensor, steps: int, inner_steps: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+    def _step_rates(
+        self, mode: torch.Tensor, steps: int, inner_steps: int | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """``[T, steps]`` inner rate of each task at each step when rates or step counts differ by mode, else ``None``.
 
         A task of a mode with fewer steps gets rate 0 after its last step, so its parameters stay exactly
@@ -155,7 +163,9 @@ class MetaLearner(nn.Module):
     def _backbone(self, params: Params, x: torch.Tensor, modulation: Modulation | None) -> torch.Tensor:
         return functional_call(self.models[0].backbone, params, (x, modulation))
 
-    def _support_loss(self, fast: Params, modulation: Modulation | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _support_loss(
+        self, fast: Params, modulation: Modulation | None, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         return cross_entropy(self._backbone(fast, x, modulation), y)
 
     def _inner_rate(self, params: Params, name: str) -> torch.Tensor | float:
@@ -214,7 +224,9 @@ class MetaLearner(nn.Module):
         """Meta-batch loss with every task adapted and evaluated at once (no Python loop over tasks)."""
         if self.batching == "packed":
             steps = self._steps(inner_steps)
-            return self._forward_packed(episode, steps, self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype))
+            return self._forward_packed(
+                episode, steps, self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype)
+            )
         params, params_dim = self._task_params(episode)
         steps = self._steps(inner_steps)
         step_rates = self._step_rates(episode.mode, steps, inner_steps, episode.support_x.dtype)
@@ -228,7 +240,9 @@ class MetaLearner(nn.Module):
         return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
 
     # ------------------------------------------------------------ packed path
-    def _forward_packed(self, episode: Episode, inner_steps: int, step_rates: torch.Tensor | None = None) -> LearnerOutput:
+    def _forward_packed(
+        self, episode: Episode, inner_steps: int, step_rates: torch.Tensor | None = None
+    ) -> LearnerOutput:
         config = self.config
         tasks = episode.num_tasks
         params, params_dim = self._task_params(episode)
@@ -243,8 +257,9 @@ class MetaLearner(nn.Module):
         modulation = None
         template = self.models[0]
         if template.encoder is not None and template.generator is not None:  # from the support set only
-            embedding = packed_task_embedding(stacked("encoder."), episode.support_x, episode.support_y,
-                                              template.encoder.label_ways, channels_last)
+            embedding = packed_task_embedding(
+                stacked("encoder."), episode.support_x, episode.support_y, template.encoder.label_ways, channels_last
+            )
             modulation = vmap(self._generate, in_dims=(params_dim, 0))(subset(params, "generator."), embedding)
 
         layout, pool = config.backbone, config.head
@@ -252,8 +267,12 @@ class MetaLearner(nn.Module):
         # the vmap path avoid it is in vmap's batching rule (tests hold both paths to the reference).
         if config.algorithm == "protonet":
             backbone = stacked("backbone.")
-            support_features = packed_forward(backbone, episode.support_x, modulation, layout, channels_last=channels_last, pool=pool)
-            query_features = packed_forward(backbone, episode.query_x, modulation, layout, channels_last=channels_last, pool=pool)
+            support_features = packed_forward(
+                backbone, episode.support_x, modulation, layout, channels_last=channels_last, pool=pool
+            )
+            query_features = packed_forward(
+                backbone, episode.query_x, modulation, layout, channels_last=channels_last, pool=pool
+            )
             task_loss, task_accuracy = prototypical_loss(
                 support_features, episode.support_y, query_features, episode.query_y, episode.ways, config.proto_refine
             )
@@ -263,18 +282,31 @@ class MetaLearner(nn.Module):
         with torch.enable_grad(), float32_inner_loop(episode.support_x.device.type):
             # Expanded here, not under an outer no_grad: a view made there still "requires grad" through
             # its base, and autograd would not differentiate with respect to it.
-            fast = {n: p if p.requires_grad else p.detach().clone().requires_grad_() for n, p in stacked("backbone.").items()}
+            fast = {
+                n: p if p.requires_grad else p.detach().clone().requires_grad_()
+                for n, p in stacked("backbone.").items()
+            }
             rate_params = stacked("inner_rates.")
             rates = {name: rate_params.get(rate_key(name), config.inner_lr) for name in fast}
             step = partial(self._packed_inner_step, rates=rates, second_order=second_order)
             for index in range(inner_steps):
                 if step_rates is not None:  # rates (and step counts) by mode: this step's [T] rates
-                    step = partial(self._packed_inner_step, second_order=second_order,
-                                   rates={name: _per_task(step_rates[:, index], p) for name, p in fast.items()})
+                    step = partial(
+                        self._packed_inner_step,
+                        second_order=second_order,
+                        rates={name: _per_task(step_rates[:, index], p) for name, p in fast.items()},
+                    )
                 if self.activation_checkpointing and second_order:
                     # keep only each step's parameters; its graph is rebuilt during the outer backward
-                    fast = checkpoint(step, fast, modulation, episode.support_x, episode.support_y,
-                                      use_reentrant=False, preserve_rng_state=False)
+                    fast = checkpoint(
+                        step,
+                        fast,
+                        modulation,
+                        episode.support_x,
+                        episode.support_y,
+                        use_reentrant=False,
+                        preserve_rng_state=False,
+                    )
                 else:
                     fast = step(fast, modulation, episode.support_x, episode.support_y)
         # Channels-last for the query pass only: the inner loop's double backward runs slower in that layout.
@@ -294,7 +326,9 @@ class MetaLearner(nn.Module):
         """One inner step of every task: ``fast`` holds ``[T, ...]`` per-task parameters, ``support_x [T, N*K, C, H, W]``."""
         # Task t's loss depends only on slice t of the stacked parameters, so the gradient of
         # the sum holds every task's own inner gradient.
-        support_loss = cross_entropy(packed_forward(fast, support_x, modulation, self.config.backbone, pool=self.config.head), support_y)
+        support_loss = cross_entropy(
+            packed_forward(fast, support_x, modulation, self.config.backbone, pool=self.config.head), support_y
+        )
         grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
         grads = clip_task_gradients(dict(zip(fast, grads)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
         return {name: p - rates[name] * grads[name] for name, p in fast.items()}
@@ -313,18 +347,29 @@ class MetaLearner(nn.Module):
             modulation = model.modulation(support_x, support_y)
             if config.algorithm == "protonet":
                 loss, acc = prototypical_loss(
-                    model(support_x, modulation), support_y, model(query_x, modulation), query_y, episode.ways, config.proto_refine
+                    model(support_x, modulation),
+                    support_y,
+                    model(query_x, modulation),
+                    query_y,
+                    episode.ways,
+                    config.proto_refine,
                 )
             else:
                 # Per-mode step counts and rates taken literally here (the batched paths run the longest and mask).
-                task_steps = config.mode_inner_steps[modes[t]] if config.mode_inner_steps and inner_steps is None else steps
+                task_steps = (
+                    config.mode_inner_steps[modes[t]] if config.mode_inner_steps and inner_steps is None else steps
+                )
                 task_lr = config.mode_inner_lr[modes[t]] if config.mode_inner_lr else config.inner_lr
                 fast = dict(model.backbone.named_parameters())
                 with torch.enable_grad(), float32_inner_loop(support_x.device.type):  # as the batched paths
                     fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                     for _ in range(task_steps):
-                        support_loss = cross_entropy(functional_call(model.backbone, fast, (support_x, modulation)), support_y)
-                        grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not config.first_order)
+                        support_loss = cross_entropy(
+                            functional_call(model.backbone, fast, (support_x, modulation)), support_y
+                        )
+                        grads = torch.autograd.grad(
+                            support_loss, list(fast.values()), create_graph=not config.first_order
+                        )
                         grads = clip_gradients(dict(zip(fast, grads)), config.inner_grad_clip, config.inner_grad_clamp)
                         rates = model.inner_rates
                         fast = {

@@ -52,8 +52,16 @@ class MAML(nn.Module):
     ``query_x [T, N*Q, C, H, W]``, ``query_y [T, N*Q]``) to get a :class:`~kml.algorithms.LearnerOutput`.
     """
 
-    def __init__(self, model: nn.Module, inner_lr: float = 0.05, inner_steps: int = 5, eval_inner_steps: int | None = None,
-                 first_order: bool = False, inner_grad_clip: float | None = None, inner_grad_clamp: float | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.05,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        inner_grad_clip: float | None = None,
+        inner_grad_clamp: float | None = None,
+    ) -> None:
         super().__init__()
         for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -85,18 +93,21 @@ class MAML(nn.Module):
             return int(inner_steps)
         return self.inner_steps if self.training else self.eval_inner_steps
 
-    def _support_loss(self, fast: Params, network: Params, modulation, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _support_loss(
+        self, fast: Params, network: Params, modulation, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         return cross_entropy(self._calls({**network, **fast}, x, modulation), y)
 
-    def _task_logits(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                     *, steps: int) -> torch.Tensor:
+    def _task_logits(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, *, steps: int
+    ) -> torch.Tensor:
         """One task's query logits ``[M, N]`` after adapting to its support set; ``params`` named as in
         ``model.named_parameters()``. Shapes: ``support_x [N*K, C, H, W]``, ``support_y [N*K]``, ``query_x [M, C, H, W]``.
         """
         modulation = self._calls.modulation(params, support_x, support_y)  # from the support set only
         prefix = self._calls.network_prefix
         network = subset(params, prefix)
-        fast = {name[len(prefix):]: params[name] for name in self._adapted_names()}
+        fast = {name[len(prefix) :]: params[name] for name in self._adapted_names()}
         with float32_inner_loop(support_x.device.type):
             for _ in range(steps):
                 grads = grad(self._support_loss)(fast, network, modulation, support_x, support_y)
@@ -106,14 +117,23 @@ class MAML(nn.Module):
                 fast = {name: p - self.inner_lr * grads[name] for name, p in fast.items()}
         return self._calls({**network, **fast}, query_x, modulation)
 
-    def _task_loss(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                   query_y: torch.Tensor, *, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_loss(
+        self,
+        params: Params,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        query_y: torch.Tensor,
+        *,
+        steps: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One task's (query loss, query accuracy); query labels ``[N*Q]``, the rest as :meth:`_task_logits`."""
         logits = self._task_logits(params, support_x, support_y, query_x, steps=steps)
         return cross_entropy(logits, query_y), accuracy(logits, query_y)
 
-    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                inner_steps: int | None = None) -> torch.Tensor:
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, inner_steps: int | None = None
+    ) -> torch.Tensor:
         """Query logits of T tasks, each adapted to its labelled support set (queries need no labels).
 
         Shapes: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]``, ``query_x [T, M, C, H, W]`` ->
@@ -122,7 +142,8 @@ class MAML(nn.Module):
         task = partial(self._task_logits, steps=self._steps(inner_steps))
         with exact_batch_norm(not self.first_order):
             return vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
-                dict(self.model.named_parameters()), support_x, support_y, query_x)
+                dict(self.model.named_parameters()), support_x, support_y, query_x
+            )
 
     def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
         """Meta-batch loss with every task adapted and evaluated at once (``vmap`` over tasks)."""
@@ -145,7 +166,7 @@ class MAML(nn.Module):
         for t in range(episode.num_tasks):
             support_x, support_y = episode.support_x[t], episode.support_y[t]
             modulation = self._calls.modulation(params, support_x, support_y)
-            fast = {name[len(prefix):]: params[name] for name in self._adapted_names()}
+            fast = {name[len(prefix) :]: params[name] for name in self._adapted_names()}
             with torch.enable_grad(), float32_inner_loop(support_x.device.type):
                 fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                 for _ in range(steps):

@@ -49,16 +49,25 @@ class ProtoNet(nn.Module):
     def _features(self, params: Params, modulation, x: torch.Tensor) -> torch.Tensor:
         return self._calls(subset(params, self._calls.network_prefix), x, modulation).flatten(1)
 
-    def _task_loss(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                   query_y: torch.Tensor, *, ways: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_loss(
+        self,
+        params: Params,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        query_y: torch.Tensor,
+        *,
+        ways: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One task's (query loss, query accuracy); shapes as in :meth:`kml.MAML._task_loss`."""
         modulation = self._calls.modulation(params, support_x, support_y)
         support = self._features(params, modulation, support_x)
         query = self._features(params, modulation, query_x)
         return prototypical_loss(support, support_y, query, query_y, ways, self.refine)
 
-    def _task_logits(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                     *, ways: int) -> torch.Tensor:
+    def _task_logits(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, *, ways: int
+    ) -> torch.Tensor:
         """One task's query logits ``[M, N]``: ``-squared distance`` to the (refined) prototypes, up to a per-query constant."""
         modulation = self._calls.modulation(params, support_x, support_y)
         support = self._features(params, modulation, support_x)
@@ -68,7 +77,9 @@ class ProtoNet(nn.Module):
             centres = refine_prototypes(centres, support, support_y, query)
         return distance_logits(query, centres)
 
-    def predict(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int | None = None) -> torch.Tensor:
+    def predict(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor, ways: int | None = None
+    ) -> torch.Tensor:
         """Query logits of T tasks from their labelled support sets (queries need no labels).
 
         Shapes: ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (labels ``0..N-1``), ``query_x [T, M, C, H, W]``
@@ -77,9 +88,10 @@ class ProtoNet(nn.Module):
         ways = int(support_y.max()) + 1 if ways is None else ways
         task = partial(self._task_logits, ways=ways)
         return vmap(task, in_dims=(None, 0, 0, 0), randomness="different")(
-            dict(self.model.named_parameters()), support_x, support_y, query_x)
+            dict(self.model.named_parameters()), support_x, support_y, query_x
+        )
 
-    def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
+    def forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:  # noqa: ARG002
         """Meta-batch loss of every task at once (``inner_steps`` is accepted and ignored: no inner loop)."""
         params = dict(self.model.named_parameters())
         task = partial(self._task_loss, ways=episode.ways)
@@ -88,12 +100,18 @@ class ProtoNet(nn.Module):
         )
         return LearnerOutput(task_loss.mean(), task_loss, task_accuracy.detach())
 
-    def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
+    def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:  # noqa: ARG002
         """The same computation as :meth:`forward`, one task at a time (the oracle)."""
         params = dict(self.model.named_parameters())
         results = [
-            self._task_loss(params, episode.support_x[t], episode.support_y[t], episode.query_x[t], episode.query_y[t],
-                            ways=episode.ways)
+            self._task_loss(
+                params,
+                episode.support_x[t],
+                episode.support_y[t],
+                episode.query_x[t],
+                episode.query_y[t],
+                ways=episode.ways,
+            )
             for t in range(episode.num_tasks)
         ]
         task_loss = torch.stack([loss for loss, _ in results])

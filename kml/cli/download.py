@@ -21,6 +21,7 @@ from kml.validation import Number, check_number
 
 __all__ = ["build_parser", "main", "parse_args", "parse_checksums"]
 
+
 def build_parser(prog: str = "kml-download") -> ArgumentParser:
     """The command line's parser (one-line errors, exit status 2)."""
     # imported here, not at the top: kml.data loads torch, and importing this module must not (tests/test_threads.py)

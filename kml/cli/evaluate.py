@@ -28,12 +28,20 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="kml-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by kml-train")
     parser.add_argument("--modes", nargs="+", help="modes to evaluate (default: the run's modes)")
-    parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="class split to draw episodes from")
+    parser.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="class split to draw episodes from"
+    )
     parser.add_argument("--episodes", type=int, default=1000, help="episodes per mode")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed evaluation episodes")
-    parser.add_argument("--inner-steps", type=int, help="MAML inner steps at test time (default: the run's eval_inner_steps)")
-    parser.add_argument("--ways", type=int, help="classes per task (default: the run's); other values only for "
-                        "learners whose parameters do not depend on N (ProtoNet without encoder labels)")
+    parser.add_argument(
+        "--inner-steps", type=int, help="MAML inner steps at test time (default: the run's eval_inner_steps)"
+    )
+    parser.add_argument(
+        "--ways",
+        type=int,
+        help="classes per task (default: the run's); other values only for "
+        "learners whose parameters do not depend on N (ProtoNet without encoder labels)",
+    )
     parser.add_argument("--shots", type=int, help="support images per class (default: the run's)")
     parser.add_argument("--queries", type=int, help="query images per class (default: the run's)")
     parser.add_argument("--tasks-per-batch", type=int, default=10, help="tasks evaluated together")
@@ -80,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = expand_modes(args.modes) if args.modes else config.modes
     # Multi-MAML and per-mode inner rates/steps pick by the task's mode index: it must be the run's own index
-    by_mode = config.learner.multi_maml or config.learner.mode_inner_lr is not None or config.learner.mode_inner_steps is not None
+    by_mode = (
+        config.learner.multi_maml
+        or config.learner.mode_inner_lr is not None
+        or config.learner.mode_inner_steps is not None
+    )
     if by_mode and set(modes) - set(config.modes):
-        raise KMLError(f"this learner ({config.learner.method}, per-mode settings) only knows its training modes {config.modes}; got {modes}")
+        raise KMLError(
+            f"this learner ({config.learner.method}, per-mode settings) only knows its training modes {config.modes}; got {modes}"
+        )
     stores = load_stores(modes, args.split, args.data_root or config.data_root, config.image_size, 3, device)
     mode_indices = mode_names = None
     if by_mode:  # keep each mode at the index of its own parameter set / rate, also for a subset of the modes
@@ -98,15 +112,28 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             raise KMLError(f"--ways {ways}: {refusal}; evaluate it {config.ways}-way")
     if args.inner_steps is not None and config.learner.algorithm != "maml":
-        raise KMLError(f"--inner-steps applies to MAML; this checkpoint is {config.learner.method}, which has no inner loop: drop it")
+        raise KMLError(
+            f"--inner-steps applies to MAML; this checkpoint is {config.learner.method}, which has no inner loop: drop it"
+        )
     shots = args.shots if args.shots is not None else config.shots
     queries = args.queries if args.queries is not None else config.queries
     bf16 = config.bf16 and bf16_native(device)  # trained with bf16 on another device: float32 here
     torch.manual_seed(args.seed)
     results = evaluate(
-        learner, stores, ways, shots, queries, args.episodes, seed=args.seed,
-        tasks_per_batch=args.tasks_per_batch, inner_steps=args.inner_steps, rotate=rotate,
-        bf16=bf16, progress=args.progress, mode_indices=mode_indices, mode_names=mode_names,
+        learner,
+        stores,
+        ways,
+        shots,
+        queries,
+        args.episodes,
+        seed=args.seed,
+        tasks_per_batch=args.tasks_per_batch,
+        inner_steps=args.inner_steps,
+        rotate=rotate,
+        bf16=bf16,
+        progress=args.progress,
+        mode_indices=mode_indices,
+        mode_names=mode_names,
     )
     rows = [r.as_dict() for r in [*results, average(results)]]
     table = pd.DataFrame(rows)
@@ -132,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(json.dumps(report, indent=2))
     table.to_csv(output.with_suffix(".csv"), index=False)
     print(f"{ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {state['step']}")
-    print(table.to_string(index=False, formatters={"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}))
+    print(
+        table.to_string(
+            index=False, formatters={"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}
+        )
+    )
     print(f"written: {output} and {output.with_suffix('.csv')}")
     return 0
 

@@ -27,17 +27,38 @@ DEFAULT_METHODS = ["maml", "mmaml", "kml-maml", "protonet", "kml-protonet"]
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="kml-results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, metavar="METHOD",
-                        help=f"recipes or LABEL=RECIPE,key=value,... (default: {' '.join(DEFAULT_METHODS)})")
+    parser = ArgumentParser(
+        prog="kml-results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        metavar="METHOD",
+        help=f"recipes or LABEL=RECIPE,key=value,... (default: {' '.join(DEFAULT_METHODS)})",
+    )
     parser.add_argument("--modes", nargs="+", default=["synthetic"], metavar="MODE", help="modes mixed in every run")
-    parser.add_argument("--setups", nargs="+", default=["5w1s"], metavar="NwKs", help="ways and shots, e.g. 5w1s 5w5s 20w1s")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (>= 2 for intervals over seeds)")
-    parser.add_argument("--steps", type=int, help="outer steps of every run (default: each recipe's published schedule)")
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="common",
-                        help="kml-train values for every run, e.g. image_size=32 base_channels=16 meta_batch=6")
+    parser.add_argument(
+        "--setups", nargs="+", default=["5w1s"], metavar="NwKs", help="ways and shots, e.g. 5w1s 5w5s 20w1s"
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (>= 2 for intervals over seeds)"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="outer steps of every run (default: each recipe's published schedule)"
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="common",
+        help="kml-train values for every run, e.g. image_size=32 base_channels=16 meta_batch=6",
+    )
     parser.add_argument("--episodes", type=int, default=600, help="meta-test episodes per mode and run")
-    parser.add_argument("--eval-seed", type=int, default=0, help="seed of the fixed meta-test episodes (same for every run)")
+    parser.add_argument(
+        "--eval-seed", type=int, default=0, help="seed of the fixed meta-test episodes (same for every run)"
+    )
     parser.add_argument("--baseline", help="method the paired differences are taken against (default: the first)")
     parser.add_argument("--data-root", help="dataset cache folder (default: kml-train's)")
     parser.add_argument("--out", default="train_dir/results", help="folder of the runs and the tables")

@@ -1,10 +1,10 @@
 """kml-train: meta-train a learner on one or several modes.
 
-    kml-train --modes synthetic                               # the no-download demo (README: quick start)
-    kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
-    kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
-    kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
-    torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
+kml-train --modes synthetic                               # the no-download demo (README: quick start)
+kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
+kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
+kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
+torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
 """
 
 from __future__ import annotations
@@ -38,9 +38,15 @@ RUN_FLAGS = {
     "image_size": (int, "common side length of all modes (default: the largest stored side)"),
     "train_dir": (str, "folder of run folders"),
     "run_name": (str, "name of the run folder (default: method_modes_NwKs)"),
-    "val_every": (int, "validate on meta-val classes every this many steps (default {datasets}; {demo} for the synthetic demo)"),
+    "val_every": (
+        int,
+        "validate on meta-val classes every this many steps (default {datasets}; {demo} for the synthetic demo)",
+    ),
     "val_episodes": (int, "validation episodes per mode (default {datasets}; {demo} for the synthetic demo)"),
-    "checkpoint_every": (int, "save last.pt and a periodic checkpoint every this many steps (default {datasets}; {demo} for the synthetic demo)"),
+    "checkpoint_every": (
+        int,
+        "save last.pt and a periodic checkpoint every this many steps (default {datasets}; {demo} for the synthetic demo)",
+    ),
     "log_every": (int, "write a metrics.csv row every this many steps"),
     "grad_clip": (float, "clip the meta-gradient norm (off by default)"),
     "transference_every": (int, "record task transference every this many steps (0: off)"),
@@ -54,7 +60,10 @@ LEARNER_FLAGS = {
     "inner_grad_clip": (float, "clip inner-loop gradients to this norm"),
     "inner_grad_clamp": (float, "clamp every inner-gradient element to [-x, x] (MMAML: 20)"),
     "encoder_hidden": (int, "Linear(8E, this) + ReLU per image in the task encoder (published: 128)"),
-    "base_channels": (int, "C: the blocks have C, 2C, 4C, 8C channels (published), C each (conv4), 2C, 5C, 10C, 20C (resnet12)"),
+    "base_channels": (
+        int,
+        "C: the blocks have C, 2C, 4C, 8C channels (published), C each (conv4), 2C, 5C, 10C, 20C (resnet12)",
+    ),
     "encoder_channels": (int, "channels of the task encoder"),
 }
 CHOICE_HELP = {
@@ -74,24 +83,38 @@ SWITCHES = {
     "first_order": ("learner", "first-order MAML (no second derivatives)"),
     "meta_sgd": ("learner", "learn a per-parameter inner learning rate (Meta-SGD)"),
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
-    "bf16": ("run", "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): faster steps (README: speed switches)"),
-    "activation_checkpointing": ("run", "MAML: recompute each inner step in the backward pass instead of storing it (less memory, more compute)"),
+    "bf16": (
+        "run",
+        "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): faster steps (README: speed switches)",
+    ),
+    "activation_checkpointing": (
+        "run",
+        "MAML: recompute each inner step in the backward pass instead of storing it (less memory, more compute)",
+    ),
     "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
 }
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="kml-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="kml-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
     from kml.data.sampler import MIXTURE_POLICIES  # here: importing kml.cli.train must not import torch
     from kml.training.run_config import DATASET_DEFAULTS, LR_SCHEDULES, SYNTHETIC_DEMO
 
-    parser.add_argument("--modes", nargs="+", metavar="MODE",
-                        help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        metavar="MODE",
+        help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH",
+    )
     parser.add_argument("--policy", choices=MIXTURE_POLICIES, help="how tasks of a meta-batch pick their mode")
-    parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="mode weights for the mixture (one per mode)")
+    parser.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="mode weights for the mixture (one per mode)"
+    )
     choices = {**FIELD_CHOICES, "lr_schedule": LR_SCHEDULES}
     for name, text in CHOICE_HELP.items():
         parser.add_argument(f"--{name.replace('_', '-')}", choices=choices[name], help=text)
@@ -103,20 +126,44 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
     from kml.recipes import RECIPES
 
-    parser.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
-                        help="start from a named, versioned preset (flags given here override it): "
-                        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
-    parser.add_argument("--batchnorm-affine", action=argparse.BooleanOptionalAction,
-                        help="learned BatchNorm scale and shift in the backbone (default on; MMAML: off)")
-    parser.add_argument("--identity-init", action=argparse.BooleanOptionalAction,
-                        help="start the modulation generators at the identity (default on; released codes: off)")
-    parser.add_argument("--no-rotate-omniglot", dest="rotate_omniglot", action="store_false",
-                        help="do not rotate Omniglot classes by random multiples of 90 degrees")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="float32 (e.g. to resume a --bf16 run on a device without native bf16)")
-    parser.add_argument("--no-proto-refine", dest="proto_refine", action="store_false",
-                        help="ProtoNet without the transductive prototype refinement")
-    parser.add_argument("--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it")
+    parser.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        metavar="NAME",
+        help="start from a named, versioned preset (flags given here override it): "
+        + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()),
+    )
+    parser.add_argument(
+        "--batchnorm-affine",
+        action=argparse.BooleanOptionalAction,
+        help="learned BatchNorm scale and shift in the backbone (default on; MMAML: off)",
+    )
+    parser.add_argument(
+        "--identity-init",
+        action=argparse.BooleanOptionalAction,
+        help="start the modulation generators at the identity (default on; released codes: off)",
+    )
+    parser.add_argument(
+        "--no-rotate-omniglot",
+        dest="rotate_omniglot",
+        action="store_false",
+        help="do not rotate Omniglot classes by random multiples of 90 degrees",
+    )
+    parser.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="float32 (e.g. to resume a --bf16 run on a device without native bf16)",
+    )
+    parser.add_argument(
+        "--no-proto-refine",
+        dest="proto_refine",
+        action="store_false",
+        help="ProtoNet without the transductive prototype refinement",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run named by --run-name from its last.pt")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -167,14 +214,18 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
 
-    dist_info = init_distributed(values.get("device", "auto") if values.get("device", "auto") != "auto" else ("cuda" if _cuda() else "cpu"))
+    dist_info = init_distributed(
+        values.get("device", "auto") if values.get("device", "auto") != "auto" else ("cuda" if _cuda() else "cpu")
+    )
     try:
         if resume:
             if "run_name" not in values:
                 raise KMLError("--resume needs --run-name of the run to continue")
             from kml.training.run_config import RunConfig
 
-            run_dir = run_directory(RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"]))
+            run_dir = run_directory(
+                RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"])
+            )
             trainer = Trainer.resume(run_dir, values, dist_info, progress)
         else:
             trainer = Trainer.create(config, overwrite, dist_info, progress)

@@ -27,14 +27,18 @@ def build_parser() -> ArgumentParser:
     from kml.data.store import SPLITS  # here: importing kml.cli.transference must not import torch
     from kml.transference.analyzer import PARAMETER_GROUPS
 
-    parser = ArgumentParser(prog="kml-transference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="kml-transference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by kml-train")
     parser.add_argument("--modes", nargs="+", help="modes mixed in the analysed meta-batches (default: the run's)")
     parser.add_argument("--split", default="train", choices=SPLITS, help="classes of the analysed tasks")
     parser.add_argument("--batches", type=int, default=10, help="meta-batches analysed (all ordered pairs in each)")
     parser.add_argument("--meta-batch", type=int, help="tasks per analysed meta-batch (default: the run's)")
     parser.add_argument("--rate", type=float, help="lookahead rate eta (default: the run's outer lr)")
-    parser.add_argument("--parameters", default="all", choices=PARAMETER_GROUPS, help="meta-parameters that take the lookahead")
+    parser.add_argument(
+        "--parameters", default="all", choices=PARAMETER_GROUPS, help="meta-parameters that take the lookahead"
+    )
     parser.add_argument("--source-mode", help="paper design: source tasks from this mode ...")
     parser.add_argument("--source-split", default="train", choices=SPLITS, help="... and split")
     parser.add_argument("--target-mode", help="... target tasks from this mode ...")
@@ -111,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         modes = expand_modes(args.modes) if args.modes else config.modes
         tasks = args.meta_batch if args.meta_batch is not None else config.meta_batch
         if tasks < 2:  # Z is defined for pairs of tasks of one meta-batch
-            raise KMLError(f"the run's meta-batch has {tasks} task, so there are no task pairs; pass --meta-batch 2 or more")
+            raise KMLError(
+                f"the run's meta-batch has {tasks} task, so there are no task pairs; pass --meta-batch 2 or more"
+            )
         sampler = sampler_for(modes, args.split, tasks, args.seed)
         for batch in tqdm(range(args.batches), desc="meta-batches"):
             result = task_transference(learner, sampler.sample(), rate, parameters=args.parameters)

@@ -85,6 +85,7 @@ class Episode:
 
     def to_float(self, dtype: torch.dtype = torch.float32) -> Episode:
         """Images as ``dtype`` in [0, 1] (uint8 episodes are scaled by 1/255; float ones are cast)."""
+
         def convert(x: torch.Tensor) -> torch.Tensor:
             return x.to(dtype).mul_(1.0 / 255) if x.dtype == torch.uint8 else x.to(dtype)
 
@@ -121,8 +122,10 @@ class Episode:
         if any(e.turns is not None for e in episodes):  # a part without turns was not rotated: 0 turns
             turns = torch.cat([e.turns if e.turns is not None else torch.zeros_like(e.classes) for e in episodes])
         return Episode(
-            *(torch.cat([getattr(e, name) for e in episodes]) for name in
-              ("support_x", "support_y", "query_x", "query_y", "mode", "classes")),
+            *(
+                torch.cat([getattr(e, name) for e in episodes])
+                for name in ("support_x", "support_y", "query_x", "query_y", "mode", "classes")
+            ),
             mode_names=first.mode_names,
             **indices,
             turns=turns,

@@ -73,7 +73,9 @@ def plot_episode(
         columns = shots + queries + (0.4 if queries else 0)
         figure = Figure(figsize=(image_inches * columns + 1.4, image_inches * rows + 0.9), layout="constrained")
     groups = [("support", shots, support, support_of)] + ([("query", queries, query, query_of)] if queries else [])
-    panels = figure.subfigures(1, len(groups), width_ratios=[count for _, count, _, _ in groups], wspace=0.04, squeeze=False)[0]
+    panels = figure.subfigures(
+        1, len(groups), width_ratios=[count for _, count, _, _ in groups], wspace=0.04, squeeze=False
+    )[0]
     for column, (name, count, pictures, members) in enumerate(groups):
         panel = panels[column]
         panel.suptitle(name, fontsize=10)
@@ -98,7 +100,9 @@ def plot_episode(
                     label += f"\n{90 * turns[n]}°"
                 axes[n, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     figure.suptitle(
-        title if title is not None else f"task {task}: {mode_name}, {ways}-way {shots}-shot, {queries} queries per class",
+        title
+        if title is not None
+        else f"task {task}: {mode_name}, {ways}-way {shots}-shot, {queries} queries per class",
         fontsize=11,
     )
     return figure

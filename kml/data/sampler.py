@@ -106,7 +106,12 @@ class EpisodeSampler:
         mode_names: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        for name, value, low in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 0), ("meta_batch", meta_batch, 1)):
+        for name, value, low in (
+            ("ways", ways, 2),
+            ("shots", shots, 1),
+            ("queries", queries, 0),
+            ("meta_batch", meta_batch, 1),
+        ):
             if int(value) < low:
                 raise KMLError(f"{name} must be at least {low}, got {value}")
         where = f"mode {store.mode!r} split {store.split!r}"

@@ -144,13 +144,21 @@ class ImageStore:
         build one store per split from the images of those classes.
         """
         where = f"store {mode}/{split}"
-        array = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        array = (
+            images.detach().cpu()
+            if isinstance(images, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(images))
+        )
         if array.dtype != torch.uint8:
-            raise KMLError(f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))")
+            raise KMLError(
+                f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))"
+            )
         if array.dim() == 3:
             array = array.unsqueeze(1)
         if array.dim() != 4:
-            raise KMLError(f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}")
+            raise KMLError(
+                f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}"
+            )
         if channels_last is None:
             first, last = array.shape[1] in (1, 3), array.shape[3] in (1, 3)
             if first == last:
@@ -161,12 +169,16 @@ class ImageStore:
         if channels_last:
             array = array.permute(0, 3, 1, 2)
         if array.shape[1] not in (1, 3):
-            raise KMLError(f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})")
+            raise KMLError(
+                f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})"
+            )
         if len(array) == 0:
             raise KMLError(f"{where}: no images")
         label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
         if label_tensor.dim() != 1 or len(label_tensor) != len(array):
-            raise KMLError(f"{where}: need one label per image ({len(array)}), got labels of shape {list(label_tensor.shape)}")
+            raise KMLError(
+                f"{where}: need one label per image ({len(array)}), got labels of shape {list(label_tensor.shape)}"
+            )
         if label_tensor.is_floating_point() or label_tensor.is_complex() or label_tensor.dtype == torch.bool:
             raise KMLError(f"{where}: labels must be integers, got {label_tensor.dtype}")
         label_tensor = label_tensor.cpu().long()
@@ -291,7 +303,9 @@ class ImageStore:
         try:
             manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise KMLError(f"corrupt cache manifest {manifest_path} ({str(error).splitlines()[0]}); {rebuild}") from None
+            raise KMLError(
+                f"corrupt cache manifest {manifest_path} ({str(error).splitlines()[0]}); {rebuild}"
+            ) from None
         except OSError as error:
             raise KMLError(f"cannot read cache manifest {manifest_path}: {error.strerror or error}") from None
         problem = _manifest_problem(manifest)
@@ -334,12 +348,21 @@ def _manifest_problem(manifest: Any) -> str | None:
     """What is wrong with a manifest's structure, or ``None`` (checked before any field is used)."""
     if not isinstance(manifest, dict):
         return f"a {type(manifest).__name__}, not a mapping"
-    kinds = {"format_version": int, "mode": str, "split": str, "image_shape": list, "num_images": int,
-             "class_names": list, "class_offsets": list}
+    kinds = {
+        "format_version": int,
+        "mode": str,
+        "split": str,
+        "image_shape": list,
+        "num_images": int,
+        "class_names": list,
+        "class_offsets": list,
+    }
     missing = [key for key in kinds if key not in manifest]
     if missing:
         return f"missing {', '.join(missing)}"
-    wrong = [key for key, kind in kinds.items() if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)]
+    wrong = [
+        key for key, kind in kinds.items() if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool)
+    ]
     if wrong:
         return f"{', '.join(wrong)} of the wrong type"
     if len(manifest["image_shape"]) != 3 or not all(isinstance(v, int) and v > 0 for v in manifest["image_shape"]):

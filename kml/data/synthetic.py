@@ -66,7 +66,9 @@ def _affine(points: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shif
     return (points @ rotation.transpose(1, 2)) * scale.view(-1, 1, 1) + shift.view(-1, 1, 2)
 
 
-def _glyphs(classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator) -> torch.Tensor:
+def _glyphs(
+    classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator
+) -> torch.Tensor:
     strokes_max, samples = 4, 20
     control = _uniform(g_class, -0.65, 0.65, classes, strokes_max, 3, 2)
     strokes = torch.randint(2, strokes_max + 1, (classes,), generator=g_class)
@@ -96,7 +98,9 @@ def _glyphs(classes: int, per_class: int, side: int, g_class: torch.Generator, g
     return torch.cat(out)
 
 
-def _textures(classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator) -> torch.Tensor:
+def _textures(
+    classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator
+) -> torch.Tensor:
     gratings = 2
     angle = _uniform(g_class, 0, math.pi, classes, gratings)
     freq = _uniform(g_class, 1.5, 6.0, classes, gratings)
@@ -121,7 +125,9 @@ def _textures(classes: int, per_class: int, side: int, g_class: torch.Generator,
     return torch.cat(out)
 
 
-def _shapes(classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator) -> torch.Tensor:
+def _shapes(
+    classes: int, per_class: int, side: int, g_class: torch.Generator, g_image: torch.Generator
+) -> torch.Tensor:
     vertices_max = 7
     vertices = torch.randint(3, vertices_max + 1, (classes,), generator=g_class)
     radii = _uniform(g_class, 0.35, 1.0, classes, vertices_max)

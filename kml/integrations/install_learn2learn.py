@@ -122,7 +122,13 @@ class Step:
         with self.log.open("a") as handle:
             handle.write(f"\n$ {' '.join(command)}\n")
         result = subprocess.run(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
         )
         with self.log.open("a") as handle:
             handle.write(result.stdout)
@@ -208,8 +214,16 @@ def install(version: str, work: Path, step: Step) -> str:
     dist = work / "dist"
     step.run(
         f"downloading learn2learn=={version} from the package index",
-        _pip("download", "--no-deps", "--no-binary", "learn2learn", "--no-build-isolation", "--dest", str(dist),
-             f"learn2learn=={version}"),
+        _pip(
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "learn2learn",
+            "--no-build-isolation",
+            "--dest",
+            str(dist),
+            f"learn2learn=={version}",
+        ),
         env=tools_env,
     )
     archives = sorted(dist.glob("learn2learn-*.tar.gz"))
@@ -219,7 +233,9 @@ def install(version: str, work: Path, step: Step) -> str:
     expected = SDIST_SHA256.get(version)
     if expected and sha256(archive) != expected:
         step.keep = True
-        raise KMLError(f"{archive} has SHA-256 {sha256(archive)}, expected {expected} (the file on PyPI); not installing it")
+        raise KMLError(
+            f"{archive} has SHA-256 {sha256(archive)}, expected {expected} (the file on PyPI); not installing it"
+        )
 
     print("[3/6] regenerating the C sources with Cython 3", flush=True)
     source = unpack(archive, work / "src")
@@ -228,12 +244,16 @@ def install(version: str, work: Path, step: Step) -> str:
         stale.unlink()
     out = step.run(
         "regenerating learn2learn's C sources with Cython",
-        [sys.executable, "-c", CYTHONIZE, repr(CYTHON_DIRECTIVES)], env=tools_env, cwd=source,
+        [sys.executable, "-c", CYTHONIZE, repr(CYTHON_DIRECTIVES)],
+        env=tools_env,
+        cwd=source,
     )
     cython_version, count = out.split()[-2:]
     generated = sorted((source / "learn2learn").rglob("*.c"))
     if len(generated) != int(count) or int(count) == 0:
-        raise KMLError(f"Cython {cython_version} produced {len(generated)} C files for {count} .pyx files; full log: {step.log}")
+        raise KMLError(
+            f"Cython {cython_version} produced {len(generated)} C files for {count} .pyx files; full log: {step.log}"
+        )
     print(f"      Cython {cython_version}: {', '.join(str(p.relative_to(source)) for p in generated)}", flush=True)
 
     print(f"[4/6] building and installing learn2learn into {sys.prefix}", flush=True)
@@ -258,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Install learn2learn on current Python: rebuild its source distribution with a current Cython.",
     )
     parser.add_argument("--version", default=DEFAULT_VERSION, help=f"learn2learn version (default {DEFAULT_VERSION})")
-    parser.add_argument("--force", action="store_true", help="rebuild and reinstall even if learn2learn already imports")
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild and reinstall even if learn2learn already imports"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary build folder")
     args = parser.parse_args(argv)
 
@@ -278,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         if not step.keep:
             shutil.rmtree(work, ignore_errors=True)
     version, location = (result.split(maxsplit=1) + [""])[:2]
-    print(f"learn2learn {version} installed ({location}) in {time.perf_counter() - started:.0f} s"
-          + (f"; build folder kept: {work}" if step.keep else ""))
+    print(
+        f"learn2learn {version} installed ({location}) in {time.perf_counter() - started:.0f} s"
+        + (f"; build folder kept: {work}" if step.keep else "")
+    )
     return 0
 
 

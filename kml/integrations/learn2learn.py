@@ -259,7 +259,9 @@ def stores_from_tasksets(tasksets: Any, mode: str = "learn2learn", **options: An
         if taskset is not None:
             stores[split] = store_from_dataset(taskset, mode, split, **options)
     if not stores:
-        raise KMLError("no splits found: pass get_tasksets(...)'s result or a mapping {'train': ..., 'validation': ..., 'test': ...}")
+        raise KMLError(
+            "no splits found: pass get_tasksets(...)'s result or a mapping {'train': ..., 'validation': ..., 'test': ...}"
+        )
     return stores
 
 
@@ -323,7 +325,9 @@ def dataset_from_store(store: ImageStore, dtype: torch.dtype = torch.float32) ->
     return l2l.data.MetaDataset(_StoreDataset(store, dtype), labels_to_indices=labels_to_indices)
 
 
-def taskset_from_store(store: ImageStore, ways: int, samples: int, classes: int | None = None, num_tasks: int = -1) -> Any:
+def taskset_from_store(
+    store: ImageStore, ways: int, samples: int, classes: int | None = None, num_tasks: int = -1
+) -> Any:
     """A learn2learn ``Taskset`` of ``ways``-way tasks with ``samples`` images per class over a kml store (its
     first ``classes`` classes, default all), built with learn2learn's own transforms (NWays, KShots, LoadData,
     RemapLabels, ConsecutiveLabels)."""
@@ -451,7 +455,10 @@ class TasksetSampler:
     def sample(self, num_tasks: int | None = None) -> Episode:
         """Draw ``num_tasks`` (default ``meta_batch``) learn2learn tasks as one :class:`Episode`."""
         tasks = [self.taskset.sample() for _ in range(self.meta_batch if num_tasks is None else int(num_tasks))]
-        tasks = [(torch.as_tensor(data).to(self.device), torch.as_tensor(labels).to(self.device)) for data, labels, *_ in tasks]
+        tasks = [
+            (torch.as_tensor(data).to(self.device), torch.as_tensor(labels).to(self.device))
+            for data, labels, *_ in tasks
+        ]
         return episode_from_tasks(tasks, self.shots, self.mode_name, self.generator, self.dtype)
 
     def __iter__(self) -> Iterator[Episode]:
@@ -461,7 +468,10 @@ class TasksetSampler:
     def state_dict(self) -> dict[str, Any]:
         import random
 
-        return {"generator": None if self.generator is None else self.generator.get_state(), "random": random.getstate()}
+        return {
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "random": random.getstate(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import random
@@ -505,13 +515,21 @@ def _check_maml(config: Any) -> None:
     if config.algorithm != "maml":
         raise KMLError(f"learn2learn's MAML needs a MAML learner, this one is {config.method}")
     if config.meta_sgd:
-        raise KMLError("learn2learn.algorithms.MAML has one inner rate; use learn2learn.algorithms.MetaSGD for meta_sgd learners")
+        raise KMLError(
+            "learn2learn.algorithms.MAML has one inner rate; use learn2learn.algorithms.MetaSGD for meta_sgd learners"
+        )
     if config.inner_grad_clip is not None:
-        raise KMLError("learn2learn.algorithms.MAML does not clip inner gradients; build the learner with inner_grad_clip=None")
+        raise KMLError(
+            "learn2learn.algorithms.MAML does not clip inner gradients; build the learner with inner_grad_clip=None"
+        )
     if config.inner_grad_clamp is not None:
-        raise KMLError("learn2learn.algorithms.MAML does not clamp inner gradients; build the learner with inner_grad_clamp=None")
+        raise KMLError(
+            "learn2learn.algorithms.MAML does not clamp inner gradients; build the learner with inner_grad_clamp=None"
+        )
     if config.mode_inner_lr is not None or config.mode_inner_steps is not None:
-        raise KMLError("learn2learn.algorithms.MAML has one inner rate and step count; build the learner without mode_inner_lr/steps")
+        raise KMLError(
+            "learn2learn.algorithms.MAML has one inner rate and step count; build the learner without mode_inner_lr/steps"
+        )
 
 
 def task_module(
@@ -563,7 +581,9 @@ def maml_forward(learner: nn.Module, episode: Episode, inner_steps: int | None =
 
 
 # --------------------------------------------------------------------------- (c) kml episodes -> learn2learn
-def episode_to_tasks(episode: Episode) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+def episode_to_tasks(
+    episode: Episode,
+) -> list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
     """Per task ``((support_x [N*K, C, H, W], support_y [N*K]), (query_x, query_y))``, as ``partition_task`` returns."""
     return [
         ((episode.support_x[t], episode.support_y[t]), (episode.query_x[t], episode.query_y[t]))
@@ -571,7 +591,9 @@ def episode_to_tasks(episode: Episode) -> list[tuple[tuple[torch.Tensor, torch.T
     ]
 
 
-def episode_to_batches(episode: Episode, layout: str = "partition") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def episode_to_batches(
+    episode: Episode, layout: str = "partition"
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per task the concatenated ``(data [n, C, H, W], labels [n], support_mask [n] bool)`` of a learn2learn task.
 
     Classes are consecutive (label 0's samples first, as ``ConsecutiveLabels`` orders them). Within a class:
@@ -596,7 +618,9 @@ def episode_to_batches(episode: Episode, layout: str = "partition") -> list[tupl
         support, query, class_labels = support[order], query[order], support_labels[order, 0]
         if layout == "partition":
             data = torch.cat([support, query], dim=1)
-            mask = torch.cat([torch.ones(ways, shots, dtype=torch.bool), torch.zeros(ways, queries, dtype=torch.bool)], dim=1)
+            mask = torch.cat(
+                [torch.ones(ways, shots, dtype=torch.bool), torch.zeros(ways, queries, dtype=torch.bool)], dim=1
+            )
         else:
             data = torch.stack([support, query], dim=2).flatten(1, 2)
             mask = torch.tensor([True, False]).repeat(shots).expand(ways, -1)

@@ -28,8 +28,9 @@ Modulation = dict[str, torch.Tensor]
 BN_EPS = 1e-5
 
 
-def batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, fused: bool = False,
-               eps: float = BN_EPS) -> torch.Tensor:
+def batch_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, fused: bool = False, eps: float = BN_EPS
+) -> torch.Tensor:
     """BatchNorm of ``x [B, C, H, W]`` with the batch's own statistics and an affine ``[C]`` transform
     (none when ``weight`` and ``bias`` are ``None``: non-affine BatchNorm).
 
@@ -64,7 +65,7 @@ class _ContiguousGradient(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004 - autograd.Function signature
         return grad.contiguous()
 
 
@@ -96,8 +97,16 @@ class Backbone(nn.Module):
         affine: BatchNorm with a learned scale and shift (``False``: none, as MMAML's backbones).
     """
 
-    def __init__(self, in_channels: int, base_channels: int, image_size: int, layout: str = "published", ways: int | None = None,
-                 pool: str = "flatten", affine: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        base_channels: int,
+        image_size: int,
+        layout: str = "published",
+        ways: int | None = None,
+        pool: str = "flatten",
+        affine: bool = True,
+    ) -> None:
         super().__init__()
         self.layout = layout
         self.pool = pool
@@ -225,7 +234,9 @@ def packed_forward(
         features = h.mean(dim=(2, 3)).reshape(batch, tasks, -1).transpose(0, 1)
     elif channels_last:  # [B, s, s, T, C] in memory -> [T, B, s*s*C]
         out_channels = h.shape[1] // tasks
-        features = h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, out_channels).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
+        features = (
+            h.permute(0, 2, 3, 1).reshape(batch, -1, tasks, out_channels).permute(2, 0, 1, 3).reshape(tasks, batch, -1)
+        )
         if head is not None:  # the head's columns reordered to match: [T, N, C*s*s] -> [T, N, s*s*C]
             head = head.reshape(*head.shape[:2], out_channels, -1).transpose(-1, -2).reshape(head.shape)
     else:

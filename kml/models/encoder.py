@@ -31,7 +31,9 @@ def with_label_planes(images: torch.Tensor, labels: torch.Tensor | None, label_w
         return images
     if labels is None:
         raise ValueError("this task encoder reads labels; pass the support labels")
-    planes = one_hot(labels, label_ways, images.dtype)[..., None, None].expand(*labels.shape, label_ways, *images.shape[-2:])
+    planes = one_hot(labels, label_ways, images.dtype)[..., None, None].expand(
+        *labels.shape, label_ways, *images.shape[-2:]
+    )
     return torch.cat([images, planes], dim=-3)
 
 
@@ -48,8 +50,14 @@ class TaskEncoder(nn.Module):
             Xavier-uniform kernels and zero biases.
     """
 
-    def __init__(self, in_channels: int, channels: int = 32, label_ways: int | None = None, hidden: int | None = None,
-                 default_init: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int = 32,
+        label_ways: int | None = None,
+        hidden: int | None = None,
+        default_init: bool = False,
+    ) -> None:
         super().__init__()
         self.label_ways = label_ways
         previous = in_channels + (label_ways or 0)
@@ -98,7 +106,11 @@ def packed_task_embedding(
     """
     images = with_label_planes(images, labels, label_ways)
     convs = {name: value for name, value in params.items() if not name.startswith("hidden.")}
-    features = packed_forward(convs, images, None, "published", channels_last=channels_last, pool="avgpool")  # [T, B, 8E]
+    features = packed_forward(
+        convs, images, None, "published", channels_last=channels_last, pool="avgpool"
+    )  # [T, B, 8E]
     if "hidden.weight" in params:  # per image, before the mean over the set
-        features = F.relu(torch.einsum("tbd,thd->tbh", features, params["hidden.weight"]) + params["hidden.bias"].unsqueeze(1))
+        features = F.relu(
+            torch.einsum("tbd,thd->tbh", features, params["hidden.weight"]) + params["hidden.bias"].unsqueeze(1)
+        )
     return features.mean(dim=1)

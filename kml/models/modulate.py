@@ -74,13 +74,17 @@ class FiLMBatchNorm2d(nn.BatchNorm2d):
         return out
 
 
-def _targets(network: nn.Module, kind: str, layers: Callable[[str, nn.Module], bool] | None) -> list[tuple[str, nn.Module]]:
+def _targets(
+    network: nn.Module, kind: str, layers: Callable[[str, nn.Module], bool] | None
+) -> list[tuple[str, nn.Module]]:
     """The layers a ``kind`` modulation acts on, in ``named_modules`` order (their index l, from 1, names them)."""
     if kind == "none":
         return []
     # exact types only: a subclass of nn.Conv2d may have its own forward, which the swap would replace
     exact = {nn.Conv2d, ModulatedConv2d} if kind == "kml" else {nn.BatchNorm2d, FiLMBatchNorm2d}
-    found = [(name, m) for name, m in network.named_modules() if type(m) in exact and (layers is None or layers(name, m))]
+    found = [
+        (name, m) for name, m in network.named_modules() if type(m) in exact and (layers is None or layers(name, m))
+    ]
     if not found:
         what = "nn.Conv2d" if kind == "kml" else "nn.BatchNorm2d (FiLM scales and shifts their outputs)"
         raise KMLError(f"modulation {kind!r} found no {what} layer to modulate in {type(network).__name__}")
@@ -100,7 +104,9 @@ class ModulatedNetwork(nn.Module):
         layers: optional filter ``(name, module) -> bool`` of the layers to modulate (default: all of them).
     """
 
-    def __init__(self, network: nn.Module, kind: str = "kml", layers: Callable[[str, nn.Module], bool] | None = None) -> None:
+    def __init__(
+        self, network: nn.Module, kind: str = "kml", layers: Callable[[str, nn.Module], bool] | None = None
+    ) -> None:
         super().__init__()
         if kind not in MODULATION_KINDS:
             raise KMLError(f"unknown modulation {kind!r}; choose one of {', '.join(MODULATION_KINDS)}")
@@ -234,4 +240,3 @@ def modulate(
     else:
         generator = FiLMGenerator(embedding_dim, backbone.channels, identity_init)
     return ModulatedModel(backbone, encoder, generator)
-

@@ -63,8 +63,16 @@ def _linear(inputs: int, outputs: int, weight: float | None, bias: float | None)
 class KMLLayer(nn.Module):
     """Generates ``(v, u, beta)`` of one conv layer from the task embedding."""
 
-    def __init__(self, embedding_dim: int, rows: int, cols: int, out: int, residual: bool, identity_init: bool,
-                 default_init: bool = False) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        rows: int,
+        cols: int,
+        out: int,
+        residual: bool,
+        identity_init: bool,
+        default_init: bool = False,
+    ) -> None:
         super().__init__()
         if default_init:  # PyTorch's default initialisation of all three, as the released KML code
             self.v, self.u, self.beta = (nn.Linear(embedding_dim, n) for n in (rows, cols, out))
@@ -99,16 +107,25 @@ class KMLGenerator(nn.Module):
         default_init: PyTorch's default initialisation of every generator layer (overrides ``identity_init``).
     """
 
-    def __init__(self, embedding_dim: int, conv_shapes: list[tuple[int, int, int, int]], form: str = "residual",
-                 split: str = "plain", identity_init: bool = True, default_init: bool = False,
-                 bias_after_norm: bool = False) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        conv_shapes: list[tuple[int, int, int, int]],
+        form: str = "residual",
+        split: str = "plain",
+        identity_init: bool = True,
+        default_init: bool = False,
+        bias_after_norm: bool = False,
+    ) -> None:
         super().__init__()
         self.conv_shapes = [tuple(shape) for shape in conv_shapes]
         self.bias_after_norm = bias_after_norm
         self.residual = form == "residual"
         self.split = split
         self.layers = nn.ModuleList(
-            KMLLayer(embedding_dim, *factor_shape(shape, index, split), shape[0], self.residual, identity_init, default_init)
+            KMLLayer(
+                embedding_dim, *factor_shape(shape, index, split), shape[0], self.residual, identity_init, default_init
+            )
             for index, shape in enumerate(self.conv_shapes)
         )
 
@@ -150,7 +167,9 @@ class FiLMGenerator(nn.Module):
         return modulation
 
 
-def film_as_kml(scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def film_as_kml(
+    scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The KML kernel factor and bias shift that reproduce FiLM applied to a conv's output.
 
     ``scale * conv(x, W, b) + shift == conv(x, W * M, b + beta)`` with ``M = outer(scale, 1)``

@@ -58,8 +58,15 @@ class ResNet12(nn.Module):
         affine: BatchNorm with a learned scale and shift.
     """
 
-    def __init__(self, in_channels: int = 3, widths: tuple[int, ...] = (64, 160, 320, 640), ways: int | None = None,
-                 pool: str = "avgpool", image_size: int = 84, affine: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: tuple[int, ...] = (64, 160, 320, 640),
+        ways: int | None = None,
+        pool: str = "avgpool",
+        image_size: int = 84,
+        affine: bool = True,
+    ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ValueError(f"ResNet-12 has 4 blocks; got {len(widths)} widths")

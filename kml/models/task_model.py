@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kml.config import LearnerConfig
-from kml.models.backbone import Backbone, Modulation
+from kml.models.backbone import Backbone
 from kml.models.encoder import TaskEncoder
 from kml.models.modulate import ModulatedNetwork, TaskConditionedModel
 from kml.models.modulation import FiLMGenerator, KMLGenerator
@@ -34,27 +34,54 @@ class TaskModel(TaskConditionedModel):
         ways = config.ways if config.algorithm == "maml" else None
         self.backbone: nn.Module
         if config.backbone == "resnet12":  # an ordinary module whose convs (KML) or norms (FiLM) take the modulation
-            resnet = ResNet12(config.in_channels, resnet12_widths(config.base_channels), ways, config.head,
-                              config.image_size, config.batchnorm_affine)
+            resnet = ResNet12(
+                config.in_channels,
+                resnet12_widths(config.base_channels),
+                ways,
+                config.head,
+                config.image_size,
+                config.batchnorm_affine,
+            )
             self.backbone = ModulatedNetwork(resnet, config.modulation)
         else:
-            self.backbone = Backbone(config.in_channels, config.base_channels, config.image_size, config.backbone, ways,
-                                     config.head, config.batchnorm_affine)
+            self.backbone = Backbone(
+                config.in_channels,
+                config.base_channels,
+                config.image_size,
+                config.backbone,
+                ways,
+                config.head,
+                config.batchnorm_affine,
+            )
         self.backbone.fused_norm = config.algorithm == "protonet" or config.first_order  # no second derivatives
         self.encoder: TaskEncoder | None = None
         self.generator: nn.Module | None = None
         if config.modulation != "none":
             default_init = config.init == "pytorch"
-            self.encoder = TaskEncoder(config.in_channels, config.encoder_channels,
-                                       config.ways if config.encoder_uses_labels else None, config.encoder_hidden, default_init)
+            self.encoder = TaskEncoder(
+                config.in_channels,
+                config.encoder_channels,
+                config.ways if config.encoder_uses_labels else None,
+                config.encoder_hidden,
+                default_init,
+            )
             if config.modulation == "kml":
-                self.generator = KMLGenerator(self.encoder.embedding_dim, self.backbone.conv_shapes,
-                                              config.kml_form, config.factor_split, config.identity_init, default_init,
-                                              bias_after_norm=config.kml_bias == "after_norm")
+                self.generator = KMLGenerator(
+                    self.encoder.embedding_dim,
+                    self.backbone.conv_shapes,
+                    config.kml_form,
+                    config.factor_split,
+                    config.identity_init,
+                    default_init,
+                    bias_after_norm=config.kml_bias == "after_norm",
+                )
             else:
                 self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)
         self.inner_rates: nn.ParameterDict | None = None
         if config.meta_sgd and config.algorithm == "maml":
-            self.inner_rates = nn.ParameterDict({
-                rate_key(name): nn.Parameter(torch.full_like(p, config.inner_lr)) for name, p in self.backbone.named_parameters()
-            })
+            self.inner_rates = nn.ParameterDict(
+                {
+                    rate_key(name): nn.Parameter(torch.full_like(p, config.inner_lr))
+                    for name, p in self.backbone.named_parameters()
+                }
+            )

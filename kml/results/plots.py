@@ -29,10 +29,15 @@ def bar_chart(summary_rows: pd.DataFrame, modes: list[str], path: str | Path) ->
         rows = summary_rows[summary_rows["setup"] == setup].set_index(["method", "mode"])
         for i, method in enumerate(methods):
             values = [rows.loc[(method, m)] if (method, m) in rows.index else None for m in columns]
-            axis.bar([c + (i - (len(methods) - 1) / 2) * width for c in range(len(columns))],
-                     [v["accuracy"] if v is not None else 0 for v in values], width,
-                     yerr=[0 if v is None or pd.isna(v["ci95_seeds"]) else v["ci95_seeds"] for v in values],
-                     capsize=2, label=method, color=colours[i % len(colours)])
+            axis.bar(
+                [c + (i - (len(methods) - 1) / 2) * width for c in range(len(columns))],
+                [v["accuracy"] if v is not None else 0 for v in values],
+                width,
+                yerr=[0 if v is None or pd.isna(v["ci95_seeds"]) else v["ci95_seeds"] for v in values],
+                capsize=2,
+                label=method,
+                color=colours[i % len(colours)],
+            )
         axis.set_xticks(range(len(columns)), columns)
         axis.set_ylabel("accuracy (%)")
         axis.set_title(f"{setup}: mean over seeds, 95% interval over seeds")

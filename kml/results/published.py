@@ -24,14 +24,35 @@ PUBLISHED: dict[tuple[frozenset[str], int, int], dict[str, float]] = {
     (THREE, 5, 1): {"maml": 54.55, "multi-maml": 55.90, "mmaml": 57.47},
     (THREE, 5, 5): {"maml": 67.97, "multi-maml": 62.20, "mmaml": 70.15},
     (THREE, 20, 1): {"maml": 28.22, "multi-maml": 39.77, "mmaml": 36.27},
-    (FIVE, 5, 1): {"maml": 44.09, "multi-maml": 45.46, "mmaml": 49.06,
-                   "protonet": 49.31, "multi-protonet": 50.69, "mprotonet": 51.75, "kml-protonet-released": 56.72},
-    (FIVE, 5, 5): {"maml": 54.41, "multi-maml": 55.92, "mmaml": 60.83,
-                   "protonet": 58.91, "multi-protonet": 59.88, "mprotonet": 59.95, "kml-protonet-released": 64.91},
+    (FIVE, 5, 1): {
+        "maml": 44.09,
+        "multi-maml": 45.46,
+        "mmaml": 49.06,
+        "protonet": 49.31,
+        "multi-protonet": 50.69,
+        "mprotonet": 51.75,
+        "kml-protonet-released": 56.72,
+    },
+    (FIVE, 5, 5): {
+        "maml": 54.41,
+        "multi-maml": 55.92,
+        "mmaml": 60.83,
+        "protonet": 58.91,
+        "multi-protonet": 59.88,
+        "mprotonet": 59.95,
+        "kml-protonet-released": 64.91,
+    },
     (FIVE, 20, 1): {"maml": 28.85, "multi-maml": 33.78, "mmaml": 33.97},
 }
-SOURCES = {"maml": MMAML_README, "multi-maml": MMAML_README, "mmaml": MMAML_README,
-           "protonet": KML_PAPER, "multi-protonet": KML_PAPER, "mprotonet": KML_PAPER, "kml-protonet-released": KML_PAPER}
+SOURCES = {
+    "maml": MMAML_README,
+    "multi-maml": MMAML_README,
+    "mmaml": MMAML_README,
+    "protonet": KML_PAPER,
+    "multi-protonet": KML_PAPER,
+    "mprotonet": KML_PAPER,
+    "kml-protonet-released": KML_PAPER,
+}
 
 
 def published_rows(modes: list[str], ways: int, shots: int) -> dict[str, float]:

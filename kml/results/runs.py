@@ -117,8 +117,14 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     of its last checkpoint now."""
     from kml.cli import train as train_cli
 
-    values = {**common, **run.method.overrides, "modes": modes, "ways": run.setup.ways, "shots": run.setup.shots,
-              "seed": run.seed}
+    values = {
+        **common,
+        **run.method.overrides,
+        "modes": modes,
+        "ways": run.setup.ways,
+        "shots": run.setup.shots,
+        "seed": run.seed,
+    }
     request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
     if step is not None:  # a run made before: only with the same settings (the step budget may grow)
@@ -126,11 +132,19 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
         made.pop("steps", None)
         changed = sorted(k for k in {*made, *values} if made.get(k) != values.get(k))
         if changed:
-            raise KMLError(f"{run.folder} was trained with other settings ({', '.join(changed)}); "
-                           f"use another --out, or delete that run folder to train it again")
+            raise KMLError(
+                f"{run.folder} was trained with other settings ({', '.join(changed)}); "
+                f"use another --out, or delete that run folder to train it again"
+            )
     if step is not None and step >= steps:
         return "reused", step
-    location = ["--train-dir", str(run.folder.parent), "--run-name", run.folder.name, *([] if progress else ["--no-progress"])]
+    location = [
+        "--train-dir",
+        str(run.folder.parent),
+        "--run-name",
+        run.folder.name,
+        *([] if progress else ["--no-progress"]),
+    ]
     if step is not None:
         argv, done = ["--resume", "--steps", str(steps), *location], "resumed"
     else:
@@ -143,8 +157,10 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     except SystemExit as stop:
         status = stop.code
     if status != 0:
-        raise KMLError(f"training {run.method.label} {run.setup.tag} seed {run.seed} stopped (exit {status}); "
-                       f"see {run.folder / 'log.txt'} and rerun the same command to continue")
+        raise KMLError(
+            f"training {run.method.label} {run.setup.tag} seed {run.seed} stopped (exit {status}); "
+            f"see {run.folder / 'log.txt'} and rerun the same command to continue"
+        )
     return done, steps
 
 
@@ -157,8 +173,17 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
         report = json.loads(run.evaluation.read_text())
         if (report.get("episodes_per_mode"), report.get("seed"), report.get("step")) == (episodes, eval_seed, step):
             return report
-    argv = ["--checkpoint", str(run.checkpoint), "--episodes", str(episodes), "--seed", str(eval_seed),
-            "--output", str(run.evaluation), *([] if progress else ["--no-progress"])]
+    argv = [
+        "--checkpoint",
+        str(run.checkpoint),
+        "--episodes",
+        str(episodes),
+        "--seed",
+        str(eval_seed),
+        "--output",
+        str(run.evaluation),
+        *([] if progress else ["--no-progress"]),
+    ]
     try:
         status = eval_cli.main(argv)
     except SystemExit as stop:
@@ -171,7 +196,14 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
 def episode_rows(run: Run, report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Tidy rows (setup, method, seed, mode, episode, accuracy) of one evaluation report."""
     return [
-        {"setup": run.setup.tag, "method": run.method.label, "seed": run.seed, "mode": mode, "episode": index, "accuracy": value}
+        {
+            "setup": run.setup.tag,
+            "method": run.method.label,
+            "seed": run.seed,
+            "mode": mode,
+            "episode": index,
+            "accuracy": value,
+        }
         for mode, values in report["episode_accuracy"].items()
         for index, value in enumerate(values)
     ]

@@ -75,8 +75,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state,
-                    "checksum": tensor_checksum(state)}, tmp)
+        torch.save(
+            {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state, "checksum": tensor_checksum(state)},
+            tmp,
+        )
         with open(tmp, "rb") as handle:  # on disk before the rename makes it the checkpoint
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -124,8 +126,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise KMLError(f"checkpoint {path} not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            AttributeError, KeyError, IndexError, TypeError, UnicodeDecodeError) as error:
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        TypeError,
+        UnicodeDecodeError,
+    ) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise KMLError(f"checkpoint {path} is truncated or corrupt ({reason}); use another checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -142,8 +155,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             )
     model = state.get("model")
     if isinstance(model, dict):
-        broken = [name for name, value in model.items()
-                  if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+        broken = [
+            name
+            for name, value in model.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
         if broken:
             raise KMLError(
                 f"checkpoint {path} holds non-finite parameters ({len(broken)} tensors, e.g. {broken[0]}); "
@@ -171,7 +187,9 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     if missing or unexpected or shapes:
         parts = []
         if shapes:
-            parts.append(f"shape mismatch (checkpoint vs model): {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}")
+            parts.append(
+                f"shape mismatch (checkpoint vs model): {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}"
+            )
         if missing:
             parts.append(f"missing: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:

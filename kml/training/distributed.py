@@ -56,10 +56,14 @@ def resolve_device(device: str, info: DistInfo) -> str:
         device = f"cuda:{info.local_rank}"
     if device.startswith("cuda"):  # checked here, before torch.load would call a missing GPU a corrupt file
         if not torch.cuda.is_available():
-            raise KMLError(f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (or auto)")
+            raise KMLError(
+                f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (or auto)"
+            )
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise KMLError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cuda:0")
+            raise KMLError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cuda:0"
+            )
     return device
 
 

@@ -35,7 +35,13 @@ LR_SCHEDULES = ("halve", "constant")
 # What RunConfig.resolved fills in when not given: the published run for datasets (validation cadence kml's),
 # and the no-download demo for synthetic modes, kept small enough for a laptop CPU (its duration is stated once,
 # in README's quick start; kml-train's help takes these numbers from here).
-DATASET_DEFAULTS = {"steps": PUBLISHED_STEPS, "val_every": 1000, "checkpoint_every": 1000, "val_episodes": 300, "meta_batch": 10}
+DATASET_DEFAULTS = {
+    "steps": PUBLISHED_STEPS,
+    "val_every": 1000,
+    "checkpoint_every": 1000,
+    "val_episodes": 300,
+    "meta_batch": 10,
+}
 SYNTHETIC_DEMO = {"steps": 150, "val_every": 50, "checkpoint_every": 50, "val_episodes": 40, "meta_batch": 4}
 
 
@@ -108,7 +114,10 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill ``None`` fields: published defaults for datasets, the short demo for synthetic modes."""
         defaults = SYNTHETIC_DEMO if self.synthetic_only else DATASET_DEFAULTS
-        values = {"modes": expand_modes(self.modes), **{name: getattr(self, name) or defaults[name] for name in defaults}}
+        values = {
+            "modes": expand_modes(self.modes),
+            **{name: getattr(self, name) or defaults[name] for name in defaults},
+        }
         learner = dataclasses.replace(
             self.learner,
             ways=self.ways,

@@ -43,7 +43,9 @@ class RunLock:
             try:
                 handle = open(self.path, "a+")
             except OSError as error:
-                raise KMLError(f"cannot create {self.path}: {error.strerror or error}; is the train dir writable?") from None
+                raise KMLError(
+                    f"cannot create {self.path}: {error.strerror or error}; is the train dir writable?"
+                ) from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

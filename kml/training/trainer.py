@@ -47,7 +47,13 @@ from kml.training.distributed import DistInfo, barrier, resolve_device, sum_grad
 from kml.training.run_config import RunConfig, build_scheduler
 from kml.training.run_lock import RunLock
 from kml.validation import (
-    OPT_INT_1, TRAIN_NUMBERS, Number, check_bools, check_fields, check_run_combinations, check_run_name,
+    OPT_INT_1,
+    TRAIN_NUMBERS,
+    Number,
+    check_bools,
+    check_fields,
+    check_run_combinations,
+    check_run_name,
 )
 
 __all__ = [
@@ -82,9 +88,22 @@ class Sampler(Protocol):
 # kml-train's checks of these settings; here only those filled from elsewhere when absent may be None.
 _OPTIONAL_SETTINGS = ("steps", "grad_clip", "task_chunk", "ways", "shots", "queries")
 _SETTING_NUMBERS: dict[str, Number] = {
-    **{name: dataclasses.replace(TRAIN_NUMBERS[name], optional=name in _OPTIONAL_SETTINGS)
-       for name in ("steps", "log_every", "val_every", "val_episodes", "checkpoint_every", "grad_clip", "task_chunk",
-                    "seed", "ways", "shots", "queries")},
+    **{
+        name: dataclasses.replace(TRAIN_NUMBERS[name], optional=name in _OPTIONAL_SETTINGS)
+        for name in (
+            "steps",
+            "log_every",
+            "val_every",
+            "val_episodes",
+            "checkpoint_every",
+            "grad_clip",
+            "task_chunk",
+            "seed",
+            "ways",
+            "shots",
+            "queries",
+        )
+    },
     "val_tasks_per_batch": OPT_INT_1,
 }
 
@@ -158,7 +177,9 @@ _PYTHON_WORDS = {"resume": "resume=True", "overwrite": "overwrite=True", "name":
 def _existing_run(run_dir: Path, overwrite: bool, words: dict[str, str] = _CLI_WORDS) -> bool:
     """True when ``run_dir`` holds a run that ``overwrite`` will replace; a one-line error when it may not."""
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
-        raise KMLError(f"{run_dir} exists and is not a run folder (a file or a link); move it away or choose another {words['name']}")
+        raise KMLError(
+            f"{run_dir} exists and is not a run folder (a file or a link); move it away or choose another {words['name']}"
+        )
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
         return False
     if not overwrite:
@@ -222,7 +243,9 @@ def _resume_config(config_path: Path, last: Path) -> RunConfig:
     except KMLError as error:
         if not last.is_file():
             if not config_path.is_file():
-                raise KMLError(f"cannot resume: {config_path} not found (is {config_path.parent} a kml run folder?)") from None
+                raise KMLError(
+                    f"cannot resume: {config_path} not found (is {config_path.parent} a kml run folder?)"
+                ) from None
             raise KMLError(
                 f"cannot resume: {error}; and there is no {last} to recover the settings from: start it again with "
                 f"the same kml-train command, --overwrite instead of --resume"
@@ -326,8 +349,19 @@ class Trainer:
         overwrite: bool = False,
         **settings: Any,
     ) -> None:
-        self._setup(learner, sampler, optimizer, scheduler, run_dir=run_dir, config=config, val_stores=val_stores,
-                    device=device, dist_info=dist_info, progress=progress, settings=settings)
+        self._setup(
+            learner,
+            sampler,
+            optimizer,
+            scheduler,
+            run_dir=run_dir,
+            config=config,
+            val_stores=val_stores,
+            device=device,
+            dist_info=dist_info,
+            progress=progress,
+            settings=settings,
+        )
         self._take_run(resume, overwrite)
 
     def _setup(
@@ -349,7 +383,9 @@ class Trainer:
         unknown = sorted(set(settings) - set(SETTING_NAMES))
         if unknown:
             raise TypeError(f"Trainer got unknown settings {unknown}; the loop settings are {', '.join(SETTING_NAMES)}")
-        lacking = [name for name in ("sample", "mode_names", "state_dict", "load_state_dict") if not hasattr(sampler, name)]
+        lacking = [
+            name for name in ("sample", "mode_names", "state_dict", "load_state_dict") if not hasattr(sampler, name)
+        ]
         if lacking:
             raise TypeError(
                 f"the sampler ({qualified_name(sampler)}) has no {', '.join(lacking)}: the trainer draws meta-batches with "
@@ -373,7 +409,12 @@ class Trainer:
         self.settings = LoopSettings.from_run_config(config) if config is not None else LoopSettings()
         self._given_settings = set(settings)  # on resume, the run's own settings fill the others
         self._update_settings(**settings)
-        for name, source in (("ways", "ways"), ("shots", "shots"), ("queries", "queries"), ("val_tasks_per_batch", "meta_batch")):
+        for name, source in (
+            ("ways", "ways"),
+            ("shots", "shots"),
+            ("queries", "queries"),
+            ("val_tasks_per_batch", "meta_batch"),
+        ):
             if getattr(self.settings, name) is None and _sampler_value(sampler, source) is not None:
                 self._update_settings(**{name: int(_sampler_value(sampler, source))})
         self.mode_names = list(config.modes) if config is not None else [str(name) for name in sampler.mode_names]
@@ -404,7 +445,9 @@ class Trainer:
         """Change loop settings (checked), in the run config too, and what follows from them."""
         self.settings = dataclasses.replace(self.settings, **values)
         if self.config is not None:
-            self.config = dataclasses.replace(self.config, **{k: v for k, v in values.items() if hasattr(self.config, k)})
+            self.config = dataclasses.replace(
+                self.config, **{k: v for k, v in values.items() if hasattr(self.config, k)}
+            )
         if self.settings.bf16:
             check_bf16(self.device)
         # torch.compile wraps the forward only; checkpoints keep the plain module's state_dict.
@@ -419,7 +462,10 @@ class Trainer:
     # ------------------------------------------------------------ creation
     @classmethod
     def from_config(
-        cls, config: RunConfig, run_dir: str | os.PathLike | None = None, dist_info: DistInfo | None = None,
+        cls,
+        config: RunConfig,
+        run_dir: str | os.PathLike | None = None,
+        dist_info: DistInfo | None = None,
         progress: bool = True,
     ) -> Trainer:
         """The trainer ``kml-train`` builds for ``config``: its modes' stores, a :class:`MixtureSampler`, the
@@ -445,8 +491,16 @@ class Trainer:
         config = dataclasses.replace(config, image_size=side, learner=learner_config)
         val_stores = load_stores(config.modes, "val", config.data_root, side, 3, device)
         sampler = MixtureSampler(
-            train_stores, config.ways, config.shots, config.queries, config.meta_batch,
-            config.policy, config.weights, rotate, config.seed, dtype=torch.uint8,
+            train_stores,
+            config.ways,
+            config.shots,
+            config.queries,
+            config.meta_batch,
+            config.policy,
+            config.weights,
+            rotate,
+            config.seed,
+            dtype=torch.uint8,
         )
         if config.meta_batch < info.world_size:
             raise KMLError(
@@ -463,12 +517,25 @@ class Trainer:
         optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=config.lr)
         scheduler = build_scheduler(optimizer, config)  # per-recipe schedule (halved or constant)
         trainer = cls.__new__(cls)
-        trainer._setup(learner, sampler, optimizer, scheduler, run_dir=run_dir or run_directory(config), config=config,
-                       val_stores=val_stores, device=device, dist_info=info, progress=progress, settings={})
+        trainer._setup(
+            learner,
+            sampler,
+            optimizer,
+            scheduler,
+            run_dir=run_dir or run_directory(config),
+            config=config,
+            val_stores=val_stores,
+            device=device,
+            dist_info=info,
+            progress=progress,
+            settings={},
+        )
         return trainer
 
     @classmethod
-    def create(cls, config: RunConfig, overwrite: bool = False, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
+    def create(
+        cls, config: RunConfig, overwrite: bool = False, dist_info: DistInfo | None = None, progress: bool = True
+    ) -> Trainer:
         """Start a new ``kml-train`` run. With ``overwrite`` an existing run of the same name is deleted, but only
         once the new one has been built (data loaded, learner made): a setting that fails leaves the old run intact."""
         config = config.resolved()
@@ -490,7 +557,13 @@ class Trainer:
         return trainer
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: dict[str, Any] | None = None, dist_info: DistInfo | None = None, progress: bool = True) -> Trainer:
+    def resume(
+        cls,
+        run_dir: str | Path,
+        overrides: dict[str, Any] | None = None,
+        dist_info: DistInfo | None = None,
+        progress: bool = True,
+    ) -> Trainer:
         """Continue the ``kml-train`` run in ``run_dir`` from ``checkpoints/last.pt``.
 
         ``overrides`` may change ``steps``, ``device``, ``data_root``, logging cadence and ``bf16`` (a
@@ -511,13 +584,29 @@ class Trainer:
         return trainer
 
     @classmethod
-    def _resumed(cls, run_dir: Path, overrides: dict[str, Any], info: DistInfo, progress: bool, lock: RunLock | None) -> Trainer:
+    def _resumed(
+        cls, run_dir: Path, overrides: dict[str, Any], info: DistInfo, progress: bool, lock: RunLock | None
+    ) -> Trainer:
         last = run_dir / "checkpoints" / "last.pt"
         if not run_dir.is_dir():
             raise KMLError(f"cannot resume: there is no run folder {run_dir}; start the run by leaving out --resume")
         config = _resume_config(run_dir / "config.json", last)
-        allowed = {"steps", "device", "data_root", "log_every", "val_every", "checkpoint_every", "val_episodes", "train_dir",
-                   "run_name", "bf16", "task_chunk", "activation_checkpointing", "lr", "grad_clip"}
+        allowed = {
+            "steps",
+            "device",
+            "data_root",
+            "log_every",
+            "val_every",
+            "checkpoint_every",
+            "val_episodes",
+            "train_dir",
+            "run_name",
+            "bf16",
+            "task_chunk",
+            "activation_checkpointing",
+            "lr",
+            "grad_clip",
+        }
         changed = {}
         for key, value in overrides.items():
             current = getattr(config, key) if hasattr(config, key) else getattr(config.learner, key, None)
@@ -611,7 +700,10 @@ class Trainer:
         self.logger.addHandler(handler)
         if self.lock is not None and self.lock.stale_holder:
             self.logger.info("took over the lock of %s, which ended without releasing it", self.lock.stale_holder)
-        for stale in [*remove_stale_temp_files(self.checkpoint_dir), *remove_stale_temp_files(self.run_dir)]:  # ours: we hold the lock
+        for stale in [
+            *remove_stale_temp_files(self.checkpoint_dir),
+            *remove_stale_temp_files(self.run_dir),
+        ]:  # ours: we hold the lock
             self.logger.info("removed %s, left by a process killed while writing it", stale)
         for stale in self.run_dir.parent.glob(f".{self.run_dir.name}.overwritten-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -662,7 +754,9 @@ class Trainer:
             saved_config = RunConfig.from_dict(saved)
             if saved_config.learner != self.config.learner:
                 ours, theirs = self.config.learner.to_dict(), saved_config.learner.to_dict()
-                diff = ", ".join(f"{k}: checkpoint {theirs[k]!r} vs run {ours[k]!r}" for k in ours if ours[k] != theirs.get(k))
+                diff = ", ".join(
+                    f"{k}: checkpoint {theirs[k]!r} vs run {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)
+                )
                 raise KMLError(f"checkpoint is from another learner ({diff})")
         else:
             if not saved_custom:
@@ -671,7 +765,9 @@ class Trainer:
                     f"resume it with Trainer.resume('{self.run_dir}') or kml-train --resume"
                 )
             if saved_custom != self.learner_name:
-                self.logger.info("checkpoint %s was saved from %s, resumed with %s", source, saved_custom, self.learner_name)
+                self.logger.info(
+                    "checkpoint %s was saved from %s, resumed with %s", source, saved_custom, self.learner_name
+                )
             run_settings = LoopSettings(**{k: v for k, v in saved.items() if k in SETTING_NAMES})
             self.settings = dataclasses.replace(
                 run_settings, **{k: getattr(self.settings, k) for k in self._given_settings}
@@ -715,8 +811,10 @@ class Trainer:
                 save_checkpoint(last, self.state())
             kept = f"saved the parameters from before it (step {self.step}) in {last}"
         elif self.dist.is_main and last.is_file():
-            kept = (f"the parameters had already overflowed, so {last} keeps the last checkpoint "
-                    f"(step {load_checkpoint(last)['step']}), all finite")
+            kept = (
+                f"the parameters had already overflowed, so {last} keeps the last checkpoint "
+                f"(step {load_checkpoint(last)['step']}), all finite"
+            )
         else:
             kept = f"the parameters had already overflowed; {last} keeps the last checkpoint"
         where = f"{what} at step {self.step + 1 if step is None else step}; {kept}"
@@ -823,7 +921,10 @@ class Trainer:
             "step": self.step,
             "loss": float(window["loss"] / window["steps"].clamp(min=1)),
             "accuracy": float(window["accuracy"].sum() / tasks.sum()),
-            **{f"accuracy_{m}": a if n > 0 else "" for m, a, n in zip(self.mode_names, per_mode, window["tasks"].tolist())},
+            **{
+                f"accuracy_{m}": a if n > 0 else ""
+                for m, a, n in zip(self.mode_names, per_mode, window["tasks"].tolist())
+            },
             "lr": self.learning_rate,
             "time": round(time.time() - started, 3),
         }
@@ -850,15 +951,24 @@ class Trainer:
         names = tuple(self.sampler.mode_names)
         known = all(store.mode in names for store in self.val_stores)  # keep each mode's index as in training
         results = evaluate(
-            self.learner, self.val_stores, settings.ways, settings.shots, settings.queries,
-            settings.val_episodes, seed=settings.seed, tasks_per_batch=settings.val_tasks_per_batch or 1,
-            rotate=[self._rotation.get(store.mode, False) for store in self.val_stores], bf16=settings.bf16,
-            progress=False, mode_indices=[names.index(s.mode) for s in self.val_stores] if known else None,
+            self.learner,
+            self.val_stores,
+            settings.ways,
+            settings.shots,
+            settings.queries,
+            settings.val_episodes,
+            seed=settings.seed,
+            tasks_per_batch=settings.val_tasks_per_batch or 1,
+            rotate=[self._rotation.get(store.mode, False) for store in self.val_stores],
+            bf16=settings.bf16,
+            progress=False,
+            mode_indices=[names.index(s.mode) for s in self.val_stores] if known else None,
             mode_names=names if known else None,
         )
         mean = average(results)
         self.logger.info(
-            "step %d validation: %s", self.step,
+            "step %d validation: %s",
+            self.step,
             ", ".join(f"{r.mode} {r.accuracy:.2f}±{r.ci95:.2f}" for r in [*results, mean]),
         )
         if self.tensorboard:
@@ -883,12 +993,15 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=False)
         # rank shares sum to the full mean; each chunk of the share is converted to float only when it runs
-        output = accumulate_meta_gradient(forward, local, settings.task_chunk, local.num_tasks / total_tasks,
-                                          preprocess=Episode.to_float)
+        output = accumulate_meta_gradient(
+            forward, local, settings.task_chunk, local.num_tasks / total_tasks, preprocess=Episode.to_float
+        )
         global_loss = (output.loss * (local.num_tasks / total_tasks)).double()
         if self.dist.enabled:
             # The stop request travels with the loss: every rank learns in the same all-reduce that one was signalled.
-            requested = torch.tensor(float(self._stop_signal is not None), dtype=torch.float64, device=global_loss.device)
+            requested = torch.tensor(
+                float(self._stop_signal is not None), dtype=torch.float64, device=global_loss.device
+            )
             global_loss, requests = sum_tensor(torch.stack([global_loss, requested]), self.dist)
             if requests > 0:
                 self._stop_agreed = True
@@ -950,7 +1063,9 @@ class Trainer:
         settings = self.settings
         previous = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         started = time.time()
-        bar = tqdm(total=settings.steps, initial=self.step, desc="meta-train", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=settings.steps, initial=self.step, desc="meta-train", disable=not self.progress, dynamic_ncols=True
+        )
         self.learner.train()
         try:
             while self.step < settings.steps and not self._should_stop():

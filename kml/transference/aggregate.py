@@ -42,11 +42,15 @@ def mode_pair_stats(records: pd.DataFrame, by_step: bool = False, include_self: 
     return stats.reset_index()
 
 
-def mode_matrix(records: pd.DataFrame, stat: str = "mean", include_self: bool = False, modes: list[str] | None = None) -> pd.DataFrame:
+def mode_matrix(
+    records: pd.DataFrame, stat: str = "mean", include_self: bool = False, modes: list[str] | None = None
+) -> pd.DataFrame:
     """Mode-by-mode matrix of a statistic (rows: source mode i, columns: target mode j)."""
     stats = mode_pair_stats(records, include_self=include_self)
     matrix = stats.pivot(index="mode_i", columns="mode_j", values=stat)
     order = modes or list(dict.fromkeys([*records["mode_i"], *records["mode_j"]]))
-    matrix = matrix.reindex(index=[m for m in order if m in matrix.index], columns=[m for m in order if m in matrix.columns])
+    matrix = matrix.reindex(
+        index=[m for m in order if m in matrix.index], columns=[m for m in order if m in matrix.columns]
+    )
     matrix.index.name, matrix.columns.name = "source mode", "target mode"
     return matrix

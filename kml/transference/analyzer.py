@@ -62,8 +62,10 @@ def parameter_names(learner: torch.nn.Module, group: str) -> list[str]:
     if group == "all":
         return names
     if not hasattr(learner, "inner_parameter_names"):
-        raise KMLError(f"parameter group {group!r} needs a learner that names its inner-loop parameters "
-                       f"(inner_parameter_names()); {type(learner).__name__} does not: use parameters='all'")
+        raise KMLError(
+            f"parameter group {group!r} needs a learner that names its inner-loop parameters "
+            f"(inner_parameter_names()); {type(learner).__name__} does not: use parameters='all'"
+        )
     inner = set(learner.inner_parameter_names())
     if group == "backbone":
         return [n for n in names if n in inner]
@@ -102,13 +104,18 @@ def task_transference(
     source_loss = functional_call(learner, {**fixed, **theta}, (sources,), options).task_loss
     # One meta-gradient per source task through the retained graph: S backward passes, not S*T.
     per_source = [
-        torch.autograd.grad(source_loss[i], list(theta.values()), retain_graph=i + 1 < len(source_loss), allow_unused=True)
-        if theta else ()  # an empty parameter group takes no step
+        torch.autograd.grad(
+            source_loss[i], list(theta.values()), retain_graph=i + 1 < len(source_loss), allow_unused=True
+        )
+        if theta
+        else ()  # an empty parameter group takes no step
         for i in range(len(source_loss))
     ]
     with torch.no_grad():
         stacked = {
-            name: torch.stack([grads[k] if grads[k] is not None else torch.zeros_like(theta[name]) for grads in per_source])
+            name: torch.stack(
+                [grads[k] if grads[k] is not None else torch.zeros_like(theta[name]) for grads in per_source]
+            )
             for k, name in enumerate(theta)
         }
         lookahead = {name: theta[name].detach().unsqueeze(0) - rate * stacked[name] for name in theta}
@@ -121,7 +128,9 @@ def task_transference(
             with learner.batched_with("vmap") if hasattr(learner, "batched_with") else nullcontext():
                 after = vmap(target_losses, chunk_size=chunk_size)(lookahead)
         else:
-            after = torch.stack([target_losses({n: v[i] for n, v in lookahead.items()}) for i in range(len(source_loss))])
+            after = torch.stack(
+                [target_losses({n: v[i] for n, v in lookahead.items()}) for i in range(len(source_loss))]
+            )
     z = 1.0 - after / base.unsqueeze(0)
     return TransferenceResult(
         z=z.detach(),
@@ -151,24 +160,38 @@ def result_rows(result: TransferenceResult, step: int, batch: int = 0, include_s
             self_pair = result.same_batch and i == j
             if self_pair and not include_self:
                 continue
-            rows.append({
-                "step": step,
-                "batch": batch,
-                "task_i": i,
-                "task_j": j,
-                "mode_i": result.source_mode_names[source_modes[i]],
-                "mode_j": result.target_mode_names[target_modes[j]],
-                "classes_i": " ".join(map(str, source_classes[i])),
-                "classes_j": " ".join(map(str, target_classes[j])),
-                "loss_j": before[j],
-                "loss_j_after": after[i][j],
-                "rate": result.rate,
-                "self_pair": self_pair,
-                "Z": value,
-            })
+            rows.append(
+                {
+                    "step": step,
+                    "batch": batch,
+                    "task_i": i,
+                    "task_j": j,
+                    "mode_i": result.source_mode_names[source_modes[i]],
+                    "mode_j": result.target_mode_names[target_modes[j]],
+                    "classes_i": " ".join(map(str, source_classes[i])),
+                    "classes_j": " ".join(map(str, target_classes[j])),
+                    "loss_j": before[j],
+                    "loss_j_after": after[i][j],
+                    "rate": result.rate,
+                    "self_pair": self_pair,
+                    "Z": value,
+                }
+            )
     return rows
 
 
 COLUMNS: Sequence[str] = (
-    "step", "batch", "task_i", "task_j", "mode_i", "mode_j", "classes_i", "classes_j", "loss_j", "loss_j_after", "rate", "self_pair", "Z",
+    "step",
+    "batch",
+    "task_i",
+    "task_j",
+    "mode_i",
+    "mode_j",
+    "classes_i",
+    "classes_j",
+    "loss_j",
+    "loss_j_after",
+    "rate",
+    "self_pair",
+    "Z",
 )

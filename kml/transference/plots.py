@@ -62,7 +62,9 @@ def distributions(records: pd.DataFrame, bins: int = 30, ratio: bool = False):
     frame = cross_pairs(records)
     values = 1 - frame["Z"] if ratio else frame["Z"]
     edges = np.histogram_bin_edges(values, bins=bins) if len(values) else bins
-    fig, axes = plt.subplots(len(modes), len(modes), figsize=(2.6 * len(modes), 2.2 * len(modes)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(modes), len(modes), figsize=(2.6 * len(modes), 2.2 * len(modes)), squeeze=False, sharex=True
+    )
     for r, source in enumerate(modes):
         for c, target in enumerate(modes):
             ax = axes[r][c]

@@ -34,10 +34,24 @@ class TransferenceRecorder:
     def from_trainer(cls, trainer) -> TransferenceRecorder:
         config = trainer.config
         sampler = MixtureSampler(
-            [s.store for s in trainer.sampler.samplers], config.ways, config.shots, config.queries,
-            config.meta_batch, config.policy, config.weights, trainer.rotate, config.seed, dtype=trainer.sampler.dtype,
+            [s.store for s in trainer.sampler.samplers],
+            config.ways,
+            config.shots,
+            config.queries,
+            config.meta_batch,
+            config.policy,
+            config.weights,
+            trainer.rotate,
+            config.seed,
+            dtype=trainer.sampler.dtype,
         )
-        return cls(sampler, trainer.run_dir / "transference.csv", config.transference_every, config.transference_batches, config.seed)
+        return cls(
+            sampler,
+            trainer.run_dir / "transference.csv",
+            config.transference_every,
+            config.transference_batches,
+            config.seed,
+        )
 
     def __call__(self, trainer, step: int, episode) -> None:  # noqa: ARG002 - the training batch is not reused
         if step % self.every or not trainer.dist.is_main:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from kml.data.sources.base import ConversionPlan, Context, split_by_fractions
+from kml.data.sources.base import Context, ConversionPlan, split_by_fractions
 from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, load_image
 from kml.errors import KMLError
@@ -135,7 +135,11 @@ def build(ctx: Context) -> ConversionPlan:
             "split_rule": SPLIT_RULES[ctx.variant],
             "crop": "bounding box (images_box.txt)"
             if crop
-            else (f"none (bottom {banner}-pixel copyright banner removed)" if banner else "none (whole photo, banner kept)"),
+            else (
+                f"none (bottom {banner}-pixel copyright banner removed)"
+                if banner
+                else "none (whole photo, banner kept)"
+            ),
             "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
             f"Lanczos resize (squash) to {SIDE}x{SIDE}",
         },

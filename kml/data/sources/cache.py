@@ -23,7 +23,7 @@ from kml import __version__
 from kml.data.sources.base import ConversionPlan
 from kml.data.sources.fetch import disk_full
 from kml.data.sources.images import decode_classes
-from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore, locked
+from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore
 
 __all__ = ["CONVERTER_VERSION", "folder_size", "is_complete", "MARKER", "read_marker", "write_dataset"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kml.data.sources.base import ConversionPlan, Context, split_by_fractions
+from kml.data.sources.base import Context, ConversionPlan, split_by_fractions
 from kml.data.sources.fetch import Resource
 from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, load_image
 from kml.errors import KMLError

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kml.data.sources.base import ConversionPlan, Context
+from kml.data.sources.base import Context, ConversionPlan
 from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, key, load_pickle
 from kml.errors import KMLError

@@ -109,7 +109,7 @@ def plan_folder(path: Path, side: int, fractions: Sequence[float], seed: int) ->
 def _grey(item: Path) -> bool:
     try:
         return image_is_grey(item)
-    except Exception:  # unreadable: decoding reports it (or skips it) later
+    except Exception:  # noqa: BLE001 - unreadable: decoding reports it (or skips it) later
         return True
 
 
@@ -154,7 +154,9 @@ def load_folder(
             except OSError as error:  # e.g. a class folder without read permission
                 where = error.filename or folder
                 if not str(where).startswith(str(folder)):
-                    raise KMLError(f"cannot write {where} ({error.strerror or error}); pass --data-root a writable folder") from None
+                    raise KMLError(
+                        f"cannot write {where} ({error.strerror or error}); pass --data-root a writable folder"
+                    ) from None
                 raise KMLError(
                     f"cannot read {where} ({error.strerror or error}); make it readable (chmod -R u+rX {folder}) "
                     f"or move it out of the folder, then rerun"
@@ -167,4 +169,6 @@ def load_folder(
             f"a task needs at least {MIN_CLASSES}: "
             f"add class folders, or lay it out as PATH/train|val|test/<class>/"
         )
-    return ImageStore.load(directory / split, rebuild=f"delete the cache (rm -r {directory}) and rerun to convert the folder again")
+    return ImageStore.load(
+        directory / split, rebuild=f"delete the cache (rm -r {directory}) and rerun to convert the folder again"
+    )

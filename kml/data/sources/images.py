@@ -134,7 +134,7 @@ def decode_classes(
             return decode(item)
         except (KMLError, MemoryError, KeyboardInterrupt):
             raise
-        except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
+        except Exception as error:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError, ... for broken files
             return f"{describe(item)} ({type(error).__name__}: {error})"
 
     per_class: list[list[np.ndarray]] = [[] for _ in classes]

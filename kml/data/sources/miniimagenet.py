@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kml.data.sources.base import ConversionPlan, Context
+from kml.data.sources.base import Context, ConversionPlan
 from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, key, load_image, load_pickle, resize_array
 from kml.errors import KMLError

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kml.data.sources.base import ConversionPlan, Context
+from kml.data.sources.base import Context, ConversionPlan
 from kml.data.sources.fetch import Resource
 from kml.data.sources.images import ClassPlan, load_image
 from kml.errors import KMLError
@@ -131,7 +131,7 @@ def small_archives(small1: Path, small2: Path) -> dict[str, bytes]:
     with zipfile.ZipFile(small1) as archive:
         background = {name.split("/")[1] for name in archive.namelist() if name.count("/") >= 2}
     return {
-        "images_background.zip": repackage(small1, "images_background", lambda alphabet: True),
+        "images_background.zip": repackage(small1, "images_background", lambda _alphabet: True),
         "images_evaluation.zip": repackage(small2, "images_evaluation", lambda alphabet: alphabet not in background),
     }
 
@@ -145,7 +145,7 @@ def _alphabet_split(characters: list[str]) -> dict[str, list[str]]:
             f"omniglot --split lake needs at least 2 alphabets in images_background and 1 in images_evaluation, "
             f"found {len(background)} and {len({c.split('/')[1] for c in evaluation})}"
         )
-    held_out = set(background[-max(1, round(LAKE_VAL_FRACTION * len(background))):])
+    held_out = set(background[-max(1, round(LAKE_VAL_FRACTION * len(background))) :])
     in_background = [c for c in characters if c.startswith("images_background/")]
     return {
         "train": [c for c in in_background if c.split("/")[1] not in held_out],

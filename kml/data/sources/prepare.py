@@ -227,16 +227,23 @@ def prepare(
     rows = []
     for name in names:
         started = time.time()
-        options = {"variant": variants[name], **({"crop": bool(crop)} if name == "aircraft" else {}),
-                   **({"keep_banner": True} if name == "aircraft" and aircraft_banner and not crop else {}),
-                   **({"omniglot_side": int(omniglot_side)} if name == "omniglot" and omniglot_side != 28 else {})}
+        options = {
+            "variant": variants[name],
+            **({"crop": bool(crop)} if name == "aircraft" else {}),
+            **({"keep_banner": True} if name == "aircraft" and aircraft_banner and not crop else {}),
+            **({"omniglot_side": int(omniglot_side)} if name == "omniglot" and omniglot_side != 28 else {}),
+        }
         ctx = Context(
             name,
             root,
             variants[name],
             mirrors,
             dict(checksums or {}),
-            {"crop": bool(crop), "omniglot_side": int(omniglot_side), "keep_banner": bool(aircraft_banner) and not crop},
+            {
+                "crop": bool(crop),
+                "omniglot_side": int(omniglot_side),
+                "keep_banner": bool(aircraft_banner) and not crop,
+            },
             progress,
             retries,
             backoff,

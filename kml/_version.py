@@ -1,0 +1,3 @@
+"""The package version, in one place: ``pyproject.toml`` reads it as dynamic metadata."""
+
+__version__ = "0.3.0.dev0"
