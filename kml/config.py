@@ -30,8 +30,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kml.errors import KMLError
-from kml.validation import check_fields
+from kml.errors import KMLError, setting
+from kml.validation import TRAIN_NUMBERS, Number, check_bools, check_fields, check_learner_combinations
 
 __all__ = [
     "ALGORITHMS",
@@ -42,6 +42,8 @@ __all__ = [
     "INITS",
     "KML_BIASES",
     "KML_FORMS",
+    "LEARNER_NUMBERS",
+    "BOOL_FIELDS",
     "LearnerConfig",
     "MODULATIONS",
     "RENAMED_FIELDS",
@@ -68,6 +70,18 @@ FIELD_CHOICES = {
     "kml_bias": KML_BIASES,
 }
 # Fields renamed in 0.2, old name -> new name; the old ``modulation`` (form) is read before ``model`` takes its name.
+# LearnerConfig's numeric fields: kml-train's rules, except that a learner always has an image size.
+LEARNER_NUMBERS: dict[str, Number] = {**TRAIN_NUMBERS, "image_size": Number(int, 16)}
+BOOL_FIELDS = (
+    "multi_maml",
+    "first_order",
+    "meta_sgd",
+    "encoder_uses_labels",
+    "proto_refine",
+    "identity_init",
+    "batchnorm_affine",
+)
+
 RENAMED_FIELDS = {"modulation": "kml_form", "model": "modulation"}
 
 
@@ -157,58 +171,19 @@ class LearnerConfig:
         for name, choices in FIELD_CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                raise KMLError(f"invalid learner {name} {value!r}; choose one of {', '.join(choices)}")
-        check_fields(self)  # every numeric field: type, finiteness, range (kml.validation, shared with the CLIs)
-        self._check_recipe_fields()
-        for name in (
-            "multi_maml",
-            "first_order",
-            "meta_sgd",
-            "encoder_uses_labels",
-            "proto_refine",
-            "identity_init",
-            "batchnorm_affine",
-        ):
-            if not isinstance(getattr(self, name), bool):
-                raise KMLError(f"invalid learner {name} {getattr(self, name)!r}; must be true or false")
+                raise KMLError(f"invalid {setting(name)} {value!r}; choose one of {', '.join(choices)}")
+        check_fields(self, LEARNER_NUMBERS)  # every numeric field: type, finiteness, range (shared with the CLIs)
+        check_bools(self, BOOL_FIELDS)
+        if self.init == "pytorch" and self.identity_init:
+            raise KMLError(
+                f"{setting('init', 'pytorch')} is PyTorch's default initialisation, which does not start the "
+                f"modulation at the identity: turn {setting('identity_init')} off"
+            )
         if self.backbone == "resnet12" and self.kml_bias != "conv":
             raise KMLError(
                 "kml_bias 'after_norm' is defined for the 4-block backbones; ResNet-12 takes KML's bias on its convs"
             )
-        if self.image_size < 16:  # four halvings must leave at least one pixel
-            raise KMLError(f"invalid learner image_size {self.image_size}; the 4-block backbones need at least 16")
-
-    def _check_recipe_fields(self) -> None:
-        """Validate the fields the published recipes added (one-line errors)."""
-        if self.encoder_hidden is not None and (
-            isinstance(self.encoder_hidden, bool) or not isinstance(self.encoder_hidden, int) or self.encoder_hidden < 1
-        ):
-            raise KMLError(
-                f"invalid learner encoder_hidden {self.encoder_hidden!r}; must be a positive integer or None"
-            )
-        if self.inner_grad_clamp is not None:
-            if (
-                isinstance(self.inner_grad_clamp, bool)
-                or not isinstance(self.inner_grad_clamp, (int, float))
-                or self.inner_grad_clamp <= 0
-            ):
-                raise KMLError(
-                    f"invalid learner inner_grad_clamp {self.inner_grad_clamp!r}; must be a positive number or None"
-                )
-            self.inner_grad_clamp = float(self.inner_grad_clamp)
-        if self.init == "pytorch" and self.identity_init:
-            raise KMLError("learner init 'pytorch' is PyTorch's default initialisation; it needs identity_init=False")
-        for name, kind, low in (("mode_inner_lr", (int, float), 0), ("mode_inner_steps", (int,), 0)):
-            values = getattr(self, name)
-            if values is None:
-                continue
-            if (
-                not isinstance(values, (list, tuple))
-                or not values
-                or any(isinstance(v, bool) or not isinstance(v, kind) or v < low for v in values)
-            ):
-                raise KMLError(f"invalid learner {name} {values!r}; must be a list with one number >= {low} per mode")
-            setattr(self, name, [float(v) for v in values] if name == "mode_inner_lr" else [int(v) for v in values])
+        check_learner_combinations(self)
 
     @property
     def method(self) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 
 __all__ = [
     "check_bools",
@@ -163,28 +163,30 @@ def check_values(
 ) -> dict[str, Any]:
     """``values`` with every known numeric setting checked and converted; unknown names pass through.
 
-    ``where`` (e.g. ``"config file run.yaml"``) prefixes the message; without it settings are named as flags.
+    ``where`` (e.g. ``"config file run.yaml"``) prefixes the message; without it settings are named as the caller
+    wrote them (:func:`kml.errors.setting`: flags on a command line, keywords in Python).
     """
     checked = dict(values)
     for name, value in values.items():
         if name in specs:
-            label = flag(name) if where is None else f"{where}: {name}"
+            label = setting(name) if where is None else f"{where}: {name}"
             checked[name] = check_number(label, value, specs[name])
     return checked
 
 
 def check_fields(obj: Any, specs: Mapping[str, Number] = TRAIN_NUMBERS, where: str | None = None) -> None:
-    """Check a dataclass's numeric fields in place (RunConfig, LearnerConfig); ``where=None`` names them as flags."""
+    """Check a dataclass's numeric fields in place (RunConfig, LearnerConfig); ``where=None`` names them as the
+    caller wrote them (flags on a command line, fields in Python)."""
     for name, spec in specs.items():
         if hasattr(obj, name):
-            label = flag(name) if where is None else f"{where} {name}"
+            label = setting(name) if where is None else f"{where} {name}"
             setattr(obj, name, check_number(label, getattr(obj, name), spec))
 
 
 def check_bools(obj: Any, names: tuple[str, ...], where: str | None = None) -> None:
     for name in names:
         if hasattr(obj, name) and not isinstance(getattr(obj, name), bool):
-            label = flag(name) if where is None else f"{where} {name}"
+            label = setting(name) if where is None else f"{where} {name}"
             raise KMLError(f"{label} must be true or false, got {getattr(obj, name)!r}")
 
 
@@ -194,7 +196,7 @@ _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
 def check_device(device: Any) -> str:
     """The form of ``--device``: auto, cpu, cuda or cuda:N (availability is checked where torch is loaded)."""
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise KMLError(f"unsupported --device {device!r}; kml runs on auto, cpu, cuda or cuda:N")
+        raise KMLError(f"unsupported {setting('device')} {device!r}; kml runs on auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -211,7 +213,7 @@ def check_run_name(name: Any) -> str:
         or "\0" in name
     ):
         raise KMLError(
-            f"--run-name {name!r} is not a plain folder name; use a name such as my-run "
+            f"{setting('run_name')} {name!r} is not a plain folder name; use a name such as my-run "
             f"(no slashes, not starting with a dot): the run folder is <train-dir>/<run-name>"
         )
     return name
@@ -231,25 +233,30 @@ def check_output_path(path: str | os.PathLike, option: str = "--output") -> Path
 
 
 def check_learner_combinations(learner: Any) -> None:
-    """Refuse switches that do nothing for the chosen method (they would be recorded as if they did)."""
+    """Refuse settings that do nothing for the chosen method (they would be recorded as if they did)."""
     if learner.algorithm == "protonet":
+        # the MAML-only settings whose default is "off": a value given for ProtoNet would be recorded and ignored
         maml_only = [
-            name
+            setting(name)
             for name, on in (
-                ("--first-order", learner.first_order),
-                ("--meta-sgd", learner.meta_sgd),
-                ("--inner-grad-clip", learner.inner_grad_clip is not None),
+                ("first_order", learner.first_order),
+                ("meta_sgd", learner.meta_sgd),
+                ("inner_grad_clip", learner.inner_grad_clip is not None),
+                ("inner_grad_clamp", learner.inner_grad_clamp is not None),
+                ("mode_inner_lr", learner.mode_inner_lr is not None),
+                ("mode_inner_steps", learner.mode_inner_steps is not None),
             )
             if on
         ]
         if maml_only:
             raise KMLError(
-                f"{' '.join(maml_only)} only apply to MAML's inner loop, which --algorithm protonet does not have; drop "
-                f"{'it' if len(maml_only) == 1 else 'them'}"
+                f"{', '.join(maml_only)} only apply to MAML's inner loop, which {setting('algorithm', 'protonet')} "
+                f"does not have; drop {'it' if len(maml_only) == 1 else 'them'}"
             )
     if learner.modulation == "none" and learner.encoder_uses_labels:
         raise KMLError(
-            "--encoder-uses-labels needs a task encoder; --modulation none has none: drop it or pick --modulation kml/film"
+            f"{setting('encoder_uses_labels')} needs a task encoder; {setting('modulation', 'none')} has none: drop it "
+            f"or pick {setting('modulation', 'kml')} or {setting('modulation', 'film')}"
         )
 
 
@@ -257,19 +264,25 @@ def check_run_combinations(config: Any) -> None:
     """Combinations of run and learner settings that mean nothing."""
     check_learner_combinations(config.learner)
     if getattr(config, "activation_checkpointing", False) and config.learner.algorithm == "protonet":
-        raise KMLError("--activation-checkpointing only applies to MAML's inner loop; drop it for --algorithm protonet")
+        raise KMLError(
+            f"{setting('activation_checkpointing')} only applies to MAML's inner loop; drop it for "
+            f"{setting('algorithm', 'protonet')}"
+        )
     if getattr(config, "activation_checkpointing", False) and config.learner.backbone == "resnet12":
         raise KMLError(
-            "--activation-checkpointing works on the packed path of the 4-block backbones; ResNet-12 runs "
-            "the vmap path: use --task-chunk K to bound memory instead"
+            f"{setting('activation_checkpointing')} works on the packed path of the 4-block backbones; ResNet-12 runs "
+            f"the vmap path: use {setting('task_chunk')} to bound memory instead"
         )
+    weights = setting("weights")
     if config.weights is not None and config.policy == "alternate":
         raise KMLError(
-            "--weights is not used by --policy alternate; drop it or use --policy mixed, random or per-batch"
+            f"{weights} is not used by {setting('policy', 'alternate')}; drop it or use {setting('policy')} mixed, "
+            f"random or per-batch"
         )
     if config.weights is not None and len(config.weights) != len(config.modes):
         raise KMLError(
-            f"--weights needs one weight per mode ({len(config.modes)}: {' '.join(config.modes)}), got {len(config.weights)}"
+            f"{weights} needs one weight per mode ({len(config.modes)}: {' '.join(config.modes)}), "
+            f"got {len(config.weights)}"
         )
     if config.weights is not None and sum(config.weights) <= 0:
-        raise KMLError("--weights must not all be 0")
+        raise KMLError(f"{weights} must not all be 0")

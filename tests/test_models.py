@@ -132,7 +132,8 @@ def test_encoder_with_labels_requires_labels():
         ("modulation", "lora", "kml, film, none"),
         ("ways", 1, "ways must be an integer >= 2"),
         ("inner_lr", -1.0, ">= 0"),
-        ("image_size", 8, "image-size must be an integer >= 16"),
+        ("image_size", 8, "image_size must be an integer >= 16"),
+        ("image_size", None, "image_size must be an integer >= 16, got nothing"),
         ("first_order", "yes", "true or false"),
     ],
 )

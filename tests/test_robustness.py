@@ -339,7 +339,7 @@ def test_new_runs_write_a_step_0_checkpoint(tmp_path):
     [
         (
             ("--algorithm", "protonet", "--multi-maml", "--first-order", "--meta-sgd"),
-            "--first-order --meta-sgd only apply to MAML's inner loop",
+            "--first-order, --meta-sgd only apply to MAML's inner loop",
         ),
         (("--transference-every", "-1"), "--transference-every must be an integer >= 0, got -1"),
         (("--grad-clip", "-1"), "--grad-clip must be a finite number > 0, got -1"),

@@ -16,7 +16,6 @@ def test_default_policy_is_a_short_spin_and_one_thread_per_available_cpu():
     environ: dict[str, str] = {}
     chosen = configure_threads(environ)
     assert chosen == environ == {"OMP_NUM_THREADS": str(thread_count({})), "GOMP_SPINCOUNT": str(SPIN_COUNT)}
-    assert SPIN_COUNT < 300000  # shorter than libgomp's default spin, which made a shared CPU 10x slower
 
 
 def test_user_choices_win_and_the_switch_turns_it_off():

@@ -6,8 +6,9 @@ helpers work for any ``nn.Module``: kml's own backbones and a user's network ali
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ __all__ = [
 Params = dict[str, torch.Tensor]
 
 
-def subset(params: Params, prefix: str) -> Params:
+def subset(params: Mapping[str, torch.Tensor], prefix: str) -> Params:
     """Entries of ``params`` under ``prefix``, with the prefix removed."""
     return {name[len(prefix) :]: value for name, value in params.items() if name.startswith(prefix)}
 
@@ -35,7 +36,9 @@ def clip_task_gradients(grads: Params, max_norm: float | None, clamp: float | No
     """Scale each task's inner gradients (stacked ``[T, ...]``) to at most ``max_norm``, L2 over all jointly,
     then clamp every element to ``[-clamp, clamp]`` (MMAML's inner-loop clip)."""
     if max_norm is not None:
-        norm = torch.sqrt(sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))  # [T]
+        # a sum of tensors is a tensor (sum's start value 0 only shows in its static type)
+        squared = cast(torch.Tensor, sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values()))
+        norm = torch.sqrt(squared)  # [T]
         factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         grads = {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
     if clamp is not None:
@@ -125,15 +128,17 @@ class ModelCalls:
         return [name for name, p in self.model.named_parameters() if name.startswith(self.network_prefix)]
 
     def modulation(
-        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+        self, params: Mapping[str, torch.Tensor], support_x: torch.Tensor, support_y: torch.Tensor
     ) -> dict[str, torch.Tensor] | None:
         """One task's modulation from its support set ``[N*K, C, H, W]``, ``[N*K]`` (``None`` for a plain model)."""
         if not self.conditioned:
             return None
         from torch.func import functional_call
 
-        embedding = functional_call(self.model.encoder, subset(params, "encoder."), (support_x, support_y))
-        return functional_call(self.model.generator, subset(params, "generator."), (embedding,))
+        # self.conditioned: the model is a TaskConditionedModel with an encoder and a generator
+        encoder, generator = cast(nn.Module, self.model.encoder), cast(nn.Module, self.model.generator)
+        embedding = functional_call(encoder, subset(params, "encoder."), (support_x, support_y))
+        return functional_call(generator, subset(params, "generator."), (embedding,))
 
     def __call__(self, network: Params, x: torch.Tensor, modulation: dict[str, torch.Tensor] | None) -> torch.Tensor:
         """The network's output on ``x [B, C, H, W]`` with parameters ``network`` (names without the prefix)."""
@@ -141,4 +146,5 @@ class ModelCalls:
 
         if not self.network_prefix:
             return functional_call(self.model, network, (x,))
-        return functional_call(self.model.backbone, network, (x, modulation))
+        # a network prefix: the model is a TaskConditionedModel
+        return functional_call(cast(nn.Module, self.model.backbone), network, (x, modulation))

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 import torch
 from torch import nn
@@ -118,6 +119,10 @@ class MetaLearner(nn.Module):
             self.batching = previous
 
     # ----------------------------------------------------------------- helpers
+    def _task_model(self, index: int = 0) -> TaskModel:
+        """Task model ``index`` of ``self.models`` (the first is the template of every mode's structure)."""
+        return cast(TaskModel, self.models[index])
+
     def inner_parameter_names(self) -> list[str]:
         """Names (in ``named_parameters()``) adapted by the inner loop: the backbone and its head."""
         return [name for name, _ in self.named_parameters() if ".backbone." in name]
@@ -150,7 +155,7 @@ class MetaLearner(nn.Module):
         return rates.unsqueeze(1) * active
 
     def _modulation(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Modulation | None:
-        template = self.models[0]
+        template = self._task_model()
         if template.encoder is None or template.generator is None:
             return None
         embedding = functional_call(template.encoder, subset(params, "encoder."), (support_x, support_y))
@@ -158,10 +163,10 @@ class MetaLearner(nn.Module):
 
     def _generate(self, generator_params: Params, embedding: torch.Tensor) -> Modulation:
         """One task's modulation from its task embedding ``[D]``."""
-        return functional_call(self.models[0].generator, generator_params, (embedding,))
+        return functional_call(cast(nn.Module, self._task_model().generator), generator_params, (embedding,))
 
     def _backbone(self, params: Params, x: torch.Tensor, modulation: Modulation | None) -> torch.Tensor:
-        return functional_call(self.models[0].backbone, params, (x, modulation))
+        return functional_call(self._task_model().backbone, params, (x, modulation))
 
     def _support_loss(
         self, fast: Params, modulation: Modulation | None, x: torch.Tensor, y: torch.Tensor
@@ -214,7 +219,7 @@ class MetaLearner(nn.Module):
 
     def _task_params(self, episode: Episode) -> tuple[Params, int | None]:
         """Parameters per task and their vmap dimension: shared (``None``) or gathered by mode (``0``)."""
-        params = dict(self.named_parameters())
+        params: Params = dict(self.named_parameters())
         if not self.config.multi_maml:
             return subset(params, "models.0."), None
         per_mode = [subset(params, f"models.{m}.") for m in range(len(self.models))]
@@ -255,7 +260,7 @@ class MetaLearner(nn.Module):
         # measurements"); unmeasured on a GPU, so CUDA keeps the default layout.
         channels_last = episode.support_x.device.type == "cpu"
         modulation = None
-        template = self.models[0]
+        template = self._task_model()
         if template.encoder is not None and template.generator is not None:  # from the support set only
             embedding = packed_task_embedding(
                 stacked("encoder."), episode.support_x, episode.support_y, template.encoder.label_ways, channels_last
@@ -329,8 +334,8 @@ class MetaLearner(nn.Module):
         support_loss = cross_entropy(
             packed_forward(fast, support_x, modulation, self.config.backbone, pool=self.config.head), support_y
         )
-        grads = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
-        grads = clip_task_gradients(dict(zip(fast, grads)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
+        raw = torch.autograd.grad(support_loss.sum(), list(fast.values()), create_graph=second_order)
+        grads = clip_task_gradients(dict(zip(fast, raw)), self.config.inner_grad_clip, self.config.inner_grad_clamp)
         return {name: p - rates[name] * grads[name] for name, p in fast.items()}
 
     # ---------------------------------------------------------- reference path
@@ -341,7 +346,7 @@ class MetaLearner(nn.Module):
         modes = episode.mode.tolist()
         losses, accuracies = [], []
         for t in range(episode.num_tasks):
-            model = self.models[modes[t] if config.multi_maml else 0]
+            model = self._task_model(modes[t] if config.multi_maml else 0)
             support_x, support_y = episode.support_x[t], episode.support_y[t]
             query_x, query_y = episode.query_x[t], episode.query_y[t]
             modulation = model.modulation(support_x, support_y)
@@ -360,17 +365,17 @@ class MetaLearner(nn.Module):
                     config.mode_inner_steps[modes[t]] if config.mode_inner_steps and inner_steps is None else steps
                 )
                 task_lr = config.mode_inner_lr[modes[t]] if config.mode_inner_lr else config.inner_lr
-                fast = dict(model.backbone.named_parameters())
+                fast: Params = dict(model.backbone.named_parameters())
                 with torch.enable_grad(), float32_inner_loop(support_x.device.type):  # as the batched paths
                     fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                     for _ in range(task_steps):
                         support_loss = cross_entropy(
                             functional_call(model.backbone, fast, (support_x, modulation)), support_y
                         )
-                        grads = torch.autograd.grad(
+                        raw = torch.autograd.grad(
                             support_loss, list(fast.values()), create_graph=not config.first_order
                         )
-                        grads = clip_gradients(dict(zip(fast, grads)), config.inner_grad_clip, config.inner_grad_clamp)
+                        grads = clip_gradients(dict(zip(fast, raw)), config.inner_grad_clip, config.inner_grad_clamp)
                         rates = model.inner_rates
                         fast = {
                             n: p - (rates[rate_key(n)] if rates is not None else task_lr) * grads[n]

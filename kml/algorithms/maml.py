@@ -28,8 +28,16 @@ from kml.algorithms.losses import accuracy, cross_entropy
 from kml.data.episode import Episode
 from kml.errors import KMLError
 from kml.runtime import float32_inner_loop
+from kml.validation import TRAIN_NUMBERS, Number, check_values
 
 __all__ = ["MAML"]
+
+
+# kml.MAML's numeric keywords, checked by kml-train's rules (eval_inner_steps=None: the training count).
+_KEYWORDS: dict[str, Number] = {
+    **{name: TRAIN_NUMBERS[name] for name in ("inner_lr", "inner_steps", "inner_grad_clip", "inner_grad_clamp")},
+    "eval_inner_steps": Number(int, 0, optional=True),
+}
 
 
 class MAML(nn.Module):
@@ -63,11 +71,21 @@ class MAML(nn.Module):
         inner_grad_clamp: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("inner_steps", inner_steps), ("eval_inner_steps", eval_inner_steps)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise KMLError(f"MAML {name} must be an integer >= 0, got {value!r}")
-        if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool) or inner_lr < 0:
-            raise KMLError(f"MAML inner_lr must be a number >= 0, got {inner_lr!r}")
+        # the rules kml-train applies to the same settings (a negative clip would reverse every inner gradient)
+        given = {
+            "inner_lr": inner_lr,
+            "inner_steps": inner_steps,
+            "eval_inner_steps": eval_inner_steps,
+            "inner_grad_clip": inner_grad_clip,
+            "inner_grad_clamp": inner_grad_clamp,
+        }
+        checked = check_values(given, _KEYWORDS, where="MAML")
+        if not isinstance(first_order, bool):
+            raise KMLError(f"MAML: first_order must be true or false, got {first_order!r}")
+        inner_lr, inner_grad_clip, inner_grad_clamp = (
+            checked[k] for k in ("inner_lr", "inner_grad_clip", "inner_grad_clamp")
+        )
+        inner_steps, eval_inner_steps = checked["inner_steps"], checked["eval_inner_steps"]
         self.model = use_batch_statistics(model)
         self.inner_lr = float(inner_lr)
         self.inner_steps = inner_steps
@@ -159,7 +177,7 @@ class MAML(nn.Module):
     def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:
         """The same computation as :meth:`forward`, one task at a time with ordinary autograd (the oracle)."""
         steps = self._steps(inner_steps)
-        params = dict(self.model.named_parameters())
+        params: Params = dict(self.model.named_parameters())
         prefix = self._calls.network_prefix
         network = subset(params, prefix)
         losses, accuracies = [], []
@@ -171,8 +189,8 @@ class MAML(nn.Module):
                 fast = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
                 for _ in range(steps):
                     loss = self._support_loss(fast, network, modulation, support_x, support_y)
-                    grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not self.first_order)
-                    grads = clip_gradients(dict(zip(fast, grads)), self.inner_grad_clip, self.inner_grad_clamp)
+                    raw = torch.autograd.grad(loss, list(fast.values()), create_graph=not self.first_order)
+                    grads = clip_gradients(dict(zip(fast, raw)), self.inner_grad_clip, self.inner_grad_clamp)
                     fast = {name: p - self.inner_lr * grads[name] for name, p in fast.items()}
             logits = self._calls({**network, **fast}, episode.query_x[t], modulation)
             losses.append(cross_entropy(logits, episode.query_y[t]))

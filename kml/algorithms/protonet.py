@@ -19,6 +19,7 @@ from kml.algorithms.functional import ModelCalls, Params, subset, use_batch_stat
 from kml.algorithms.learner import LearnerOutput
 from kml.algorithms.losses import distance_logits, prototypes, prototypical_loss, refine_prototypes
 from kml.data.episode import Episode
+from kml.errors import KMLError
 
 __all__ = ["ProtoNet"]
 
@@ -37,6 +38,8 @@ class ProtoNet(nn.Module):
 
     def __init__(self, model: nn.Module, refine: bool = False) -> None:
         super().__init__()
+        if not isinstance(refine, bool):
+            raise KMLError(f"ProtoNet: refine must be true or false, got {refine!r}")
         self.model = use_batch_statistics(model)
         self.refine = refine
         self._calls = ModelCalls(self.model)
@@ -102,7 +105,7 @@ class ProtoNet(nn.Module):
 
     def reference_forward(self, episode: Episode, inner_steps: int | None = None) -> LearnerOutput:  # noqa: ARG002
         """The same computation as :meth:`forward`, one task at a time (the oracle)."""
-        params = dict(self.model.named_parameters())
+        params: Params = dict(self.model.named_parameters())
         results = [
             self._task_loss(
                 params,

@@ -20,7 +20,16 @@ from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import check_device, check_run_name, check_values
 
-__all__ = ["build_parser", "CHOICE_HELP", "config_from_values", "LEARNER_FLAGS", "main", "RUN_FLAGS", "SWITCHES"]
+__all__ = [
+    "upgrade_renamed_flags",
+    "build_parser",
+    "CHOICE_HELP",
+    "config_from_values",
+    "LEARNER_FLAGS",
+    "main",
+    "RUN_FLAGS",
+    "SWITCHES",
+]
 
 RUN_FLAGS = {
     # name: (type, help) -- defaults come from RunConfig; {datasets} and {demo} in a help text are filled from
@@ -183,10 +192,33 @@ def config_from_values(values: dict[str, Any]):
     return RunConfig(learner=learner, **{k: v for k, v in values.items() if k in run_fields})
 
 
+# Flags renamed in 0.2.0 with the fields they set (CHANGELOG.md): an old command line still runs, with a warning.
+RENAMED_FLAGS = {"--model": "--modulation"}
+KML_FORM_VALUES = ("residual", "bare")  # values of the old --modulation, which --kml-form now takes
+
+
+def upgrade_renamed_flags(argv: list[str]) -> list[str]:
+    """``argv`` with the flags of kml 0.1 renamed: ``--modulation bare`` -> ``--kml-form bare``, then
+    ``--model kml`` -> ``--modulation kml``; each rename prints one warning line."""
+    out: list[str] = []
+    for position, word in enumerate(argv):
+        name, sep, value = word.partition("=")
+        following = value if sep else (argv[position + 1] if position + 1 < len(argv) else "")
+        if name == "--modulation" and following in KML_FORM_VALUES:
+            print(f"warning: --modulation {following} is --kml-form {following} since kml 0.2.0", file=sys.stderr)
+            out.append("--kml-form" + (f"={value}" if sep else ""))
+        elif name in RENAMED_FLAGS:
+            print(f"warning: {name} is {RENAMED_FLAGS[name]} since kml 0.2.0", file=sys.stderr)
+            out.append(RENAMED_FLAGS[name] + (f"={value}" if sep else ""))
+        else:
+            out.append(word)
+    return out
+
+
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser().parse_args(upgrade_renamed_flags(sys.argv[1:] if argv is None else argv)))
     resume, overwrite = args.pop("resume", False), args.pop("overwrite", False)
     progress = args.pop("progress", True)
     # a config file written before 0.2 may use the learner's old field names

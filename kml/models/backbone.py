@@ -118,6 +118,7 @@ class Backbone(nn.Module):
         for index, out in enumerate(channels, start=1):
             conv = nn.Conv2d(previous, out, 3, padding=1)
             nn.init.xavier_uniform_(conv.weight)  # as MMAML initialises its gated conv net
+            assert conv.bias is not None  # nn.Conv2d has a bias by default
             nn.init.zeros_(conv.bias)
             self.add_module(f"conv{index}", conv)
             # Holds the affine BatchNorm parameters only; statistics always come from the batch.
@@ -134,7 +135,7 @@ class Backbone(nn.Module):
     @property
     def conv_shapes(self) -> list[tuple[int, int, int, int]]:
         """Kernel shapes ``[out, in, k, k]`` of the 4 convs (what a KML generator modulates)."""
-        return [tuple(getattr(self, f"conv{i}").weight.shape) for i in range(1, 5)]  # type: ignore[misc]
+        return [tuple(getattr(self, f"conv{i}").weight.shape) for i in range(1, 5)]
 
     def features(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> features ``[B, feature_dim]`` (the last map flattened or averaged)."""

@@ -66,6 +66,7 @@ class TaskEncoder(nn.Module):
             conv = nn.Conv2d(previous, out, 3, padding=1)
             if not default_init:
                 nn.init.xavier_uniform_(conv.weight)
+                assert conv.bias is not None  # nn.Conv2d has a bias by default
                 nn.init.zeros_(conv.bias)
             self.add_module(f"conv{index}", conv)
             self.add_module(f"norm{index}", nn.BatchNorm2d(out, track_running_stats=False))

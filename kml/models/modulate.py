@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 from torch import nn
@@ -124,30 +125,34 @@ class ModulatedNetwork(nn.Module):
     @property
     def conv_shapes(self) -> list[tuple[int, int, int, int]]:
         """Kernel shapes ``[out, in/groups, k, k]`` of the modulated convs (what a KML generator sizes)."""
-        return [tuple(m.weight.shape) for _, m in self.targets()]  # type: ignore[misc]
+        shapes = [tuple(cast(nn.Conv2d, m).weight.shape) for _, m in self.targets()]
+        return cast("list[tuple[int, int, int, int]]", shapes)  # a Conv2d kernel is 4-d
 
     @property
     def channels(self) -> list[int]:
         """Channels of the modulated BatchNorms (what a FiLM generator sizes)."""
-        return [m.num_features for _, m in self.targets()]  # type: ignore[misc]
+        return [cast(nn.BatchNorm2d, m).num_features for _, m in self.targets()]
 
     @contextmanager
     def _applied(self, modulation: Modulation | None) -> Iterator[None]:
         """Set each modulated layer's part of ``modulation`` for the duration of one call."""
-        layers = [m for _, m in self.targets()] if modulation is not None else []
-        for index, layer in enumerate(layers, start=1):
-            if self.kind == "kml":
-                layer.kernel_factor, layer.bias_shift = modulation.get(f"kernel{index}"), modulation.get(f"bias{index}")
-            else:
-                layer.film_scale, layer.film_shift = modulation.get(f"scale{index}"), modulation.get(f"shift{index}")
+        if modulation is None:  # the layers compute as their plain base classes
+            yield
+            return
+        # the layers' classes were swapped in __init__: ModulatedConv2d ("kml") or FiLMBatchNorm2d ("film")
+        convs = [cast(ModulatedConv2d, m) for _, m in self.targets()] if self.kind == "kml" else []
+        norms = [cast(FiLMBatchNorm2d, m) for _, m in self.targets()] if self.kind != "kml" else []
+        for index, conv in enumerate(convs, start=1):
+            conv.kernel_factor, conv.bias_shift = modulation.get(f"kernel{index}"), modulation.get(f"bias{index}")
+        for index, norm in enumerate(norms, start=1):
+            norm.film_scale, norm.film_shift = modulation.get(f"scale{index}"), modulation.get(f"shift{index}")
         try:
             yield
         finally:
-            for layer in layers:
-                if self.kind == "kml":
-                    layer.kernel_factor = layer.bias_shift = None
-                else:
-                    layer.film_scale = layer.film_shift = None
+            for conv in convs:
+                conv.kernel_factor = conv.bias_shift = None
+            for norm in norms:
+                norm.film_scale = norm.film_shift = None
 
     def forward(self, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> the network's output, its layers modulated by ``modulation`` (if any)."""

@@ -5,18 +5,22 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 from kml.errors import KMLError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "convert_checkpoint",
     "load_checkpoint",
     "load_learner",
     "load_model_state",
@@ -46,7 +50,7 @@ def tensor_checksum(state: Any) -> str:
             tensor = value.detach().cpu().contiguous()
             digest.update(f"T{tensor.dtype}{list(tensor.shape)}".encode())
             if tensor.numel():
-                digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
         elif isinstance(value, dict):
             digest.update(b"{")
             for key, item in value.items():
@@ -119,28 +123,60 @@ def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:
     return removed
 
 
+# What a damaged file raises from torch.load (zip, pickle and tensor-storage errors).
+_READ_ERRORS = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    TypeError,
+    UnicodeDecodeError,
+)
+
+
+def _read(path: Path, map_location: str | torch.device, *, trusted: bool) -> Any:
+    """``torch.load`` with one-line errors; only a ``trusted`` read may unpickle more than tensors and plain values."""
+    try:
+        # kml before 0.3 recorded torch.__version__ as a TorchVersion, a str subclass whose unpickling runs no code
+        with torch.serialization.safe_globals([TorchVersion]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol")  # a stranger's file: the error says it all
+            return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except _READ_ERRORS as error:
+        text = str(error)
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            if found:  # the pickle names a function or class: unpickling it would run that code
+                raise KMLError(
+                    f"checkpoint {path} needs code to load (it names {found[1]}), so kml refuses it: a kml checkpoint "
+                    f"holds only tensors and plain values; if you trust its source, convert it once with "
+                    f"kml-convert-checkpoint {path} NEW.pt --trust (convert_checkpoint(..., trust=True) in Python)"
+                ) from None
+            reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise KMLError(
+                f"checkpoint {path} cannot be read as tensors and plain values ({reason}): it is corrupt, or needs "
+                f"code to load; if you trust its source, convert it once with kml-convert-checkpoint {path} NEW.pt "
+                f"--trust"
+            ) from None
+        reason = text.splitlines()[0] if text.strip() else type(error).__name__
+        raise KMLError(f"checkpoint {path} is truncated or corrupt ({reason}); use another checkpoint") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, its tensors verified against its checksum."""
+    """Read a checkpoint written by :func:`save_checkpoint`, its tensors verified against its checksum.
+
+    The file is read with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and dicts
+    only, so a checkpoint from anyone can be loaded without running its code. A file that needs more is refused
+    in one line (:func:`convert_checkpoint` turns a trusted one into a loadable checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise KMLError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (
-        RuntimeError,
-        OSError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-        AttributeError,
-        KeyError,
-        IndexError,
-        TypeError,
-        UnicodeDecodeError,
-    ) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise KMLError(f"checkpoint {path} is truncated or corrupt ({reason}); use another checkpoint") from None
+    state = _read(path, map_location, trusted=False)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise KMLError(f"{path} is not a kml checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
@@ -166,6 +202,63 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 f"{_another(path)}"
             )
     return state
+
+
+def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, *, trust: bool = False) -> Path:
+    """Rewrite a trusted checkpoint that needs code to load as one :func:`load_checkpoint` reads.
+
+    Only here does kml unpickle a file in full (``weights_only=False``), which runs any code the file holds:
+    ``trust=True`` says its source is trusted. NumPy arrays and scalars become tensors and numbers, tuples and
+    named tuples become tuples; anything else is refused in one line. The new file gets a fresh checksum.
+    """
+    source, target = Path(source), Path(target)
+    if not trust:
+        raise KMLError(
+            f"converting {source} unpickles it in full, which runs any code it holds; convert only a checkpoint "
+            f"whose source you trust, and say so with --trust (trust=True in Python)"
+        )
+    if not source.is_file():
+        raise KMLError(f"checkpoint {source} not found")
+    state = _read(source, "cpu", trusted=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise KMLError(f"{source} is not a kml checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise KMLError(f"checkpoint {source} has version {state.get('version')}, this kml reads {CHECKPOINT_VERSION}")
+    content = {k: v for k, v in state.items() if k not in ("format", "version", "checksum")}
+    if "checksum" in state and tensor_checksum(content) != state["checksum"]:
+        raise KMLError(f"checkpoint {source} is corrupt (its contents do not match the checksum written with them)")
+    save_checkpoint(target, _plain(content, "checkpoint"))
+    load_checkpoint(target)  # the converted file reads back with weights_only=True
+    return target
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` with only the types ``torch.load(weights_only=True)`` reads (``where`` names it in errors)."""
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, torch.Tensor, torch.dtype)):
+        return value
+    # subclasses (TorchVersion, IntEnum) become the plain type
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bytes):
+        return bytes(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {_plain(key, where): _plain(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise KMLError(
+        f"cannot convert {where}: a {type(value).__module__}.{type(value).__qualname__} is not a tensor or plain value"
+    )
 
 
 def _another(path: Path) -> str:

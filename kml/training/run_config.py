@@ -14,7 +14,7 @@ import torch
 from kml.config import RENAMED_FIELDS, LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 from kml.validation import check_bools, check_device, check_fields, check_run_name
 
 __all__ = [
@@ -89,9 +89,11 @@ class RunConfig:
                 self.recipe_overrides = [RENAMED_FIELDS.get(name, name) for name in self.recipe_overrides]
             self.learner = LearnerConfig.from_dict(self.learner)
         if self.policy not in MIXTURE_POLICIES:
-            raise KMLError(f"unknown --policy {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
+            raise KMLError(f"unknown {setting('policy')} {self.policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise KMLError(f"unknown --lr-schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+            raise KMLError(
+                f"unknown {setting('lr_schedule')} {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
         check_fields(self)  # every numeric field: type, finiteness, range (kml.validation)
         check_bools(self, ("rotate_omniglot", "bf16", "compile", "activation_checkpointing"))
         check_device(self.device)
@@ -101,9 +103,9 @@ class RunConfig:
             if isinstance(getattr(self, name), os.PathLike):
                 setattr(self, name, os.fspath(getattr(self, name)))
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise KMLError(f"--{name.replace('_', '-')} must be a folder path, got {getattr(self, name)!r}")
+                raise KMLError(f"{setting(name)} must be a folder path, got {getattr(self, name)!r}")
         if not isinstance(self.modes, (list, tuple)) or not all(isinstance(m, str) for m in self.modes):
-            raise KMLError(f"--modes must be a list of mode names, got {self.modes!r}")
+            raise KMLError(f"{setting('modes')} must be a list of mode names, got {self.modes!r}")
 
     @property
     def synthetic_only(self) -> bool:

@@ -261,7 +261,8 @@ def _resume_config(config_path: Path, last: Path) -> RunConfig:
 
 
 def versions() -> dict[str, str]:
-    return {"kml": kml.__version__, "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    # plain str: torch.__version__ is a TorchVersion, which weights-only loading does not read by default
+    return {"kml": kml.__version__, "torch": str(torch.__version__), "cuda": str(torch.version.cuda)}
 
 
 def qualified_name(obj: object) -> str:

@@ -25,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kml.data.sources.base import ConversionPlan, split_by_fractions
-from kml.data.sources.cache import is_complete, locked, read_marker, write_dataset
+from kml.data.sources.cache import is_complete, read_marker, write_dataset
 from kml.data.sources.images import IMAGE_SUFFIXES, ClassPlan, CorruptImage, image_is_grey, load_image
-from kml.data.store import SPLITS, ImageStore
+from kml.data.store import SPLITS, ImageStore, locked
 from kml.errors import KMLError
 
 __all__ = [

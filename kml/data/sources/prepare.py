@@ -14,9 +14,9 @@ from types import ModuleType
 from kml.data.modes import DATASET_MODES, canonical_mode
 from kml.data.sources import aircraft, cub, fc100, miniimagenet, omniglot
 from kml.data.sources.base import Context, human_size, mirrors_from_env
-from kml.data.sources.cache import folder_size, is_complete, locked, read_marker, write_dataset
+from kml.data.sources.cache import folder_size, is_complete, read_marker, write_dataset
 from kml.data.sources.images import ON_CORRUPT
-from kml.data.store import SPLITS
+from kml.data.store import SPLITS, locked
 from kml.errors import KMLError
 
 __all__ = ["format_summary", "prepare", "resolve_datasets", "resolve_variants", "SOURCES", "SummaryRow"]
