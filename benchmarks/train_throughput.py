@@ -68,8 +68,7 @@ def kml_throughput(args, root: Path, train_dir: Path, algorithm: str, compile: b
         modulation="kml",
         base_channels=args.channels,
         encoder_channels=args.channels,
-        inner_steps=args.inner_steps,
-        proto_refine=False,
+        **({"inner_steps": args.inner_steps} if algorithm == "maml" else {"proto_refine": False}),
     )
     config = RunConfig(
         modes=[args.mode],

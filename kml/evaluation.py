@@ -10,11 +10,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kml.data.sampler import EpisodeSampler
+from kml.data.sampler import EpisodeSampler, assemble_episode
 from kml.data.store import ImageStore
 from kml.runtime import autocast
+from kml.validation import EVAL_NUMBERS, check_values
 
-__all__ = ["average", "confidence_interval95", "episode_seed", "evaluate", "ModeResult"]
+__all__ = ["average", "confidence_interval95", "DRAW_CHUNK", "episode_seed", "evaluate", "ModeResult"]
+
+# Episodes are drawn this many at a time whatever tasks_per_batch is: a speed knob must not change the tasks.
+DRAW_CHUNK = 10
 
 
 @dataclass
@@ -75,7 +79,12 @@ def evaluate(
     The learner's own ``mode`` index for a task (what Multi-MAML uses to pick its parameter set, and
     per-mode inner rates their rate) is ``mode_indices[i]`` for ``stores[i]``, by default its position;
     ``mode_names`` are the names those indices refer to (by default the stores' modes).
+    ``tasks_per_batch`` only sets how many tasks run together: the episodes, hence the numbers, do not depend on it.
     """
+    check_values(
+        {"episodes": episodes, "tasks_per_batch": tasks_per_batch, "seed": seed, "inner_steps": inner_steps},
+        EVAL_NUMBERS,
+    )
     was_training = learner.training
     learner.eval()
     names = tuple(mode_names) if mode_names is not None else tuple(store.mode for store in stores)
@@ -94,18 +103,33 @@ def evaluate(
                 mode_names=names,
                 dtype=torch.uint8,
             )
+            draws = [
+                sampler.draw_rows(min(DRAW_CHUNK, episodes - start), sampler.generator)
+                for start in range(0, episodes, DRAW_CHUNK)
+            ]
+            classes, rows = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
+            turns = torch.cat([d[2] for d in draws]) if sampler.rotate else None
             accuracies, losses = [], []
             bar = tqdm(total=episodes, desc=f"eval {store.mode}", leave=False, disable=not progress)
-            remaining = episodes
-            while remaining:
-                count = min(tasks_per_batch, remaining)
-                episode = sampler.sample(count).to_float()
+            for start in range(0, episodes, tasks_per_batch):
+                tasks = slice(start, min(start + tasks_per_batch, episodes))
+                count = tasks.stop - start
+                mode = torch.full((count,), indices[index], dtype=torch.int64, device=sampler.device)
+                episode = assemble_episode(
+                    store.images,
+                    classes[tasks],
+                    rows[tasks],
+                    None if turns is None else turns[tasks],
+                    mode,
+                    shots,
+                    names,
+                    torch.uint8,
+                ).to_float()
                 with autocast(episode.device, bf16):
                     # a learner without an inner loop need not take inner_steps: it is passed only when asked for
                     output = learner(episode) if inner_steps is None else learner(episode, inner_steps=inner_steps)
                 accuracies.append(output.task_accuracy.detach().float().cpu())
                 losses.append(output.task_loss.detach().float().cpu())
-                remaining -= count
                 bar.update(count)
             bar.close()
             accuracy = torch.cat(accuracies) * 100

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,10 @@ __all__ = [
     "check_values",
     "EVAL_NUMBERS",
     "flag",
+    "inert_settings",
+    "INNER_STEPS",
     "INT_1",
+    "MAX_INNER_STEPS",
     "Number",
     "OPT_INT_1",
     "SEED",
@@ -50,8 +53,11 @@ class Number:
     many: bool = False  # a list of such numbers (e.g. --weights)
     high: float | None = None  # value <= high
 
-    def describe(self) -> str:
-        what = "an integer" if self.kind is int else "a finite number"
+    def describe(self, plural: bool = False) -> str:
+        if self.kind is int:
+            what = "integers" if plural else "an integer"
+        else:
+            what = "finite numbers" if plural else "a finite number"
         if self.low is not None and self.high is not None:
             return f"{what} from {_show(self.low)} to {_show(self.high)}"
         if self.low is not None:
@@ -67,6 +73,9 @@ def _show(value: float) -> str:
 INT_1 = Number(int, 1)
 OPT_INT_1 = Number(int, 1, optional=True)
 SEED = Number(int, 0, high=2**32 - 1)  # numpy's RandomState takes seeds below 2**32
+# Inner steps run one after another, each holding its graph: 1e9 of them grew to 24 GB before anything was said.
+MAX_INNER_STEPS = 1000
+INNER_STEPS = Number(int, 0, high=MAX_INNER_STEPS)
 
 # Settings of kml-train (RunConfig and LearnerConfig fields) and of the config files that hold them.
 TRAIN_NUMBERS: dict[str, Number] = {
@@ -93,19 +102,19 @@ TRAIN_NUMBERS: dict[str, Number] = {
     "in_channels": INT_1,
     "base_channels": INT_1,
     "encoder_channels": INT_1,
-    "inner_steps": Number(int, 0),
-    "eval_inner_steps": Number(int, 0),
+    "inner_steps": INNER_STEPS,
+    "eval_inner_steps": INNER_STEPS,
     "inner_lr": Number(float, 0),
     "inner_grad_clip": Number(float, 0, above=True, optional=True),
     "inner_grad_clamp": Number(float, 0, above=True, optional=True),
     "encoder_hidden": OPT_INT_1,
     "mode_inner_lr": Number(float, 0, optional=True, many=True),
-    "mode_inner_steps": Number(int, 0, optional=True, many=True),
+    "mode_inner_steps": Number(int, 0, optional=True, many=True, high=MAX_INNER_STEPS),
 }
 EVAL_NUMBERS: dict[str, Number] = {
     "episodes": INT_1,
     "seed": SEED,
-    "inner_steps": Number(int, 0, optional=True),
+    "inner_steps": Number(int, 0, optional=True, high=MAX_INNER_STEPS),
     "shots": OPT_INT_1,
     "queries": OPT_INT_1,
     "tasks_per_batch": INT_1,
@@ -133,7 +142,7 @@ def check_number(label: str, value: Any, spec: Number) -> Any:
         raise KMLError(f"{label} must be {spec.describe()}, got nothing (null)")
     if spec.many:
         if not isinstance(value, (list, tuple)) or not value:
-            raise KMLError(f"{label} must be a list of {spec.describe()[2:]}s, got {value!r}")
+            raise KMLError(f"{label} must be a list of {spec.describe(plural=True)}, got {value!r}")
         single = Number(spec.kind, spec.low, spec.above, high=spec.high)
         return [check_number(label, item, single) for item in value]
     if isinstance(value, str):
@@ -260,9 +269,55 @@ def check_learner_combinations(learner: Any) -> None:
         )
 
 
-def check_run_combinations(config: Any) -> None:
-    """Combinations of run and learner settings that mean nothing."""
+# Learner settings that act only for some methods, with what they need; "off" is the field's default.
+_NEEDS = {
+    "inner_steps": "MAML's inner loop",
+    "eval_inner_steps": "MAML's inner loop",
+    "inner_lr": "MAML's inner loop",
+    "proto_refine": "ProtoNet's prototypes",
+    "kml_form": "KML modulation",
+    "factor_split": "KML modulation",
+    "kml_bias": "KML modulation",
+    "encoder_hidden": "a task encoder",
+}
+
+
+def inert_settings(learner: Any) -> list[str]:
+    """The learner settings that differ from their default yet do nothing for the learner's method."""
+    defaults = {f.name: f.default for f in fields(learner)}
+    acts = {
+        "MAML's inner loop": learner.algorithm == "maml",
+        "ProtoNet's prototypes": learner.algorithm == "protonet",
+        "KML modulation": learner.modulation != "none",  # not refused with FiLM: 0.1 config files set both
+        "a task encoder": learner.modulation != "none",
+    }
+    return [name for name, need in _NEEDS.items() if not acts[need] and getattr(learner, name) != defaults[name]]
+
+
+def check_run_combinations(config: Any, new_run: bool = True) -> None:
+    """Combinations of run and learner settings that mean nothing (``new_run=False``: a recorded run resuming, whose
+    settings without effect were accepted by an earlier kml and must not stop it)."""
     check_learner_combinations(config.learner)
+    if new_run and config.recipe_overrides and not config.recipe:
+        raise KMLError(
+            f"{setting('recipe_overrides')} lists what a run changed of its {setting('recipe')}, and there is no "
+            f"recipe: drop it (kml-train records it)"
+        )
+    # checked per run, not per LearnerConfig: one dict of settings may build every method, and saved runs must load
+    inert = inert_settings(config.learner) if new_run else []
+    # a recipe's own values stay (maml@1 keeps MMAML's encoder_hidden: the recipe is frozen)
+    if inert and config.recipe:
+        from kml.recipes import recipe
+
+        own, changed = recipe(config.recipe).settings, config.recipe_overrides or []
+        inert = [name for name in inert if name not in own or name in changed]
+    if inert:
+        named = {name: _as_given(config.learner, name) for name in inert}
+        raise KMLError(
+            f"{', '.join(named.values())} {'has' if len(inert) == 1 else 'have'} no effect for "
+            f"{config.learner.method} ({'; '.join(f'{named[name]} needs {_NEEDS[name]}' for name in inert)}): "
+            f"drop {'it' if len(inert) == 1 else 'them'}"
+        )
     if getattr(config, "activation_checkpointing", False) and config.learner.algorithm == "protonet":
         raise KMLError(
             f"{setting('activation_checkpointing')} only applies to MAML's inner loop; drop it for "
@@ -286,3 +341,10 @@ def check_run_combinations(config: Any) -> None:
         )
     if config.weights is not None and sum(config.weights) <= 0:
         raise KMLError(f"{weights} must not all be 0")
+
+
+def _as_given(learner: Any, name: str) -> str:
+    """A setting as the caller wrote it; a switch turned off as ``--no-proto-refine`` or ``proto_refine=False``."""
+    if getattr(learner, name) is not False:
+        return setting(name)
+    return setting(f"no_{name}") if setting(name).startswith("--") else setting(name, False)

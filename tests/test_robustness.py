@@ -247,7 +247,7 @@ def test_resume_with_corrupt_config_json_recovers_it_from_the_checkpoint(tmp_pat
     "flags, message",
     [
         (("--tasks-per-batch", "0"), "--tasks-per-batch must be an integer >= 1, got 0"),
-        (("--inner-steps", "-1"), "--inner-steps must be an integer >= 0, got -1"),
+        (("--inner-steps", "-1"), "--inner-steps must be an integer from 0 to 1000, got -1"),
         (("--shots", "0"), "--shots must be an integer >= 1, got 0"),
         (("--queries", "0"), "--queries must be an integer >= 1, got 0"),
         (("--device", "mps"), "unsupported --device 'mps'"),

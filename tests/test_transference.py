@@ -71,7 +71,10 @@ def test_z_equals_direct_computation(method, episode):
     learner = tiny_learner(**method)
     result = task_transference(learner, episode, rate=0.05)
     expected = direct_z(learner, episode, 0.05, parameter_names(learner, "all"))
-    assert torch.allclose(result.z, expected, atol=1e-5, rtol=0), (result.z - expected).abs().max()
+    # Both sides are the exact Z in float64 (no finite-difference or first-order approximation); they differ in the
+    # order of their sums, and Z's lookahead step (rate * gradient, |gradient| ~ 1e2) carries each gradient's
+    # rounding into the target losses: measured within 1e-11, so 1e-9.
+    assert torch.allclose(result.z, expected, atol=1e-9, rtol=0), (result.z - expected).abs().max()
     unbatched = task_transference(learner, episode, rate=0.05, batched=False)
     assert torch.allclose(result.z, unbatched.z, atol=1e-10)
 
@@ -83,7 +86,7 @@ def test_parameter_groups(episode):
     assert sorted(backbone + modulation) == sorted(parameter_names(learner, "all"))
     for group, names in (("backbone", backbone), ("modulation", modulation)):
         result = task_transference(learner, episode, rate=0.05, parameters=group)
-        assert torch.allclose(result.z, direct_z(learner, episode, 0.05, names), atol=1e-5, rtol=0)
+        assert torch.allclose(result.z, direct_z(learner, episode, 0.05, names), atol=1e-9, rtol=0)  # as above
 
 
 def test_self_transference_positive_for_small_rate(episode):

@@ -28,8 +28,9 @@ def tiny_model() -> nn.Module:
         ({"inner_grad_clamp": -20.0}, "MAML: inner_grad_clamp must be a finite number > 0, got -20"),
         ({"inner_lr": float("nan")}, "MAML: inner_lr must be a finite number >= 0, got nan"),
         ({"inner_lr": "0.1"}, "MAML: inner_lr must be a finite number >= 0, got the text '0.1'"),
-        ({"inner_steps": 1.5}, "MAML: inner_steps must be an integer >= 0, got 1.5"),
-        ({"eval_inner_steps": -1}, "MAML: eval_inner_steps must be an integer >= 0, got -1"),
+        ({"inner_steps": 1.5}, "MAML: inner_steps must be an integer from 0 to 1000, got 1.5"),
+        ({"eval_inner_steps": -1}, "MAML: eval_inner_steps must be an integer from 0 to 1000, got -1"),
+        ({"eval_inner_steps": 10**9}, "MAML: eval_inner_steps must be an integer from 0 to 1000, got 1000000000"),
         ({"first_order": "yes"}, "MAML: first_order must be true or false, got 'yes'"),
     ],
 )

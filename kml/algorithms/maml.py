@@ -28,7 +28,7 @@ from kml.algorithms.losses import accuracy, cross_entropy
 from kml.data.episode import Episode
 from kml.errors import KMLError
 from kml.runtime import float32_inner_loop
-from kml.validation import TRAIN_NUMBERS, Number, check_values
+from kml.validation import MAX_INNER_STEPS, TRAIN_NUMBERS, Number, check_values
 
 __all__ = ["MAML"]
 
@@ -36,7 +36,7 @@ __all__ = ["MAML"]
 # kml.MAML's numeric keywords, checked by kml-train's rules (eval_inner_steps=None: the training count).
 _KEYWORDS: dict[str, Number] = {
     **{name: TRAIN_NUMBERS[name] for name in ("inner_lr", "inner_steps", "inner_grad_clip", "inner_grad_clamp")},
-    "eval_inner_steps": Number(int, 0, optional=True),
+    "eval_inner_steps": Number(int, 0, optional=True, high=MAX_INNER_STEPS),
 }
 
 

@@ -66,6 +66,14 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         help="override the expected checksum of an archive (md5 or sha256:<hex>), e.g. for a mirror's copy",
     )
     parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a download that receives less than 32 KiB in this many seconds (or a server silent for as long) "
+        "is abandoned for the next mirror (default: 60)",
+    )
+    parser.add_argument(
         "--on-corrupt",
         choices=("stop", "skip"),
         default="stop",
@@ -88,7 +96,10 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         help="stored Omniglot side: 28 (default) or 84, the published mixtures' 105 -> 84 Lanczos (see README Fidelity)",
     )
     parser.add_argument(
-        "--cleanup", action="store_true", help="delete extracted folders after converting (archives stay)"
+        "--cleanup",
+        action="store_true",
+        help="delete <root>/raw/<dataset>/extracted/ (what kml extracted) after converting; archives and folders "
+        "placed by hand stay",
     )
     parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, at most 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -102,11 +113,17 @@ def parse_args(argv: list[str] | None = None, prog: str = "kml-download") -> arg
 
 def parse_checksums(items: list[str]) -> dict[str, str]:
     """``--checksum FILE=MD5`` values as ``{file: checksum}``; a malformed one is a :class:`KMLError`."""
+    from kml.data.sources.fetch import parse_checksum  # here, not at the top: kml.data loads torch
+
     checksums = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise KMLError(f"--checksum expects FILE=MD5, got {item!r}")
+        try:
+            parse_checksum(value)
+        except KMLError as error:
+            raise KMLError(f"--checksum {item!r}: {error}") from None
         checksums[name] = value
     return checksums
 
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None, prog: str = "kml-download") -> int:
     configure_threads()  # before torch loads OpenMP (the conversion decodes images with torch threads)
     args = parse_args(argv, prog)
     check_number("--workers", args.workers, Number(int, 1, optional=True))  # 0 or -1 would reach the thread pool
+    check_number("--timeout", args.timeout, Number(float, 0, above=True))
     checksums = parse_checksums(args.checksum)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
@@ -136,6 +154,7 @@ def main(argv: list[str] | None = None, prog: str = "kml-download") -> int:
         cleanup=args.cleanup,
         progress=not args.quiet,
         workers=args.workers,
+        timeout=args.timeout,
         keep_going=True,
     )
     print(format_summary(rows))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 from kml.validation import EVAL_NUMBERS, check_device, check_output_path, check_values
 
-__all__ = ["build_parser", "main", "ways_refusal"]
+__all__ = ["build_parser", "checkpoint_step", "main", "ways_refusal"]
 
 
 def build_parser() -> ArgumentParser:
@@ -52,6 +53,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def checkpoint_step(state: dict, path: str | os.PathLike) -> int:
+    """The training step a checkpoint records, or a one-line :class:`KMLError`."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise KMLError(f"checkpoint {path} records no training step (got {step!r}); it is not one kml-train wrote")
+    return step
+
+
 def ways_refusal(learner) -> str | None:
     """Why a learner cannot be evaluated at another N, or ``None`` when its parameters do not depend on N."""
     if learner.algorithm == "maml":
@@ -68,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     # every number, the device and the output folder are checked before the checkpoint is read (kml.validation)
     vars(args).update(check_values(vars(args), EVAL_NUMBERS))
     check_device(args.device)
+    checkpoint = Path(args.checkpoint)
     if args.output:
         check_output_path(args.output)
+        if Path(args.output).suffix.lower() == ".csv":  # the table is written beside the report as <name>.csv
+            raise KMLError(f"--output {args.output} names the JSON report; give a .json name, the CSV goes beside it")
+    elif checkpoint.parent.is_dir() and not os.access(checkpoint.parent, os.W_OK):  # before evaluating, not after
+        raise KMLError(
+            f"the report goes beside the checkpoint, and {checkpoint.parent} is not writable; "
+            f"pass --output FILE.json in a writable folder"
+        )
 
     import dataclasses
 
@@ -77,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
+    from kml.data.store import check_run_caches
     from kml.evaluation import average, evaluate
     from kml.runtime import bf16_native, tune_cpu_allocator
     from kml.training.checkpoint import load_learner
@@ -84,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_cpu_allocator()
     device = resolve_device(args.device, DistInfo())
-    learner, config, state = load_learner(args.checkpoint, device)
+    try:
+        learner, config, state = load_learner(args.checkpoint, device)
+    except KMLError as error:  # a value of the checkpoint's own config, not of a flag given here: say so
+        if args.checkpoint in str(error):
+            raise
+        raise KMLError(f"checkpoint {args.checkpoint} holds a config kml refuses: {error}") from None
+    step = checkpoint_step(state, args.checkpoint)
 
     modes = expand_modes(args.modes) if args.modes else config.modes
     # Multi-MAML and per-mode inner rates/steps pick by the task's mode index: it must be the run's own index
@@ -98,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             f"this learner ({config.learner.method}, per-mode settings) only knows its training modes {config.modes}; got {modes}"
         )
     stores = load_stores(modes, args.split, args.data_root or config.data_root, config.image_size, 3, device)
+    check_run_caches(state.get("data"), stores)
     mode_indices = mode_names = None
     if by_mode:  # keep each mode at the index of its own parameter set / rate, also for a subset of the modes
         by_name = {s.mode: s for s in stores}
@@ -137,12 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = [r.as_dict() for r in [*results, average(results)]]
     table = pd.DataFrame(rows)
-    checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"eval_{checkpoint.stem}_{args.split}.json")
     inner = args.inner_steps if args.inner_steps is not None else config.learner.eval_inner_steps
     report = {
         "checkpoint": str(checkpoint),
-        "step": state["step"],
+        "step": step,
         "split": args.split,
         "ways": ways,
         "trained_ways": config.ways,
@@ -156,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "episode_accuracy": {r.mode: r.episode_accuracy for r in results},  # per episode, for paired comparisons
     }
-    output.write_text(json.dumps(report, indent=2))
-    table.to_csv(output.with_suffix(".csv"), index=False)
-    print(f"{ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {state['step']}")
+    try:
+        output.write_text(json.dumps(report, indent=2))
+        table.to_csv(output.with_suffix(".csv"), index=False)
+    except OSError as error:
+        raise KMLError(
+            f"cannot write {error.filename or output}: {error.strerror or error}; pass --output elsewhere"
+        ) from None
+    print(f"{ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {step}")
     print(
         table.to_string(
             index=False, formatters={"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}

@@ -20,6 +20,7 @@ from pathlib import Path
 from kml.cli.common import ArgumentParser
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
+from kml.validation import SEED, check_number
 
 __all__ = ["build_parser", "DEFAULT_METHODS", "main"]
 
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline not in labels:
         raise KMLError(f"--baseline {baseline} is not one of the methods {labels}")
     setups = [Setup.parse(text) for text in args.setups]
+    for seed in args.seeds:  # a seed kml-train refuses is refused here, before any run folder is named after it
+        check_number("--seeds", seed, SEED)
     if len(set(args.seeds)) != len(args.seeds):
         raise KMLError(f"--seeds {args.seeds} repeats a seed")
     if args.episodes < 2 or (args.steps is not None and args.steps < 1):

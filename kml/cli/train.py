@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from typing import Any
 
@@ -174,7 +175,14 @@ def build_parser() -> ArgumentParser:
         "--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it"
     )
     parser.add_argument("--resume", action="store_true", help="continue the run named by --run-name from its last.pt")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder of the same name first")
+    parser.add_argument(
+        "--resume-from",
+        metavar="CHECKPOINT",
+        help="continue the run from this one of its checkpoints instead of last.pt (e.g. step_000009.pt); implies --resume",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete an existing kml run folder of the same name first"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -219,7 +227,8 @@ def upgrade_renamed_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
     args = vars(build_parser().parse_args(upgrade_renamed_flags(sys.argv[1:] if argv is None else argv)))
-    resume, overwrite = args.pop("resume", False), args.pop("overwrite", False)
+    resume_from = args.pop("resume_from", None)
+    resume, overwrite = args.pop("resume", False) or resume_from is not None, args.pop("overwrite", False)
     progress = args.pop("progress", True)
     # a config file written before 0.2 may use the learner's old field names
     values = upgrade_field_names(read_config_file(args.pop("config"))) if "config" in args else {}
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_directory(
                 RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"])
             )
-            trainer = Trainer.resume(run_dir, values, dist_info, progress)
+            trainer = Trainer.resume(run_dir, values, dist_info, progress, checkpoint=resume_from)
         else:
             trainer = Trainer.create(config, overwrite, dist_info, progress)
         path = trainer.fit()  # with --transference-every N, the trainer records transference.csv as it trains
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown(dist_info)
     if dist_info.is_main:
         print(f"{'interrupted; ' if trainer.interrupted else ''}checkpoint: {path}")
-        print(f"evaluate with: kml-eval --checkpoint {path}")
+        print(f"evaluate with: kml-eval --checkpoint {shlex.quote(str(path))}")
     return 130 if trainer.interrupted else 0
 
 

@@ -12,6 +12,7 @@ helps task j. Writes transference_<checkpoint>.csv and PNG plots beside the chec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -63,12 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     check_device(args.device)
     if args.output:
         check_output_path(args.output)
+    elif Path(args.checkpoint).parent.is_dir() and not os.access(Path(args.checkpoint).parent, os.W_OK):
+        raise KMLError(
+            f"the table and plots go beside the checkpoint, and {Path(args.checkpoint).parent} is not writable; "
+            f"pass --output FILE.csv in a writable folder"
+        )
 
+    import dataclasses
+
+    import numpy as np
     import pandas as pd
+    import torch
     from tqdm.auto import tqdm
 
+    from kml.cli.evaluate import checkpoint_step
     from kml.data.modes import ROTATED_BY_DEFAULT, canonical_mode, expand_modes, load_stores
     from kml.data.sampler import MixtureSampler
+    from kml.data.store import check_run_caches
     from kml.runtime import tune_cpu_allocator
     from kml.training.checkpoint import load_learner
     from kml.training.distributed import DistInfo, resolve_device
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     device = resolve_device(args.device, DistInfo())
     learner, config, state = load_learner(args.checkpoint, device)
+    step = checkpoint_step(state, args.checkpoint)
     learner.train()  # the training inner loop, as during meta-training
     from kml.transference.analyzer import parameter_names
 
@@ -90,23 +103,43 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.rate if args.rate is not None else config.lr
     root = args.data_root or config.data_root
 
+    # Multi-MAML and per-mode inner rates/steps pick by the task's mode index: it must be the run's own index
+    by_mode = (
+        config.learner.multi_maml
+        or config.learner.mode_inner_lr is not None
+        or config.learner.mode_inner_steps is not None
+    )
+
     def sampler_for(modes: list[str], split: str, tasks: int, seed: int) -> MixtureSampler:
+        if by_mode and set(modes) - set(config.modes):
+            raise KMLError(
+                f"this learner ({config.learner.method}, per-mode settings) only knows its training modes "
+                f"{config.modes}; got {modes}"
+            )
         stores = load_stores(modes, split, root, config.image_size, 3, device)
+        check_run_caches(state.get("data"), stores)
         rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
         return MixtureSampler(stores, config.ways, config.shots, config.queries, tasks, "mixed", None, rotate, seed)
+
+    def run_indices(episode):
+        """The episode with each task's mode as the run's index (a sampler of a subset counts from 0)."""
+        if not by_mode:
+            return episode
+        lookup = torch.tensor([config.modes.index(m) for m in episode.mode_names], device=episode.mode.device)
+        return dataclasses.replace(episode, mode=lookup[episode.mode], mode_names=tuple(config.modes))
 
     rows = []
     if args.source_mode:
         source_mode, target_mode = canonical_mode(args.source_mode), canonical_mode(args.target_mode)
         sources = sampler_for([source_mode], args.source_split, min(args.sources, 10), args.seed)
-        targets = sampler_for([target_mode], args.target_split, args.targets, args.seed + 1).sample()
+        targets = run_indices(sampler_for([target_mode], args.target_split, args.targets, args.seed + 1).sample())
         drawn = 0
         with tqdm(total=args.sources, desc="source tasks") as bar:
             while drawn < args.sources:
-                batch = sources.sample()
+                batch = run_indices(sources.sample())
                 batch = batch.select(slice(0, min(batch.num_tasks, args.sources - drawn)))
                 result = task_transference(learner, batch, rate, targets=targets, parameters=args.parameters)
-                for row in result_rows(result, state["step"], batch=drawn):
+                for row in result_rows(result, step, batch=drawn):
                     row["task_i"] += drawn
                     rows.append(row)
                 drawn += batch.num_tasks
@@ -120,13 +153,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         sampler = sampler_for(modes, args.split, tasks, args.seed)
         for batch in tqdm(range(args.batches), desc="meta-batches"):
-            result = task_transference(learner, sampler.sample(), rate, parameters=args.parameters)
-            rows += result_rows(result, state["step"], batch)
+            result = task_transference(learner, run_indices(sampler.sample()), rate, parameters=args.parameters)
+            rows += result_rows(result, step, batch)
     records = pd.DataFrame(rows)
+    broken = int((~np.isfinite(records["Z"].to_numpy(dtype=float))).sum())
+    if broken:  # before anything is written: a table of NaN would be kept, and the plots cannot be drawn
+        raise KMLError(
+            f"rate {rate:g} makes {broken} of {len(records)} lookahead losses non-finite; "
+            f"pass a smaller --rate (the run's outer lr is {config.lr:g})"
+        )
     checkpoint = Path(args.checkpoint)
     output = Path(args.output) if args.output else checkpoint.with_name(f"transference_{checkpoint.stem}.csv")
-    records.to_csv(output, index=False)
-    plots = save_all(records, output.parent, prefix=output.stem)
+    try:
+        records.to_csv(output, index=False)
+        plots = save_all(records, output.parent, prefix=output.stem)
+    except OSError as error:
+        raise KMLError(
+            f"cannot write {error.filename or output}: {error.strerror or error}; pass --output elsewhere"
+        ) from None
     print(f"mean Z (rows: source mode, columns: target mode), rate {rate:g}, parameters {args.parameters}:")
     print(mode_matrix(records).to_string(float_format=lambda v: f"{v:+.4f}"))
     print(f"written: {output}, {', '.join(str(p) for p in plots)}")

@@ -8,6 +8,7 @@ calls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
@@ -230,8 +231,11 @@ class MixtureSampler:
         if len(set(names)) != len(names):
             raise KMLError(f"a mode appears twice in the mixture: {list(names)}")
         if weights is not None:
-            if len(weights) != len(stores) or any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise KMLError(f"need one non-negative weight per mode ({len(stores)}), got {list(weights)}")
+            # not (0 <= w < inf) also catches NaN, which every comparison lets through
+            if len(weights) != len(stores) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+                raise KMLError(
+                    f"need one non-negative weight per mode ({len(stores)} finite numbers), got {list(weights)}"
+                )
         rotate = [rotate] * len(stores) if isinstance(rotate, bool) else list(rotate)
         self.mode_names = names
         self.meta_batch = int(meta_batch)

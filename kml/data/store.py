@@ -15,6 +15,7 @@ of a mixture happens once, in :meth:`ImageStore.conformed`, never per episode.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,14 +31,60 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 
-__all__ = ["cache_dir", "FORMAT_VERSION", "IMAGES_FILE", "ImageStore", "locked", "MANIFEST_FILE", "SPLITS"]
+__all__ = [
+    "cache_dir",
+    "check_same_cache",
+    "FORMAT_VERSION",
+    "IMAGES_FILE",
+    "ImageStore",
+    "locked",
+    "MANIFEST_FILE",
+    "SPLITS",
+]
 
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val", "test")
+
+
+# manifest info entries that report one split's conversion outcome, not how the cache was made
+_OUTCOME_KEYS = ("skipped", "skipped_images", "dropped_classes")
+
+
+def check_same_cache(recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse, in one line, a cache made otherwise than the one a run recorded (both :meth:`ImageStore.identity`).
+
+    Another split of the same cache is compared on how it was made only (its classes differ by design).
+    """
+    made, was = now["made"], recorded.get("made", {})
+    changed = [key for key in sorted(set(made) | set(was)) if made.get(key) != was.get(key)]
+    if changed:
+        key = changed[0]
+        difference = f"{key}: the run's {was.get(key)!r}, now {made.get(key)!r}"
+        fix = f" --split {was[key]}" if key == "split" and isinstance(was.get(key), str) else ""
+    elif recorded.get("split") == now["split"] and recorded.get("classes") != now["classes"]:
+        difference, fix = f"its {now['split']} classes or their images differ", ""
+    else:
+        return
+    raise KMLError(
+        f"the {now['mode']} cache is not the one this run was trained on ({difference}); convert it again as the run "
+        f"had it (python download.py --datasets {now['mode']} --force{fix}) or point {setting('data_root')} at the "
+        f"run's cache"
+    )
+
+
+def check_run_caches(recorded: dict[str, Any] | None, stores: Sequence[ImageStore]) -> None:
+    """Refuse stores whose caches were made otherwise than those a run trained on (its checkpoint's ``data``,
+    recorded since kml 0.3): a split converted again could put training classes into the test split."""
+    if not recorded:
+        return
+    for store in stores:
+        for identity in recorded.get(store.split) or recorded.get("train", []):
+            if identity.get("mode") == store.mode:
+                check_same_cache(identity, store.identity())
 
 
 def cache_dir(root: str | os.PathLike, mode: str, split: str) -> Path:
@@ -253,6 +300,18 @@ class ImageStore:
                 batch = batch.mean(dim=1, keepdim=True)
             out[start : start + chunk] = batch.round().clamp_(0, 255).to(torch.uint8)
         return ImageStore(out, self.class_offsets, self.class_names, self.mode, self.split, self.info)
+
+    def identity(self) -> dict[str, Any]:
+        """What a run records of this store's cache: how it was made (the manifest's info, less one split's
+        outcome: source, split rule, preprocessing, side) and a digest of its classes and their image counts."""
+        made = {key: value for key, value in self.info.items() if key not in _OUTCOME_KEYS}
+        classes = json.dumps([self.class_names, self.class_offsets.tolist()]).encode()
+        return {
+            "mode": self.mode,
+            "split": self.split,
+            "made": json.loads(json.dumps(made, default=str)),  # plain values: a checkpoint loads them weights-only
+            "classes": hashlib.blake2b(classes, digest_size=8).hexdigest(),
+        }
 
     # ------------------------------------------------------------------ disk
     def manifest(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from pathlib import Path
 
 import torch
 
@@ -191,19 +192,29 @@ def generate_store(
     return ImageStore.from_class_arrays(list(per_class), names, mode, split, info)
 
 
+def _cached(directory: Path) -> ImageStore | None:
+    """The store cached in ``directory`` by this generator version, or None (absent, damaged or older)."""
+    if not (directory / "manifest.json").is_file():
+        return None
+    try:
+        store = ImageStore.load(directory)
+    except KMLError:  # a damaged cache of generated images: generate them again
+        return None
+    return store if store.info.get("generator_version") == GENERATOR_VERSION else None
+
+
 def load_synthetic(mode: str, split: str, root: str | os.PathLike | None = None, seed: int = 0) -> ImageStore:
     """The synthetic store, generated once and cached under ``root`` (in memory only when ``root`` is None)."""
     if root is None:
         return generate_store(mode, split, seed)
     directory = cache_dir(root, mode if seed == 0 else f"{mode}-seed{seed}", split)
+    store = _cached(directory)  # a complete cache is read without the lock: a read-only data root works
+    if store is not None:
+        return store
     with locked(directory):  # the ranks of a torchrun job: one generates, the others load its cache
-        if (directory / "manifest.json").is_file():
-            try:
-                store = ImageStore.load(directory)
-            except KMLError:  # a damaged cache of generated images: generate them again
-                store = None
-            if store is not None and store.info.get("generator_version") == GENERATOR_VERSION:
-                return store
+        store = _cached(directory)
+        if store is not None:
+            return store
         store = generate_store(mode, split, seed)
         store.save(directory)
     return store

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,33 @@ def _trained_step(run: Run) -> int | None:
     """The step of the run's last checkpoint, or None when it has none."""
     if not run.checkpoint.is_file():
         return None
+    from kml.cli.evaluate import checkpoint_step
     from kml.training.checkpoint import load_checkpoint
 
-    return int(load_checkpoint(run.checkpoint)["step"])
+    return checkpoint_step(load_checkpoint(run.checkpoint), run.checkpoint)
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, what is wrong)`` when ``path`` is not readable JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8")), None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, str(error).splitlines()[0]
+
+
+def inert_common(method: Method, common: Mapping[str, Any], modes: list[str], ways: int) -> set[str]:
+    """The --set values that do nothing for ``method`` (inner steps for ProtoNet, ...): left out of its runs, so
+    that one --set serves every method of a table (kml-train refuses them when given to a run)."""
+    from dataclasses import fields
+
+    from kml.config import LearnerConfig
+    from kml.recipes import recipe_values
+    from kml.validation import inert_settings
+
+    values = recipe_values(method.recipe, {**common, **method.overrides, "ways": ways, "modes": modes})
+    names = {f.name for f in fields(LearnerConfig)}
+    learner = LearnerConfig(**{k: v for k, v in values.items() if k in names})
+    return set(inert_settings(learner)) & set(common) - set(method.overrides)
 
 
 def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], progress: bool) -> tuple[str, int]:
@@ -117,8 +142,9 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     of its last checkpoint now."""
     from kml.cli import train as train_cli
 
+    left_out = inert_common(run.method, common, modes, run.setup.ways)
     values = {
-        **common,
+        **{k: v for k, v in common.items() if k not in left_out},
         **run.method.overrides,
         "modes": modes,
         "ways": run.setup.ways,
@@ -128,15 +154,26 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
     if step is not None:  # a run made before: only with the same settings (the step budget may grow)
-        made = upgrade_field_names(json.loads(request.read_text())) if request.is_file() else {}  # names before 0.2 too
+        made, problem = _read_json(request) if request.is_file() else ({}, None)
+        if problem or not isinstance(made, dict):
+            raise KMLError(
+                f"{request} is corrupt ({problem or 'not a mapping of settings'}); it records how {run.folder} was "
+                f"trained: delete both to train that run again, or use another --out"
+            )
+        made = upgrade_field_names(made)  # names before 0.2 too
         made.pop("steps", None)
-        changed = sorted(k for k in {*made, *values} if made.get(k) != values.get(k))
+        changed = sorted(k for k in {*made, *values} - left_out if made.get(k) != values.get(k))
         if changed:
             raise KMLError(
                 f"{run.folder} was trained with other settings ({', '.join(changed)}); "
                 f"use another --out, or delete that run folder to train it again"
             )
-    if step is not None and step >= steps:
+    if step is not None and step > steps:  # its last.pt is not the asked run: the rate schedule went on
+        raise KMLError(
+            f"{run.folder} is trained to step {step}, past the {steps} steps asked; ask --steps {step} (or more), "
+            f"use another --out, or delete that run folder to train it to {steps}"
+        )
+    if step == steps:
         return "reused", step
     location = [
         "--train-dir",
@@ -157,9 +194,11 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     except SystemExit as stop:
         status = stop.code
     if status != 0:
+        log = run.folder / "log.txt"
+        where = f"see {log}" if log.is_file() else "see the error above"  # refused before the run folder was made
         raise KMLError(
             f"training {run.method.label} {run.setup.tag} seed {run.seed} stopped (exit {status}); "
-            f"see {run.folder / 'log.txt'} and rerun the same command to continue"
+            f"{where} and rerun the same command to continue"
         )
     return done, steps
 
@@ -170,8 +209,11 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
     from kml.cli import evaluate as eval_cli
 
     if run.evaluation.is_file():
-        report = json.loads(run.evaluation.read_text())
-        if (report.get("episodes_per_mode"), report.get("seed"), report.get("step")) == (episodes, eval_seed, step):
+        report, problem = _read_json(run.evaluation)
+        problem = problem or _report_problem(report)
+        if problem:  # a report is only a cache of kml-eval's output: evaluate again
+            print(f"warning: {run.evaluation} is broken ({problem}); evaluating again", file=sys.stderr)
+        elif (report.get("episodes_per_mode"), report.get("seed"), report.get("step")) == (episodes, eval_seed, step):
             return report
     argv = [
         "--checkpoint",
@@ -191,6 +233,20 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
     if status != 0:
         raise KMLError(f"evaluating {run.checkpoint} failed (exit {status})")
     return json.loads(run.evaluation.read_text())
+
+
+def _report_problem(report: Any) -> str | None:
+    """What makes ``report`` unusable as a kml-eval report, or None."""
+    if not isinstance(report, dict):
+        return f"a {type(report).__name__}, not a kml-eval report"
+    results, episodes = report.get("results"), report.get("episode_accuracy")
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        return "no list of results"
+    if not any(r.get("mode") == "average" and isinstance(r.get("accuracy"), (int, float)) for r in results):
+        return "no average accuracy"
+    if not isinstance(episodes, dict) or not all(isinstance(v, list) for v in episodes.values()):
+        return "no per-episode accuracies"
+    return None
 
 
 def episode_rows(run: Run, report: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from kml.config import RENAMED_FIELDS, LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
 from kml.errors import KMLError, setting
+from kml.training.run_lock import write_failure
 from kml.validation import check_bools, check_device, check_fields, check_run_name
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PUBLISHED_STEPS",
     "RunConfig",
     "SYNTHETIC_DEMO",
+    "write_json",
 ]
 
 # Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
@@ -144,10 +146,7 @@ class RunConfig:
         return cls(**values)
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({**self.to_dict(), **(extra or {})}, indent=2))
-        os.replace(tmp, path)  # a kill mid-write leaves the old file or the new one, never half of one
+        write_json(path, {**self.to_dict(), **(extra or {})})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RunConfig:
@@ -164,6 +163,21 @@ class RunConfig:
             raise KMLError(f"{path}: {error}") from None
         except TypeError as error:  # e.g. a learner that is not a mapping
             raise KMLError(f"{path}: invalid run config ({error})") from None
+
+
+def write_json(path: str | os.PathLike, values: dict[str, Any]) -> None:
+    """Write ``values`` as JSON atomically; a failure (a full disk) is one :class:`KMLError` line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(values, indent=2))
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, path)  # a kill mid-write leaves the old file or the new one, never half of one
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(path, error) from None
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:

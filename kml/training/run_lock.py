@@ -4,18 +4,34 @@ The lock is a POSIX ``flock`` on a file beside the run folder (not inside it, so
 ``--overwrite`` can move the old folder aside while holding it). The kernel drops a
 ``flock`` when its process dies, even by ``kill -9``, so a lock file left by a crash is
 stale by construction: the next run takes it and notes whose it was. The file holds the
-holder's pid and host, only to name it in the error a second writer gets.
+holder's pid and host, only to name it in the error a second writer gets. The lock is taken on the run
+folder's real path, so a symlink to a run (or to its train dir) locks the same file as the run itself.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
 
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 
-__all__ = ["RunLock"]
+__all__ = ["RunLock", "write_failure"]
+
+
+def write_failure(path: str | os.PathLike, error: OSError, then: str = "then run the command again") -> KMLError:
+    """The one line for a run file that could not be written: a full disk, a read-only folder, a name too long."""
+    path = Path(path)
+    if error.errno == errno.ENAMETOOLONG:
+        return KMLError(
+            f"{setting('run_name')} is too long for the file system (the {len(path.name.encode())}-byte file name "
+            f"{path.name[:24]}...); choose a shorter one"
+        )
+    reason = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return KMLError(f"could not write {path} ({reason}); free space on {path.parent} (df -h {path.parent}), {then}")
+    return KMLError(f"could not write {path} ({reason}); make {path.parent} writable, {then}")
 
 
 class RunLock:
@@ -23,7 +39,8 @@ class RunLock:
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir.parent / f".{self.run_dir.name}.lock"
+        real = Path(os.path.realpath(self.run_dir))  # a symlinked run folder or train dir: the real run's lock
+        self.path = real.parent / f".{real.name}.lock"
         self.stale_holder: str | None = None  # "pid N on host" of a crashed holder whose lock we took over
         self._handle = None
 
@@ -43,9 +60,7 @@ class RunLock:
             try:
                 handle = open(self.path, "a+")
             except OSError as error:
-                raise KMLError(
-                    f"cannot create {self.path}: {error.strerror or error}; is the train dir writable?"
-                ) from None
+                raise write_failure(self.path, error) from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -66,11 +81,15 @@ class RunLock:
         previous = _holder(handle)
         if previous != "an unknown process":  # the file outlived its holder (a crash): the lock was stale
             self.stale_holder = previous
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-        handle.flush()
-        self._handle = handle
+        self._handle = handle  # held from here: release() lets go of it
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+            handle.flush()
+        except OSError as error:
+            self.release()
+            raise write_failure(self.path, error) from None
         return self
 
     def release(self) -> None:
@@ -81,7 +100,10 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         except OSError:
             pass  # an unremovable file is only stale; the next run takes it over
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError:
+            pass  # a write a full disk refused is still buffered: nothing in it to keep
         self._handle = None
 
     def __del__(self) -> None:  # a Trainer dropped without fit(): closing the file releases the flock

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import re
+import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,14 +43,14 @@ from kml.algorithms.chunking import accumulate_meta_gradient
 from kml.data.episode import Episode
 from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
 from kml.data.sampler import MixtureSampler
-from kml.data.store import ImageStore
-from kml.errors import KMLError
+from kml.data.store import ImageStore, check_same_cache
+from kml.errors import KMLError, setting
 from kml.evaluation import average, evaluate
 from kml.runtime import autocast, check_bf16
 from kml.training.checkpoint import load_checkpoint, load_model_state, remove_stale_temp_files, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
-from kml.training.run_config import RunConfig, build_scheduler
-from kml.training.run_lock import RunLock
+from kml.training.run_config import RunConfig, build_scheduler, write_json
+from kml.training.run_lock import RunLock, write_failure
 from kml.validation import (
     OPT_INT_1,
     TRAIN_NUMBERS,
@@ -166,7 +171,105 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def run_directory(config: RunConfig) -> Path:
-    return Path(config.train_dir) / check_run_name(config.run_name or default_run_name(config))
+    return _check_printable(Path(config.train_dir) / check_run_name(config.run_name or default_run_name(config)))
+
+
+def _check_printable(run_dir: Path) -> Path:
+    """Refuse control characters (a newline, a tab) in a run folder's path: messages and commands name it on one line."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(run_dir)):
+        raise KMLError(
+            f"the run folder {str(run_dir)!r} holds a control character (a newline, a tab...); choose a "
+            f"{setting('run_name')} and {setting('train_dir')} of printable characters"
+        )
+    return run_dir
+
+
+def _run_flags(run_dir: Path) -> str:
+    """``--train-dir D --run-name N`` of ``run_dir``, quoted so that the command can be pasted into a shell."""
+    return f"--train-dir {shlex.quote(str(run_dir.parent))} --run-name {shlex.quote(run_dir.name)}"
+
+
+def _resume_words() -> str:
+    """How messages say "resume the run": kml-train's flag on a command line, the keyword in Python."""
+    return "--resume" if setting("resume").startswith("--") else "resume=True"
+
+
+def _newest_step_checkpoint(run_dir: Path, other_than: Path | None = None) -> Path | None:
+    """The run's periodic checkpoint of the highest step (other than ``other_than``), or ``None``."""
+    steps = []
+    for path in (run_dir / "checkpoints").glob("step_*.pt"):
+        found = re.fullmatch(r"step_(\d+)\.pt", path.name)
+        if found and path != other_than:
+            steps.append((int(found[1]), path))
+    return max(steps)[1] if steps else None
+
+
+def _resume_from_advice(run_dir: Path, checkpoint: Path) -> str:
+    """How to continue ``run_dir`` from ``checkpoint`` (kml-train's --resume-from, or a copy to last.pt in Python)."""
+    if _resume_words() == "--resume":
+        return f"kml-train --resume {_run_flags(run_dir)} --resume-from {shlex.quote(str(checkpoint))}"
+    return f"copy {checkpoint} to {run_dir / 'checkpoints' / 'last.pt'}, then resume=True"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's (a RuntimeError, not torch.OutOfMemoryError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+    )
+
+
+@contextmanager
+def _out_of_memory_as_one_line(doing: str, remedy: str) -> Iterator[None]:
+    """A CPU or GPU out-of-memory error raised while ``doing`` becomes one line naming ``remedy``."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not _is_out_of_memory(error):
+            raise
+        raise KMLError(f"out of {_memory_need(error)} {doing}; {remedy}") from None
+
+
+def _memory_need(error: BaseException) -> str:
+    """``GPU memory``, or ``CPU memory (could not allocate 341.3 GB)`` from the CPU allocator's message."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "GPU memory"
+    found = re.search(r"allocate (\d+) bytes", str(error))
+    return f"CPU memory (could not allocate {int(found[1]) / 1e9:.1f} GB)" if found else "CPU memory"
+
+
+# What a training checkpoint holds (Trainer.state), checked before resuming from one.
+_STATE_KEYS = ("config", "step", "best_val", "model", "optimizer", "scheduler", "sampler", "window", "torch_rng")
+# The CSV files a run appends to (truncated on resume to the checkpoint's step, synced at each checkpoint).
+_RUN_CSVS = ("metrics.csv", "validation.csv", "transference.csv")
+
+
+def _continue_advice() -> str:
+    return f"then continue the run with {_resume_words()}"
+
+
+class _RunLog(logging.FileHandler):
+    """log.txt: a failed write (a full disk) is the run's one-line error, not logging's printed traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise write_failure(self.baseFilename, error, _continue_advice()) from None
+        super().handleError(record)
+
+
+# A TensorBoard writer thread's failed write (a full disk) reaches the main thread at the next add_scalar or
+# flush, where it becomes the run's one-line error; the thread's own traceback would only repeat it.
+def _quiet_tensorboard_thread_errors() -> None:
+    if getattr(threading.excepthook, "_kml_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook._kml_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 # How the advice in messages names resuming and overwriting: kml-train's flags, or the Trainer's arguments.
@@ -188,16 +291,46 @@ def _existing_run(run_dir: Path, overwrite: bool, words: dict[str, str] = _CLI_W
                 f"run {run_dir} already exists; pass {words['resume']} to continue it or {words['overwrite']} to delete it "
                 f"and start again"
             )
+        newest = _newest_step_checkpoint(run_dir)
+        if newest is not None:  # never advise deleting checkpoints that exist
+            raise KMLError(
+                f"run {run_dir} already exists and has no last.pt, but has {newest.name}; continue from it: "
+                f"{_resume_from_advice(run_dir, newest)}"
+            )
         raise KMLError(
             f"run {run_dir} already exists but has no checkpoint to resume (it stopped before its first save); "
             f"add {words['overwrite']} to delete it and start again"
         )
-    if not (run_dir / "config.json").is_file() and not (run_dir / "checkpoints").is_dir():
+    problem = _not_a_kml_run(run_dir)
+    if problem:
         raise KMLError(
-            f"{run_dir} is not a kml run folder (no config.json); {words['overwrite']} deletes only runs: "
-            f"choose another {words['name']}"
+            f"{run_dir} is not a kml run folder ({problem}); {words['overwrite']} deletes only kml runs: "
+            f"move it away or choose another {words['name']}"
         )
     return True
+
+
+def _not_a_kml_run(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a kml run that --overwrite may delete, or ``None`` when it is one: its config.json
+    reads as a kml run config (or, that file lost, its checkpoints/last.pt is a kml checkpoint)."""
+    config = run_dir / "config.json"
+    try:
+        values = json.loads(config.read_bytes())
+        if isinstance(values, dict) and isinstance(values.get("custom_learner"), str):  # a Python Trainer's run
+            if set(values) <= {"custom_learner", "versions", *SETTING_NAMES}:
+                return None
+            return f"{config.name} has keys no kml run has"
+        if not (isinstance(values, dict) and {"modes", "learner"} <= set(values)):  # kml writes every field
+            return f"{config.name} is not a kml run config"
+        RunConfig.load(config)
+        return None
+    except (OSError, ValueError, KMLError):
+        reason = f"{config.name} is not a kml run config" if config.exists() else f"no {config.name}"
+    try:
+        load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        return None
+    except KMLError:
+        return reason
 
 
 def _discard(run_dir: Path) -> None:
@@ -206,6 +339,8 @@ def _discard(run_dir: Path) -> None:
     try:
         os.replace(run_dir, aside)
     except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            raise write_failure(aside, error) from None
         raise KMLError(f"cannot move the old run {run_dir} aside for --overwrite: {error.strerror or error}") from None
     shutil.rmtree(aside, ignore_errors=True)  # leftovers (a kill meanwhile) go at the next start
 
@@ -246,18 +381,54 @@ def _resume_config(config_path: Path, last: Path) -> RunConfig:
                 raise KMLError(
                     f"cannot resume: {config_path} not found (is {config_path.parent} a kml run folder?)"
                 ) from None
+            newest = _newest_step_checkpoint(config_path.parent)
+            if newest is not None:  # it holds the settings too: never advise deleting checkpoints
+                raise KMLError(
+                    f"cannot resume: {error}; and there is no {last} to recover the settings from: continue from "
+                    f"{newest.name}, which holds them: {_resume_from_advice(config_path.parent, newest)}"
+                ) from None
             raise KMLError(
                 f"cannot resume: {error}; and there is no {last} to recover the settings from: start it again with "
                 f"the same kml-train command, --overwrite instead of --resume"
             ) from None
         reason = error
-    saved = load_checkpoint(last)["config"]
+    saved = load_checkpoint(last).get("config")
     if isinstance(saved, dict) and saved.get("custom_learner"):
         raise _custom_run_refusal(config_path.parent, saved["custom_learner"])
     config = RunConfig.from_dict(saved)
     config.save(config_path, {"versions": versions()})
     print(f"warning: {reason}; rewrote it from the settings saved in {last}", file=sys.stderr)
     return config
+
+
+def _resume_source(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
+    """The checkpoint a resume loads: last.pt, or ``checkpoint`` (a path, or a file name in the run's checkpoints/)."""
+    checkpoints = run_dir / "checkpoints"
+    if checkpoint is None:
+        return checkpoints / "last.pt"
+    path = Path(checkpoint)
+    if path.parent == Path(".") and not path.is_file():
+        path = checkpoints / path
+    if not path.is_file():
+        raise KMLError(f"{setting('resume_from')} {checkpoint}: no such checkpoint; the run's are in {checkpoints}")
+    if Path(os.path.realpath(path)).parent != Path(
+        os.path.realpath(checkpoints)
+    ):  # another run's state is not this run's
+        raise KMLError(
+            f"{setting('resume_from')} {checkpoint} is not a checkpoint of {run_dir}: name one in {checkpoints}"
+        )
+    return path
+
+
+def _load_for_resume(run_dir: Path, path: Path, device: str) -> dict[str, Any]:
+    """``load_checkpoint(path)``; a damaged file's error says how to continue from another of the run's checkpoints."""
+    try:
+        return load_checkpoint(path, device)
+    except KMLError as error:
+        newest = _newest_step_checkpoint(run_dir, other_than=path)
+        if newest is None:
+            raise
+        raise KMLError(f"{error}; to continue from {newest.name}: {_resume_from_advice(run_dir, newest)}") from None
 
 
 def versions() -> dict[str, str]:
@@ -269,12 +440,6 @@ def qualified_name(obj: object) -> str:
     """``module.QualName`` of ``obj``'s class: how a checkpoint names a custom learner."""
     kind = type(obj)
     return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(values, indent=2))
-    os.replace(tmp, path)  # a kill mid-write leaves the old file or the new one, never half of one
 
 
 def _sampler_value(sampler: Any, name: str) -> Any:
@@ -400,7 +565,7 @@ class Trainer:
         if device is not None:  # episodes follow it in train_step
             learner.to(device)
         self.device = str(device) if device is not None else _device_of(learner)
-        self.run_dir = Path(run_dir)
+        self.run_dir = _check_printable(Path(run_dir))
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.progress = progress and self.dist.is_main
         # None for the learner a kml-train config describes; else the custom learner's class, recorded in checkpoints
@@ -468,15 +633,17 @@ class Trainer:
         run_dir: str | os.PathLike | None = None,
         dist_info: DistInfo | None = None,
         progress: bool = True,
+        new_run: bool = True,
     ) -> Trainer:
         """The trainer ``kml-train`` builds for ``config``: its modes' stores, a :class:`MixtureSampler`, the
-        learner of ``config.learner``, Adam and the config's rate schedule (``build_scheduler``).
+        learner of ``config.learner``, Adam and the config's rate schedule (``build_scheduler``). ``new_run=False``
+        (resuming) accepts recorded settings that an earlier kml let through without effect.
 
         ``run_dir`` defaults to ``<train_dir>/<run_name>``. The run folder is taken by :meth:`fit` (a new run,
         refused if one exists); :meth:`create` and :meth:`resume` take it for ``kml-train``.
         """
         config = config.resolved()
-        check_run_combinations(config)
+        check_run_combinations(config, new_run)
         info = dist_info or DistInfo()
         device = resolve_device(config.device, info)
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -486,11 +653,13 @@ class Trainer:
         torch.manual_seed(config.seed)  # the learner's initialisation
 
         rotate = [config.rotate_omniglot and mode in ROTATED_BY_DEFAULT for mode in config.modes]
-        train_stores = load_stores(config.modes, "train", config.data_root, config.image_size, 3, device)
-        side = train_stores[0].image_shape[1]
+        loading = f"loading the images at {config.image_size or 'their stored'} pixels a side"
+        with _out_of_memory_as_one_line(loading, f"use a smaller {setting('image_size')}"):
+            train_stores = load_stores(config.modes, "train", config.data_root, config.image_size, 3, device)
+            side = train_stores[0].image_shape[1]
+            val_stores = load_stores(config.modes, "val", config.data_root, side, 3, device)
         learner_config = dataclasses.replace(config.learner, image_size=side, in_channels=3)
         config = dataclasses.replace(config, image_size=side, learner=learner_config)
-        val_stores = load_stores(config.modes, "val", config.data_root, side, 3, device)
         sampler = MixtureSampler(
             train_stores,
             config.ways,
@@ -508,7 +677,9 @@ class Trainer:
                 f"--meta-batch {config.meta_batch} is smaller than the {info.world_size} processes that share its tasks; "
                 f"use --meta-batch {info.world_size} or more"
             )
-        learner: MetaLearner = build_learner(learner_config).to(device)
+        smaller = f"use a smaller {setting('base_channels')}, {setting('encoder_channels')} or {setting('image_size')}"
+        with _out_of_memory_as_one_line("building the learner", smaller):
+            learner: MetaLearner = build_learner(learner_config).to(device)
         learner.activation_checkpointing = config.activation_checkpointing
         if config.compile and learner_config.algorithm == "maml" and not learner_config.first_order:
             raise KMLError(
@@ -518,6 +689,10 @@ class Trainer:
         optimizer = torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=config.lr)
         scheduler = build_scheduler(optimizer, config)  # per-recipe schedule (halved or constant)
         trainer = cls.__new__(cls)
+        trainer.data_identity = {  # checkpoints record the caches, so eval and resume notice one converted again
+            "train": [store.identity() for store in train_stores],
+            "val": [store.identity() for store in val_stores],
+        }
         trainer._setup(
             learner,
             sampler,
@@ -550,11 +725,11 @@ class Trainer:
             trainer = cls.from_config(config, run_dir, info, progress)
             trainer.lock = lock
             trainer._start_run(replace)
+            trainer.logger.info("new run %s: %s", run_dir, trainer.config.to_dict())
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
-        trainer.logger.info("new run %s: %s", run_dir, trainer.config.to_dict())
         return trainer
 
     @classmethod
@@ -564,33 +739,42 @@ class Trainer:
         overrides: dict[str, Any] | None = None,
         dist_info: DistInfo | None = None,
         progress: bool = True,
+        checkpoint: str | os.PathLike | None = None,
     ) -> Trainer:
-        """Continue the ``kml-train`` run in ``run_dir`` from ``checkpoints/last.pt``.
+        """Continue the ``kml-train`` run in ``run_dir`` from ``checkpoints/last.pt`` (or from ``checkpoint``, one of
+        the run's own, e.g. ``step_000009.pt``: later rows of its CSV files are dropped, as after a kill).
 
         ``overrides`` may change ``steps``, ``device``, ``data_root``, logging cadence and ``bf16`` (a
         device without native bf16 continues in float32: rounding differs, the method does not), and
         ``lr`` / ``grad_clip`` (to continue past a non-finite loss); any other change would make the
-        continuation differ from the uninterrupted run and is refused.
+        continuation differ from the uninterrupted run and is refused. The settings it continues with are
+        written back to ``config.json``, so a later resume keeps them.
         """
         run_dir = Path(run_dir)
         info = dist_info or DistInfo()
         lock = RunLock(run_dir).acquire() if info.is_main else None
         try:
-            trainer = cls._resumed(run_dir, overrides or {}, info, progress, lock)
+            trainer = cls._resumed(run_dir, overrides or {}, info, progress, lock, checkpoint)
+            trainer.logger.info("resumed %s at step %d", run_dir, trainer.step)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
-        trainer.logger.info("resumed %s at step %d", run_dir, trainer.step)
         return trainer
 
     @classmethod
     def _resumed(
-        cls, run_dir: Path, overrides: dict[str, Any], info: DistInfo, progress: bool, lock: RunLock | None
+        cls,
+        run_dir: Path,
+        overrides: dict[str, Any],
+        info: DistInfo,
+        progress: bool,
+        lock: RunLock | None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> Trainer:
-        last = run_dir / "checkpoints" / "last.pt"
         if not run_dir.is_dir():
             raise KMLError(f"cannot resume: there is no run folder {run_dir}; start the run by leaving out --resume")
+        last = _resume_source(run_dir, checkpoint)
         config = _resume_config(run_dir / "config.json", last)
         allowed = {
             "steps",
@@ -622,13 +806,19 @@ class Trainer:
         if config.run_name != run_dir.name or Path(config.train_dir) != run_dir.parent:
             config = dataclasses.replace(config, train_dir=str(run_dir.parent), run_name=run_dir.name)
         if not last.is_file():
+            newest = _newest_step_checkpoint(run_dir)
+            if newest is not None:  # never advise deleting checkpoints that exist
+                raise KMLError(
+                    f"cannot resume {run_dir}: it has no checkpoints/last.pt, but has {newest.name}; continue from it: "
+                    f"{_resume_from_advice(run_dir, newest)}"
+                )
             raise KMLError(
                 f"cannot resume {run_dir}: it has no checkpoint (it stopped before its first save); "
                 f"start it again: the same kml-train command with --overwrite instead of --resume"
             )
-        trainer = cls.from_config(config, run_dir, info, progress)
+        trainer = cls.from_config(config, run_dir, info, progress, new_run=False)
         trainer.lock = lock
-        trainer.load_state(load_checkpoint(last, trainer.device))
+        trainer.load_state(_load_for_resume(run_dir, last, trainer.device), source=last)
         trainer._set_base_lr(config.lr)
         trainer._continue_run()
         return trainer
@@ -642,25 +832,29 @@ class Trainer:
         try:
             if resume:
                 last = self.checkpoint_dir / "last.pt"
+                newest = _newest_step_checkpoint(self.run_dir)
+                if not last.is_file() and newest is not None:  # never advise deleting checkpoints that exist
+                    raise KMLError(
+                        f"cannot resume {self.run_dir}: it has no checkpoints/last.pt, but has {newest.name}; "
+                        f"continue from it: {_resume_from_advice(self.run_dir, newest)}"
+                    )
                 if not last.is_file():
                     raise KMLError(
                         f"cannot resume {self.run_dir}: it has no checkpoints/last.pt (it never started, or stopped before "
                         f"its first save); start it with resume=False{', overwrite=True' if self.run_dir.is_dir() else ''}"
                     )
-                self.load_state(load_checkpoint(last, self.device))
+                self.load_state(_load_for_resume(self.run_dir, last, self.device), source=last)
                 self._continue_run()
+                self.logger.info("resumed %s at step %d", self.run_dir, self.step)
             else:
                 replace = _existing_run(self.run_dir, overwrite, _PYTHON_WORDS)
                 barrier(self.dist)
                 self._start_run(replace)
+                self.logger.info("new run %s: %s", self.run_dir, self._config_record())
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
-        if resume:
-            self.logger.info("resumed %s at step %d", self.run_dir, self.step)
-        else:
-            self.logger.info("new run %s: %s", self.run_dir, self._config_record())
 
     def _start_run(self, replace: bool) -> None:
         """A new run: the old one deleted (``replace``), run files opened, config.json and a step-0 last.pt."""
@@ -674,9 +868,11 @@ class Trainer:
         self._taken = True
 
     def _continue_run(self) -> None:
-        """After loading last.pt: run files opened, rows logged after that checkpoint dropped."""
+        """After loading last.pt: run files opened, rows and TensorBoard events logged after that checkpoint
+        dropped, and the settings it continues with written to config.json (a later resume keeps them)."""
         if self.dist.is_main:
-            self._open_run_files()
+            self._open_run_files(purge_step=self.step + 1)
+            self._write_config_file()
         self._truncate_metrics()
         self._taken = True
 
@@ -690,12 +886,15 @@ class Trainer:
             group["lr"] = lr * self.scheduler.gamma**halvings
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def _open_run_files(self) -> None:
-        """Create the run folder and open log.txt and TensorBoard; drop temp files a killed run left behind."""
+    def _open_run_files(self, purge_step: int | None = None) -> None:
+        """Create the run folder and open log.txt and TensorBoard (its events from ``purge_step`` on dropped);
+        drop temp files a killed run left behind."""
         try:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(self.run_dir / "log.txt")
+            handler = _RunLog(self.run_dir / "log.txt")
         except OSError as error:
+            if error.errno == errno.ENAMETOOLONG:
+                raise write_failure(self.run_dir, error) from None
             raise KMLError(f"cannot write in run folder {self.run_dir}: {error.strerror or error}") from None
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         self.logger.addHandler(handler)
@@ -708,16 +907,21 @@ class Trainer:
             self.logger.info("removed %s, left by a process killed while writing it", stale)
         for stale in self.run_dir.parent.glob(f".{self.run_dir.name}.overwritten-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        self.tensorboard = self._make_tensorboard()
+        self.tensorboard = self._make_tensorboard(purge_step)
 
     def _write_config_file(self) -> None:
         if self.custom:
-            _write_json(self.run_dir / "config.json", {**self._config_record(), "versions": versions()})
+            write_json(self.run_dir / "config.json", {**self._config_record(), "versions": versions()})
         else:
             self.config.save(self.run_dir / "config.json", {"versions": versions()})
 
     def release(self) -> None:
         """Let go of the run folder (end of fit, or a trainer used without fit)."""
+        if self.tensorboard is not None:  # the events so far on disk, also after an exception (a later fit adds more)
+            try:
+                self.tensorboard.flush()
+            except OSError:
+                pass  # reported by the write that failed first
         if self.lock is not None:
             self.lock.release()
 
@@ -743,10 +947,29 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             # a custom learner may draw random numbers on the GPU (dropout): its generators resume too
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "data": getattr(self, "data_identity", None),  # None for a custom learner's sampler
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        source = str(self.checkpoint_dir / "last.pt")
+    def _check_caches(self, recorded: dict[str, Any] | None) -> None:
+        """Refuse to continue on caches made otherwise than the run's (recorded since kml 0.3)."""
+        ours = getattr(self, "data_identity", None)
+        if recorded and ours:
+            for split in ("train", "val"):
+                for was, now in zip(recorded.get(split, []), ours[split]):
+                    check_same_cache(was, now)
+
+    def load_state(self, state: dict[str, Any], source: str | os.PathLike | None = None) -> None:
+        """Continue from ``state``, a checkpoint's contents (``source`` names its file in messages)."""
+        source = str(source or self.checkpoint_dir / "last.pt")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            newest = _newest_step_checkpoint(self.run_dir, other_than=Path(source))
+            raise KMLError(
+                f"checkpoint {source} has no {', '.join(missing)}: it is not a complete kml training checkpoint "
+                f"(an edited or foreign file); continue from another of the run's checkpoints"
+                + (f": {_resume_from_advice(self.run_dir, newest)}" if newest else "")
+            )
+        self._check_caches(state.get("data"))
         saved = state["config"]
         saved_custom = saved.get("custom_learner") if isinstance(saved, dict) else None
         if not self.custom:
@@ -794,13 +1017,28 @@ class Trainer:
             return None
         if not self._parameters_finite():  # a checkpoint on disk is always one that can be resumed
             self._stop_on_non_finite_loss("non-finite parameters", self.step)
+        self._sync_run_files()
         return save_checkpoint(self.checkpoint_dir / name, self.state())
+
+    def _sync_run_files(self) -> None:
+        """Put the rows and events logged so far on disk before a checkpoint says they were logged."""
+        for name in _RUN_CSVS:
+            path = self.run_dir / name
+            try:
+                if path.is_file():
+                    with path.open("a") as handle:
+                        os.fsync(handle.fileno())
+            except OSError as error:
+                raise write_failure(path, error, _continue_advice()) from None
+        self._tensorboard_write(lambda board: board.flush())
 
     def _parameters_finite(self) -> bool:
         tensors = [t for t in self.learner.state_dict().values() if t.is_floating_point()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
-    def _stop_on_non_finite_loss(self, what: str = "non-finite loss", step: int | None = None) -> None:
+    def _stop_on_non_finite_loss(
+        self, what: str = "non-finite loss", step: int | None = None, episode: Episode | None = None
+    ) -> None:
         """Leave on disk parameters that are finite and from before the bad step, and stop with what to change.
 
         The loss of step k is checked before step k's update, so finite parameters now are exactly those before
@@ -809,6 +1047,7 @@ class Trainer:
         last = self.checkpoint_dir / "last.pt"
         if self._parameters_finite():
             if self.dist.is_main:
+                self._sync_run_files()
                 save_checkpoint(last, self.state())
             kept = f"saved the parameters from before it (step {self.step}) in {last}"
         elif self.dist.is_main and last.is_file():
@@ -825,12 +1064,29 @@ class Trainer:
                 f"then lower the rate in trainer.optimizer.param_groups (and a scheduler's base_lrs) before fit() "
                 f"(or pass grad_clip=10)"
             )
-        run = f"--train-dir {self.run_dir.parent} --run-name {self.run_dir.name}"
+        if episode is not None and self._inner_loop_diverged(episode):
+            raise KMLError(
+                f"{where}; the MAML inner loop diverged (the loss before adaptation is finite, after it is not), "
+                f"which the outer --lr cannot fix: start a new run (another --run-name) with a smaller inner rate, "
+                f"--inner-lr {self.config.learner.inner_lr / 10:g}, or add --inner-grad-clip 10"
+            )
         raise KMLError(
             f"{where}; continue with a smaller outer learning rate: "
-            f"kml-train --resume {run} --lr {self.config.lr / 10:g} (or add --grad-clip 10); "
+            f"kml-train --resume {_run_flags(self.run_dir)} --lr {self.config.lr / 10:g} (or add --grad-clip 10); "
             f"a lower --inner-lr needs a new run"
         )
+
+    def _inner_loop_diverged(self, episode: Episode) -> bool:
+        """True when a kml MAML learner's loss is finite before adaptation and not after: the inner rate's fault."""
+        if self.custom or self.config.learner.algorithm != "maml" or self.config.learner.meta_sgd:
+            return False
+        chunk = episode.select(slice(0, self.settings.task_chunk or episode.num_tasks)).to_float()
+        try:
+            with autocast(self.device, self.settings.bf16):
+                before, after = self.learner(chunk, inner_steps=0).loss, self.learner(chunk).loss
+        except RuntimeError:  # e.g. out of memory: no diagnosis, the general advice stands
+            return False
+        return bool(torch.isfinite(before)) and not bool(torch.isfinite(after))
 
     def _memory_switches(self) -> str:
         learner = self.config.learner
@@ -838,16 +1094,25 @@ class Trainer:
             return "MAML: add --activation-checkpointing; or --bf16"
         return "or --bf16"
 
-    def _out_of_memory(self, tasks: int) -> KMLError:
+    def _out_of_memory(self, error: BaseException, episode: Episode | None) -> KMLError:
+        """Out of GPU memory (or CPU memory, the CPU allocator's RuntimeError) drawing or training a meta-batch."""
+        need = _memory_need(error)
+        if episode is None:  # the sampler holds the whole meta-batch at once: task chunks cannot shrink it
+            size = _sampler_value(self.sampler, "meta_batch")
+            return KMLError(
+                f"out of {need} drawing a meta-batch of {size} tasks at step {self.step + 1}; start a new run with "
+                f"a smaller {setting('meta_batch')} (another {setting('run_name')})"
+            )
+        tasks = episode.num_tasks
         chunk = max(1, (self.settings.task_chunk or tasks) // 2)
         if self.custom:
             return KMLError(
-                f"out of GPU memory at step {self.step + 1} with a meta-batch of {tasks} tasks; the same update in less "
+                f"out of {need} at step {self.step + 1} with a meta-batch of {tasks} tasks; the same update in less "
                 f"memory: Trainer(..., run_dir='{self.run_dir}', resume=True, task_chunk={chunk}) (or bf16=True)"
             )
         return KMLError(
-            f"out of GPU memory at step {self.step + 1} with --meta-batch {self.config.meta_batch}; the same update "
-            f"in less memory: kml-train --resume --train-dir {self.run_dir.parent} --run-name {self.run_dir.name} "
+            f"out of {need} at step {self.step + 1} with --meta-batch {self.config.meta_batch}; the same update "
+            f"in less memory: kml-train --resume {_run_flags(self.run_dir)} "
             f"--task-chunk {chunk} ({self._memory_switches()})"
         )
 
@@ -858,18 +1123,30 @@ class Trainer:
         logger.propagate = False
         return logger
 
-    def _make_tensorboard(self):
+    def _make_tensorboard(self, purge_step: int | None = None):
+        """A TensorBoard writer; on resume, ``purge_step`` hides the events a killed run logged after its checkpoint
+        (they are logged again, as the CSV rows are)."""
         if not self.dist.is_main:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
+        _quiet_tensorboard_thread_errors()
         try:
-            return SummaryWriter(str(self.run_dir / "tensorboard"))
+            return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
         except (OSError, RuntimeError) as error:  # e.g. a full disk: train on, the CSV files hold the metrics
             self.logger.info("no TensorBoard events: %s", error)
             return None
+
+    def _tensorboard_write(self, write: Callable[[Any], object]) -> None:
+        """``write(writer)`` if TensorBoard is on; a failed write (a full disk) is one line."""
+        if self.tensorboard is None:
+            return
+        try:
+            write(self.tensorboard)
+        except OSError as error:
+            raise write_failure(self.run_dir / "tensorboard", error, _continue_advice()) from None
 
     def _reset_window(self) -> None:
         modes = len(self.mode_names)
@@ -888,31 +1165,45 @@ class Trainer:
         """Drop rows logged after the checkpoint we resume from (they will be logged again)."""
         if not self.dist.is_main:
             return
-        for name in ("metrics.csv", "validation.csv", "transference.csv"):
+        for name in _RUN_CSVS:
             path = self.run_dir / name
             if not path.is_file():
                 continue
-            text = path.read_text()
-            if text and not text.endswith("\n"):  # a row cut by a kill: drop it (it is logged again)
-                text = text[: text.rfind("\n") + 1]
-            reader = csv.DictReader(text.splitlines())
-            fields = reader.fieldnames or []
-            rows = [row for row in reader if _step_of(row) is not None and _step_of(row) <= self.step]
             tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-            with tmp.open("w", newline="") as handle:  # written aside and renamed: a kill now loses no row
-                writer = csv.DictWriter(handle, fieldnames=fields)
-                writer.writeheader()
+            try:
+                text = path.read_text()
+                if text and not text.endswith("\n"):  # a row cut by a kill: drop it (it is logged again)
+                    text = text[: text.rfind("\n") + 1]
+                reader = csv.DictReader(text.splitlines())
+                if not reader.fieldnames:  # killed before its header was written: the next row writes it
+                    path.unlink()
+                    continue
+                rows = [row for row in reader if _step_of(row) is not None and _step_of(row) <= self.step]
+                with tmp.open("w", newline="") as handle:  # written aside and renamed: a kill now loses no row
+                    writer = csv.DictWriter(handle, fieldnames=reader.fieldnames)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except OSError as error:
+                tmp.unlink(missing_ok=True)
+                raise write_failure(path, error) from None
+
+    def _append_csv(self, name: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` to the run's CSV file ``name``, its header first when the file is new or empty."""
+        path = self.run_dir / name
+        try:
+            with path.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                if handle.tell() == 0:
+                    writer.writeheader()
                 writer.writerows(rows)
-            os.replace(tmp, path)
+        except OSError as error:
+            raise write_failure(path, error, _continue_advice()) from None
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        path = self.run_dir / "metrics.csv"
-        new = not path.is_file()
-        with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self._metric_columns())
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
+        self._append_csv("metrics.csv", self._metric_columns(), rows)
 
     def _log_window(self, started: float) -> dict[str, float]:
         window = {k: sum_tensor(v.clone(), self.dist) for k, v in self.window.items()}
@@ -932,10 +1223,8 @@ class Trainer:
         self._reset_window()
         if self.dist.is_main:
             self._write_metrics([row])
-            if self.tensorboard:
-                for key, value in row.items():
-                    if key not in ("step", "time") and value != "":
-                        self.tensorboard.add_scalar(f"train/{key}", value, self.step)
+            scalars = {f"train/{k}": v for k, v in row.items() if k not in ("step", "time") and v != ""}
+            self._tensorboard_write(lambda board: [board.add_scalar(k, v, self.step) for k, v in scalars.items()])
         return row
 
     # ------------------------------------------------------------ loop
@@ -972,14 +1261,14 @@ class Trainer:
             self.step,
             ", ".join(f"{r.mode} {r.accuracy:.2f}±{r.ci95:.2f}" for r in [*results, mean]),
         )
-        if self.tensorboard:
-            for r in [*results, mean]:
-                self.tensorboard.add_scalar(f"val/accuracy_{r.mode}", r.accuracy, self.step)
-        with (self.run_dir / "validation.csv").open("a") as handle:
-            if handle.tell() == 0:
-                handle.write("step,mode,accuracy,ci95\n")
-            for r in [*results, mean]:
-                handle.write(f"{self.step},{r.mode},{r.accuracy:.4f},{r.ci95:.4f}\n")
+        self._tensorboard_write(
+            lambda board: [board.add_scalar(f"val/accuracy_{r.mode}", r.accuracy, self.step) for r in [*results, mean]]
+        )
+        rows = [
+            {"step": self.step, "mode": r.mode, "accuracy": f"{r.accuracy:.4f}", "ci95": f"{r.ci95:.4f}"}
+            for r in [*results, mean]
+        ]
+        self._append_csv("validation.csv", ["step", "mode", "accuracy", "ci95"], rows)
         return mean.accuracy
 
     def train_step(self, episode: Episode) -> None:
@@ -1007,7 +1296,7 @@ class Trainer:
             if requests > 0:
                 self._stop_agreed = True
         if not torch.isfinite(global_loss):
-            self._stop_on_non_finite_loss()
+            self._stop_on_non_finite_loss(episode=local)
         sum_gradients(self.parameters, self.dist)
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.parameters, settings.grad_clip)
@@ -1070,15 +1359,18 @@ class Trainer:
         self.learner.train()
         try:
             while self.step < settings.steps and not self._should_stop():
-                episode = self.sampler.sample()
+                episode = None
                 try:
+                    episode = self.sampler.sample()
                     self.train_step(episode)
-                except torch.OutOfMemoryError:
-                    raise self._out_of_memory(episode.num_tasks) from None
+                except RuntimeError as error:  # torch.OutOfMemoryError is one
+                    if not _is_out_of_memory(error):
+                        raise
+                    raise self._out_of_memory(error, episode) from None
                 self.step += 1
                 bar.update(1)
                 for callback in self.callbacks:
-                    callback(self, self.step, episode)
+                    self._call(callback, episode)
                 if self.step % settings.log_every == 0:
                     row = self._log_window(started)
                     bar.set_postfix(
@@ -1107,9 +1399,19 @@ class Trainer:
             self.logger.info("stopped at step %d because another rank was signalled; checkpoint %s", self.step, path)
         else:
             self.logger.info("finished at step %d", self.step)
-        if self.tensorboard:
-            self.tensorboard.flush()
+        self._tensorboard_write(lambda board: board.flush())
         return path
+
+    def _call(self, callback: Callback, episode: Episode) -> None:
+        """Run a callback; kml's transference recorder failing to write its CSV (a full disk) is one line."""
+        try:
+            callback(self, self.step, episode)
+        except OSError as error:
+            from kml.transference.recorder import TransferenceRecorder
+
+            if not isinstance(callback, TransferenceRecorder):
+                raise
+            raise write_failure(callback.path, error, _continue_advice()) from None
 
     @property
     def interrupted(self) -> bool:

@@ -2,9 +2,15 @@
 
 Layout under the data root::
 
-    <root>/raw/<dataset>/<archive>        downloaded here, or placed here by hand
-    <root>/raw/<dataset>/<extracted>/     extracted archives (+ a .extracted-<archive>.json marker)
-    <root>/cache/<dataset>/<split>/       the converted stores the samplers read
+    <root>/raw/<dataset>/<archive>                    downloaded here, or placed here by hand
+    <root>/raw/<dataset>/extracted/                   kml's own folder: the archives are extracted here only
+    <root>/raw/<dataset>/.kml-extracted-<archive>.json   what kml extracted (written by kml, outside extracted/)
+    <root>/cache/<dataset>/<split>/                   the converted stores the samplers read
+
+Archive members land only under ``extracted/``: they cannot replace an archive or any other
+file beside it, nor write the records that say what was extracted (``--cleanup`` deletes
+``extracted/`` itself and nothing else). Extracted folders placed by hand directly under
+``raw/<dataset>/`` are read where they are and never deleted.
 
 An archive is looked for, in order, under ``raw/<dataset>/``, directly under the
 root, and in the folders other libraries download to (torchvision,
@@ -27,9 +33,18 @@ from kml.data.sources.fetch import DownloadFailed, Resource, download, verify
 from kml.data.sources.images import ClassPlan
 from kml.errors import KMLError
 
-__all__ = ["Context", "ConversionPlan", "human_size", "MIRROR_ENV", "mirrors_from_env", "split_by_fractions"]
+__all__ = [
+    "Context",
+    "ConversionPlan",
+    "EXTRACTED",
+    "human_size",
+    "MIRROR_ENV",
+    "mirrors_from_env",
+    "split_by_fractions",
+]
 
 MIRROR_ENV = "KML_MIRROR"
+EXTRACTED = "extracted"  # the folder under raw/<dataset>/ that archives are extracted into
 
 
 def mirrors_from_env() -> list[str]:
@@ -78,10 +93,19 @@ class Context:
     timeout: float = 60.0
     force: bool = False
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # archive or folder -> checksum, origin
+    checksums_used: set[str] = field(default_factory=set)  # the names of ``checksums`` that were consulted
 
     @property
     def raw_dir(self) -> Path:
         return self.root / "raw" / self.name
+
+    @property
+    def extract_dir(self) -> Path:
+        return self.raw_dir / EXTRACTED
+
+    def record(self, archive_name: str) -> Path:
+        """Where kml notes that it extracted ``archive_name`` (beside ``extracted/``, where no member can write)."""
+        return self.raw_dir / f".kml-extracted-{archive_name}.json"
 
     # -------------------------------------------------------------- locating
     def candidates(self, filename: str, extra_dirs: Iterable[Path] = ()) -> list[Path]:
@@ -97,6 +121,8 @@ class Context:
         return list(resource.urls)
 
     def expected_checksum(self, resource: Resource) -> str | None:
+        if resource.filename in self.checksums:
+            self.checksums_used.add(resource.filename)
         return self.checksums.get(resource.filename, resource.checksum)
 
     def manual_hint(self, resources: Sequence[Resource]) -> str:
@@ -130,21 +156,19 @@ class Context:
         }
         return found
 
-    def extracted(self, archive: Path, dest: Path | None = None) -> Path:
-        """Extract ``archive`` into ``dest`` (default ``raw/<name>/``) unless a marker says it is done."""
-        dest = dest or self.raw_dir
-        marker = dest / f".extracted-{archive.name}.json"
-        checksum = self.sources.get(archive.name, {}).get("checksum")
-        if not self.force and marker.is_file():
-            try:
-                if json.loads(marker.read_text()).get("checksum") == checksum:
-                    return dest
-            except (OSError, json.JSONDecodeError):
-                pass
-        marker.unlink(missing_ok=True)
-        written = safe_extract(archive, dest, self.progress)
-        source = self.sources.get(archive.name, {})
-        marker.write_text(json.dumps({"archive": archive.name, **source, "entries": [p.name for p in written]}))
+    def _read_record(self, archive_name: str) -> dict[str, Any] | None:
+        try:
+            entry = json.loads(self.record(archive_name).read_text())
+        except (OSError, ValueError):
+            return None
+        return entry if isinstance(entry, dict) else None
+
+    def extracted(self, archive: Path) -> Path:
+        """Extract ``archive`` into ``raw/<name>/extracted/`` and record it there; return that folder."""
+        dest, record = self.extract_dir, self.record(archive.name)
+        record.unlink(missing_ok=True)
+        safe_extract(archive, dest, self.progress)
+        record.write_text(json.dumps({"archive": archive.name, **self.sources.get(archive.name, {})}))
         return dest
 
     def obtain(
@@ -157,8 +181,9 @@ class Context:
         """A folder holding every path in ``expect`` (relative), obtained without the network if possible.
 
         Tried in order: ``reuse`` folders left by other libraries (``(path, label)``),
-        a folder already extracted under ``raw/<name>/`` (by this code, or by hand when
-        no archive lies beside it), then each archive found or downloaded, and extracted.
+        ``raw/<name>/extracted/`` when kml extracted every archive there before, folders
+        extracted by hand directly under ``raw/<name>/`` when no archive lies beside them,
+        then each archive found or downloaded, and extracted into ``raw/<name>/extracted/``.
         """
         archive_dirs = list(archive_dirs)
         for folder, label in reuse:
@@ -167,30 +192,33 @@ class Context:
                     "reused", {"origin": f"{label} at {folder}", "checksum": None, "verified": False}
                 )
                 return folder
-        raw = self.raw_dir
-        if not self.force and all((raw / rel).exists() for rel in expect):
-            markers = [raw / f".extracted-{r.filename}.json" for r in resources]
-            by_hand = not any(self.find_file(r.filename, archive_dirs) for r in resources)
-            if all(m.is_file() for m in markers) or by_hand:
-                origin = "extracted folder placed by hand" if by_hand else "previously extracted archives"
+        raw, out = self.raw_dir, self.extract_dir
+        if not self.force:
+            records = [self._read_record(r.filename) for r in resources]
+            if all(records) and all((out / rel).exists() for rel in expect):
                 self.sources.setdefault(
-                    "extracted", {"origin": f"{origin} in {raw}", "checksum": None, "verified": False}
+                    "extracted",
+                    {"origin": f"previously extracted archives in {out}", "checksum": None, "verified": False},
                 )
-                for marker in markers:
-                    if marker.is_file():  # what was recorded when the archive was verified and extracted
-                        entry = json.loads(marker.read_text())
-                        entry.pop("entries", None)
-                        self.sources[entry.pop("archive")] = entry
+                for resource, entry in zip(resources, records):  # recorded when the archive was verified
+                    self.sources[resource.filename] = {k: v for k, v in (entry or {}).items() if k != "archive"}
+                return out
+            by_hand = not any(self.find_file(r.filename, archive_dirs) for r in resources)
+            if by_hand and all((raw / rel).exists() for rel in expect):
+                self.sources.setdefault(
+                    "extracted",
+                    {"origin": f"extracted folder placed by hand in {raw}", "checksum": None, "verified": False},
+                )
                 return raw
         for resource in resources:
             self.extracted(self.archive(resource, archive_dirs))
-        missing = [rel for rel in expect if not (raw / rel).exists()]
+        missing = [rel for rel in expect if not (out / rel).exists()]
         if missing:
             raise KMLError(
-                f"{self.name}: after extracting {', '.join(r.filename for r in resources)} into {raw}, "
+                f"{self.name}: after extracting {', '.join(r.filename for r in resources)} into {out}, "
                 f"{missing[0]} is missing; is it the right archive? Delete it and rerun"
             )
-        return raw
+        return out
 
 
 def split_by_fractions(names: Sequence[str], fractions: Sequence[float], seed: int) -> dict[str, list[str]]:

@@ -125,6 +125,8 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: 
         written = []
         for entry in sorted(tmp.iterdir()):
             final = dest / entry.name
+            if final.resolve() == archive.resolve():  # for callers that extract beside the archive (kml does not)
+                raise KMLError(f"refusing to extract {archive.name}: member {entry.name!r} would replace the archive")
             if final.is_dir() and not final.is_symlink():
                 shutil.rmtree(final)
             elif final.exists() or final.is_symlink():

@@ -4,9 +4,12 @@ A download streams into ``<file>.part`` beside the target, with a tqdm bar.
 When a ``.part`` file is already there (an interrupted run), the next run asks
 the server for the rest with an HTTP ``Range`` header and appends; a server
 that ignores ranges sends the whole file again and the part is rewritten.
-Transient failures (HTTP 5xx/408/429, connection reset, timeout, a body cut
-short) are retried with exponential backoff; anything else moves on to the
-next URL (mirror). Only when the checksum matches is the file renamed into
+Transient failures (HTTP 5xx/408/429, connection reset, a body cut short) are
+retried with exponential backoff; anything else moves on to the next URL
+(mirror). A download must make progress: at least ``MIN_PROGRESS`` bytes in
+every ``timeout`` seconds (also the socket timeout), or the URL is abandoned at
+once, without retries (a silent or trickling mirror would otherwise hold the
+run for ever). Only when the checksum matches is the file renamed into
 place, so a file under its final name is always complete. A mismatch moves
 the download aside to ``<file>.bad`` and stops with the expected and the
 computed checksum.
@@ -37,6 +40,7 @@ __all__ = [
     "DownloadFailed",
     "file_checksum",
     "looks_like_html",
+    "MIN_PROGRESS",
     "parse_checksum",
     "Resource",
     "TRANSIENT_HTTP",
@@ -47,6 +51,7 @@ __all__ = [
 CHUNK = 1 << 20
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 USER_AGENT = "kml-download/0.1 (Python urllib)"
+MIN_PROGRESS = 32 * 1024  # bytes a download must receive in every `timeout` seconds (0.5 KiB/s at the default 60 s)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ class DownloadFailed(Exception):
 
 class _Transient(Exception):
     """A failure worth retrying on the same URL."""
+
+
+class _Stalled(Exception):
+    """Too little progress within ``timeout`` seconds: the next URL is tried, this one is not retried."""
 
 
 def parse_checksum(checksum: str) -> tuple[str, str]:
@@ -149,17 +158,14 @@ def _is_transient(error: BaseException) -> bool:
         error = error.reason
     if isinstance(error, (ConnectionRefusedError, socket.gaierror)):
         return False  # nothing listens there / no such host: try the next mirror at once
-    return isinstance(
-        error,
-        (
-            _Transient,
-            http.client.IncompleteRead,
-            http.client.RemoteDisconnected,
-            ConnectionError,
-            TimeoutError,
-            socket.timeout,
-        ),
-    )
+    return isinstance(error, (_Transient, http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError))
+
+
+def _is_stall(error: BaseException) -> bool:
+    """No progress within the timeout: retrying the same silent or trickling mirror would only wait again."""
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
+        error = error.reason
+    return isinstance(error, (_Stalled, TimeoutError, socket.timeout))
 
 
 def _describe(error: BaseException) -> str:
@@ -209,13 +215,20 @@ def _download_once(url: str, part: Path, timeout: float, progress: bool, label: 
                     leave=False,
                 ) as bar,
             ):
+                window_start, window_bytes = time.monotonic(), 0
                 while True:
-                    chunk = response.read(CHUNK)
+                    chunk = response.read1(CHUNK)  # what has arrived: read(CHUNK) would wait for a whole MiB
                     if not chunk:
                         break
                     _write(handle, chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    window_bytes += len(chunk)
+                    elapsed = time.monotonic() - window_start
+                    if elapsed >= timeout:
+                        if window_bytes < MIN_PROGRESS:
+                            raise _Stalled(f"only {window_bytes} bytes in {elapsed:.0f} s")
+                        window_start, window_bytes = time.monotonic(), 0
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise disk_full(error, f"downloading {part.name[:-5]} to {part.parent}") from None
@@ -235,6 +248,8 @@ def download(
 ) -> tuple[str, str]:
     """Download ``target`` from the first URL that works; verify; rename into place.
 
+    ``timeout``: seconds within which the socket must answer and the download must receive at least
+    ``MIN_PROGRESS`` bytes; a URL that does not is abandoned (not retried) for the next.
     Returns ``(url used, computed checksum)``. Raises :class:`DownloadFailed` when
     every URL fails, :class:`KMLError` on a checksum mismatch or a full disk.
     """
@@ -252,12 +267,19 @@ def download(
                 if error.errno == errno.ENOSPC:
                     raise disk_full(error, f"downloading {target.name}") from None
                 failure: BaseException = error
-            except (_Transient, http.client.HTTPException) as error:
+            except (_Transient, _Stalled, http.client.HTTPException) as error:
                 failure = error
             else:
                 got = verify(part, checksum, target.name)
                 os.replace(part, target)  # atomic: the final name only ever holds a verified file
                 return url, got
+            if _is_stall(failure):
+                detail = str(failure) if isinstance(failure, _Stalled) else f"silent for {timeout:g} s"
+                reasons.append(
+                    f"{url}: no progress ({detail}; a download must receive {MIN_PROGRESS // 1024} KiB "
+                    f"every {timeout:g} s, raise --timeout for a slow connection)"
+                )
+                break
             if _is_transient(failure) and attempt < retries:
                 time.sleep(backoff * 2**attempt)
                 continue

@@ -11,12 +11,14 @@ Two layouts are understood:
 Images of any size are squashed to ``side`` x ``side`` (default 84, Lanczos). When
 every image is grey the store is grey (1 channel), otherwise RGB (grey images
 tiled). The folder is converted on first use and cached under
-``<root>/cache/folder-<name>-<hash of the path>/``; the cache is rebuilt when the
-folder's listing changes (files added, removed or renamed).
+``<root>/cache/folder-<name>-<hash of the path>/``; the cache is rebuilt when an image is
+added, removed, renamed or rewritten (its name, size, mtime and ctime are fingerprinted),
+linked class folders included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -59,12 +61,24 @@ def _layout(path: Path) -> str:
 
 
 def _fingerprint(path: Path) -> str:
-    """Changes when any class folder's listing changes (names only: cheap, no per-file stat)."""
+    """Changes when an image is added, removed, renamed or rewritten, inside linked folders too (one stat per image)."""
     digest = hashlib.sha1()
-    for dirpath, dirnames, filenames in os.walk(path):
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):  # the plan reads linked class folders
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree would loop
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
-        digest.update(dirpath.encode())
-        digest.update("\0".join(sorted(f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES))).encode())
+        digest.update(dirpath.encode() + b"\0")
+        for name in sorted(f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES)):
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+                stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"  # ctime: also a rewrite that keeps mtime
+            except OSError:  # unreadable or a dangling link: the conversion reports it
+                stamp = "?"
+            digest.update(f"{name}\0{stamp}\0".encode())
     return digest.hexdigest()
 
 
@@ -140,7 +154,7 @@ def load_folder(
         raise KMLError(f"folder fractions must be three non-negative numbers (train, val, test), got {list(fractions)}")
     directory = Path(root) / "cache" / cache_name(folder)
     options = {"side": side, "fractions": list(fractions), "seed": seed, "fingerprint": _fingerprint(folder)}
-    with locked(directory):
+    with contextlib.nullcontext() if is_complete(directory, options) else locked(directory):  # read-only roots work
         if not is_complete(directory, options):
             try:
                 plan = plan_folder(folder, side, fractions, seed)

@@ -119,15 +119,12 @@ def _check_classes(split: str, names, where: str) -> None:
         )
 
 
-def _find_pickles(ctx: Context) -> dict[str, Path] | None:
+def _find_pickles(ctx: Context, extracted: Path | None = None) -> dict[str, Path] | None:
     found = {}
+    dirs = [*_dirs(ctx)[2:], *([extracted] if extracted else [])]
     for split, names in PICKLE_NAMES.items():
         path = next(
-            (
-                p
-                for name in names
-                if (p := ctx.find_file(f"mini-imagenet-cache-{name}.pkl", _dirs(ctx)[2:])) is not None
-            ),
+            (p for name in names if (p := ctx.find_file(f"mini-imagenet-cache-{name}.pkl", dirs)) is not None),
             None,
         )
         if path is None:
@@ -182,14 +179,16 @@ def _from_hdf5(ctx: Context, folder: Path) -> ConversionPlan:
 def _from_images(ctx: Context, folder: Path) -> ConversionPlan:
     images = folder / "images"
     splits = {}
-    if all((folder / f"{split}.csv").is_file() for split in WNIDS):
+    # the csv files come with the images, or are placed by hand beside the zip
+    tables = next((f for f in (folder, ctx.raw_dir) if all((f / f"{s}.csv").is_file() for s in WNIDS)), None)
+    if tables is not None:
         for split in WNIDS:
-            with open(folder / f"{split}.csv", newline="") as handle:
+            with open(tables / f"{split}.csv", newline="") as handle:
                 rows = [row for row in csv.reader(handle) if row and row[0] != "filename"]
             by_class: dict[str, list[Path]] = {}
             for filename, label in rows:
                 by_class.setdefault(label, []).append(images / filename)
-            _check_classes(split, by_class, f"{folder}/{split}.csv")
+            _check_classes(split, by_class, f"{tables}/{split}.csv")
             splits[split] = [ClassPlan(w, sorted(by_class[w])) for w in sorted(by_class)]
         layout = "images/ folder with Ravi & Larochelle csv files"
     else:  # no csv: the class of an image is its wnid prefix
@@ -233,12 +232,12 @@ def _plan(ctx: Context) -> ConversionPlan:
             return _from_images(ctx, folder)
     for resource in (TORCHMETA_TAR, MMAML_ZIP):
         if ctx.find_file(resource.filename, _dirs(ctx)[2:]):
-            ctx.extracted(ctx.archive(resource, _dirs(ctx)[2:]))
-            pickles = _find_pickles(ctx)
+            folder = ctx.extracted(ctx.archive(resource, _dirs(ctx)[2:]))
+            pickles = _find_pickles(ctx, folder)
             if pickles:
                 return _from_pickles(ctx, pickles)
-            if (ctx.raw_dir / "images").is_dir():
-                return _from_images(ctx, ctx.raw_dir)
+            if (folder / "images").is_dir():
+                return _from_images(ctx, folder)
             raise KMLError(f"{resource.filename} holds neither mini-imagenet-cache-*.pkl nor an images/ folder")
     paths = {split: ctx.archive(resource, (), _manual(ctx)) for split, resource in zip(WNIDS, RESOURCES)}
     return _from_pickles(ctx, paths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from kml.data.modes import DATASET_MODES, canonical_mode
 from kml.data.sources import aircraft, cub, fc100, miniimagenet, omniglot
 from kml.data.sources.base import Context, human_size, mirrors_from_env
 from kml.data.sources.cache import folder_size, is_complete, read_marker, write_dataset
+from kml.data.sources.fetch import parse_checksum
 from kml.data.sources.images import ON_CORRUPT
 from kml.data.store import SPLITS, locked
 from kml.errors import KMLError
@@ -124,22 +126,29 @@ def _row(name: str, directory: Path, status: str, seconds: float) -> SummaryRow:
     )
 
 
-def _cleanup(raw_dir: Path) -> None:
-    """Delete what was extracted under ``raw_dir`` (the archives stay)."""
-    import json
+def _cleanup(ctx: Context) -> None:
+    """Delete ``raw/<name>/extracted/``, kml's own extraction folder, and its records; nothing else."""
+    folder = ctx.extract_dir
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir() or folder.resolve().parent != ctx.raw_dir.resolve():
+        log.warning("%s: --cleanup left %s alone: it is not a folder kml made inside %s", ctx.name, folder, ctx.raw_dir)
+        return
+    shutil.rmtree(folder)
+    for record in ctx.raw_dir.glob(".kml-extracted-*.json"):
+        record.unlink()
 
-    for marker in raw_dir.glob(".extracted-*.json"):
-        try:
-            entries = json.loads(marker.read_text()).get("entries", [])
-        except (OSError, ValueError):
-            entries = []
-        for entry in entries:
-            target = raw_dir / entry
-            if target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            elif target.is_file():
-                target.unlink()
-        marker.unlink()
+
+def _writable(folder: Path) -> None:
+    """A one-line error naming download.py's own flag when the cache cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise KMLError(
+            f"cannot write the cache folder {folder}: {error.strerror or error}; pass --root a writable data root"
+        ) from None
 
 
 def _prepare_one(
@@ -148,6 +157,10 @@ def _prepare_one(
     """Convert one dataset unless a complete cache with the same options exists (under the cache lock)."""
     started = time.time()
     directory = ctx.root / "cache" / ctx.name
+    if not force and is_complete(directory, options):  # a complete cache needs no lock: read-only roots work
+        log.info("%s: cache complete at %s", ctx.name, directory)
+        return _row(ctx.name, directory, "cached", time.time() - started)
+    _writable(directory.parent)
     with locked(directory):
         if not force and is_complete(directory, options):
             log.info("%s: cache complete at %s", ctx.name, directory)
@@ -165,7 +178,7 @@ def _prepare_one(
         }
         write_dataset(directory, ctx.name, plan, info, options, on_corrupt, workers, ctx.progress)
     if cleanup:
-        _cleanup(ctx.raw_dir)
+        _cleanup(ctx)
     return _row(ctx.name, directory, "converted", time.time() - started)
 
 
@@ -205,11 +218,13 @@ def prepare(
         crop: crop aircraft photos to their bounding box.
         omniglot_side: stored Omniglot side (28; 84 as the published mixtures: Lanczos from 105).
         aircraft_banner: with ``crop=False``, keep the photos' copyright banner (the released converters do).
-        cleanup: delete extracted folders after converting (archives are kept).
+        cleanup: delete ``raw/<name>/extracted/`` (what kml extracted) after converting; archives
+            and folders placed by hand are kept.
         progress: tqdm bars.
         workers: decoding threads (default: cores, at most 8).
         retries, backoff, timeout: per URL: retries of transient failures, first wait in
-            seconds (doubling), socket timeout.
+            seconds (doubling), and the seconds within which the server must answer and a
+            download must receive at least 32 KiB (else the next URL is tried, without retries).
         keep_going: on a dataset's :class:`KMLError`, record it in its row (status
             ``failed``, message in ``error``) and go on with the next dataset.
 
@@ -224,7 +239,9 @@ def prepare(
     variants = resolve_variants(names, split_variant)
     root = Path(root)
     mirrors = list(mirrors) if mirrors is not None else mirrors_from_env()
-    rows = []
+    for value in (checksums or {}).values():
+        parse_checksum(value)  # a malformed one is refused before anything runs, not when (if ever) it is used
+    rows, used = [], set()
     for name in names:
         started = time.time()
         options = {
@@ -260,4 +277,20 @@ def prepare(
                     name, seconds=time.time() - started, status="failed", variant=variants[name], error=str(error)
                 )
             )
+        finally:
+            used |= ctx.checksums_used
+    _warn_unused_checksums(sorted(set(checksums or {}) - used), rows)
     return rows
+
+
+def _warn_unused_checksums(unused: Sequence[str], rows: Sequence[SummaryRow]) -> None:
+    """A checksum that verified nothing must not look as if it had (one line each)."""
+    cached = [row.dataset for row in rows if row.status == "cached"]
+    for name in unused:
+        why = (
+            f"the cache of {', '.join(cached)} is already complete, nothing was verified "
+            f"(add --force to verify the archives and convert again)"
+            if cached
+            else f"no archive of {', '.join(row.dataset for row in rows)} named {name} was verified"
+        )
+        log.warning("warning: --checksum %s was not used: %s", name, why)
