@@ -82,6 +82,16 @@ BOOL_FIELDS = (
     "batchnorm_affine",
 )
 
+# MAML's inner-loop settings at "off": what a saved ProtoNet config holds of them is read as this.
+_MAML_ONLY_OFF: dict[str, Any] = {
+    "first_order": False,
+    "meta_sgd": False,
+    "inner_grad_clip": None,
+    "inner_grad_clamp": None,
+    "mode_inner_lr": None,
+    "mode_inner_steps": None,
+}
+
 RENAMED_FIELDS = {"modulation": "kml_form", "model": "modulation"}
 
 
@@ -205,6 +215,8 @@ class LearnerConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise KMLError(f"unknown learner config fields {unknown}; known: {', '.join(known)}")
+        if values.get("algorithm") == "protonet":  # kml 0.2 recorded these for ProtoNet runs, where they did nothing
+            values = {**values, **{name: off for name, off in _MAML_ONLY_OFF.items() if name in values}}
         return cls(**values)
 
 

@@ -332,3 +332,11 @@ def test_download_timeout_flag(tmp_path, capsys, download_cli):
     with SlowMirror(silent=True) as mirror, pytest.raises(SystemExit):
         download_cli.main(["--datasets", "fc100", "--root", str(tmp_path), "--mirror", mirror.url, "--timeout", "1"])
     assert "no progress" in capsys.readouterr().err
+
+
+def test_folder_fingerprint_ignores_permission_changes(tmp_path):
+    folder = tmp_path / "pics"
+    _image(folder / "c0" / "0.png", (1, 2, 3))
+    before = folder_source._fingerprint(folder)
+    (folder / "c0" / "0.png").chmod(0o600)  # changes ctime, not the image
+    assert folder_source._fingerprint(folder) == before

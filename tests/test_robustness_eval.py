@@ -300,3 +300,10 @@ def test_inner_steps_are_bounded_on_the_command_line_and_in_checkpoints(trained,
     crafted = edited_checkpoint(trained, tmp_path / "huge.pt", huge)
     err = one_line_error(capsys, ["--checkpoint", str(crafted), "--episodes", "2", "--no-progress"], eval_cli)
     assert f"checkpoint {crafted} holds a config kml refuses: " in err and "from 0 to 1000, got 1000000000" in err
+
+
+def test_eval_of_a_missing_checkpoint_written_with_dot_is_not_called_a_config_problem(tmp_path, capsys):
+    from kml.cli import evaluate as eval_cli
+
+    err = one_line_error(capsys, ["--checkpoint", f"{tmp_path}/./missing.pt"], eval_cli)
+    assert "not found" in err and "holds a config" not in err

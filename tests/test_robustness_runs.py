@@ -326,7 +326,7 @@ def test_caches_converted_again_are_refused_by_eval_and_resume(tmp_path, capsys)
     _remake(cache / "textures" / "test" / "manifest.json", split="vinyals")
     err = one_line_error(capsys, eval_args, eval_cli)
     assert "the textures cache is not the one this run was trained on (split: the run's None, now 'vinyals')" in err
-    assert "python download.py --datasets textures --force" in err and "--data-root" in err
+    assert "delete that mode's cache folder to rebuild it" in err and "--data-root" in err  # a generated mode
     _remake(cache / "glyphs" / "train" / "manifest.json", preprocessing="inverted twice")
     err = one_line_error(capsys, tiny_args(tmp_path, "--resume", steps=4))
     assert "the glyphs cache is not the one this run was trained on (preprocessing" in err
@@ -342,3 +342,33 @@ def test_a_cache_with_other_classes_is_refused_on_the_same_split():
     check_same_cache(one.identity(), one.identity())
     with pytest.raises(KMLError, match="its test classes or their images differ"):
         check_same_cache(one.identity(), other.identity())
+
+
+def test_cache_identity_ignores_where_an_archive_came_from():
+    from kml.data.store import ImageStore, check_same_cache
+    from kml.errors import KMLError
+
+    def store(origin: str, checksum: str) -> ImageStore:
+        info = {"split": "published", "sources": {"a.zip": {"checksum": checksum, "origin": origin}}}
+        images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+        return ImageStore.from_arrays(images, [0, 1], mode="omniglot", split="train", info=info)
+
+    check_same_cache(store("https://mirror", "md5:1").identity(), store("found at /data/raw/a.zip", "md5:1").identity())
+    with pytest.raises(KMLError, match="sources: the run's"):
+        check_same_cache(store("https://mirror", "md5:1").identity(), store("https://mirror", "md5:2").identity())
+
+
+def test_resume_from_an_earlier_step_makes_it_the_run_last_checkpoint(tmp_path):
+    assert train_cli.main(tiny_args(tmp_path, "--checkpoint-every", "2", steps=4)) == 0
+    checkpoints = run_dir(tmp_path) / "checkpoints"
+    assert load_checkpoint(checkpoints / "last.pt")["step"] == 4
+    assert train_cli.main(tiny_args(tmp_path, "--resume", "--resume-from", "step_000002.pt", steps=2)) == 0
+    assert load_checkpoint(checkpoints / "last.pt")["step"] == 2  # a plain --resume now continues from step 2
+
+
+def test_protonet_configs_saved_with_maml_settings_still_load():
+    from kml.config import LearnerConfig
+
+    saved = {**LearnerConfig(algorithm="protonet").to_dict(), "inner_grad_clamp": 20.0, "mode_inner_lr": [0.1]}
+    config = LearnerConfig.from_dict(saved)  # kml 0.2 recorded them; they never acted on ProtoNet
+    assert config.inner_grad_clamp is None and config.mode_inner_lr is None

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         learner, config, state = load_learner(args.checkpoint, device)
     except KMLError as error:  # a value of the checkpoint's own config, not of a flag given here: say so
-        if args.checkpoint in str(error):
+        if str(Path(args.checkpoint)) in str(error):  # messages print the path normalised
             raise
         raise KMLError(f"checkpoint {args.checkpoint} holds a config kml refuses: {error}") from None
     step = checkpoint_step(state, args.checkpoint)

@@ -69,10 +69,13 @@ def check_same_cache(recorded: dict[str, Any], now: dict[str, Any]) -> None:
         difference, fix = f"its {now['split']} classes or their images differ", ""
     else:
         return
+    if now["made"].get("source") == "synthetic" or now["mode"].startswith("folder"):
+        remedy = "delete that mode's cache folder to rebuild it"  # generated or folder modes: download.py has none
+    else:
+        remedy = f"python download.py --datasets {now['mode']} --force{fix}, with the options that give the run's value"
     raise KMLError(
-        f"the {now['mode']} cache is not the one this run was trained on ({difference}); convert it again as the run "
-        f"had it (python download.py --datasets {now['mode']} --force{fix}) or point {setting('data_root')} at the "
-        f"run's cache"
+        f"the {now['mode']} cache is not the one this run was trained on ({difference}); make it again as the run "
+        f"had it ({remedy}) or point {setting('data_root')} at the run's cache"
     )
 
 
@@ -305,6 +308,11 @@ class ImageStore:
         """What a run records of this store's cache: how it was made (the manifest's info, less one split's
         outcome: source, split rule, preprocessing, side) and a digest of its classes and their image counts."""
         made = {key: value for key, value in self.info.items() if key not in _OUTCOME_KEYS}
+        if isinstance(made.get("sources"), dict):  # where an archive came from (URL, path) is not what it holds
+            made["sources"] = {
+                name: entry.get("checksum") if isinstance(entry, dict) else entry
+                for name, entry in made["sources"].items()
+            }
         classes = json.dumps([self.class_names, self.class_offsets.tolist()]).encode()
         return {
             "mode": self.mode,

@@ -821,6 +821,8 @@ class Trainer:
         trainer.load_state(_load_for_resume(run_dir, last, trainer.device), source=last)
         trainer._set_base_lr(config.lr)
         trainer._continue_run()
+        if last.name != "last.pt":  # the earlier step is the run now: a crash before the next save must not return
+            trainer.save("last.pt")  # to the abandoned last.pt, whose rows the CSVs no longer hold
         return trainer
 
     def _take_run(self, resume: bool, overwrite: bool) -> None:

@@ -12,7 +12,7 @@ Images of any size are squashed to ``side`` x ``side`` (default 84, Lanczos). Wh
 every image is grey the store is grey (1 channel), otherwise RGB (grey images
 tiled). The folder is converted on first use and cached under
 ``<root>/cache/folder-<name>-<hash of the path>/``; the cache is rebuilt when an image is
-added, removed, renamed or rewritten (its name, size, mtime and ctime are fingerprinted),
+added, removed, renamed or rewritten (its name, size and mtime are fingerprinted),
 linked class folders included.
 """
 
@@ -75,7 +75,7 @@ def _fingerprint(path: Path) -> str:
         for name in sorted(f for f in filenames if f.lower().endswith(IMAGE_SUFFIXES)):
             try:
                 st = os.stat(os.path.join(dirpath, name))
-                stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"  # ctime: also a rewrite that keeps mtime
+                stamp = f"{st.st_size} {st.st_mtime_ns}"  # not ctime: chmod or a restore changes no image
             except OSError:  # unreadable or a dangling link: the conversion reports it
                 stamp = "?"
             digest.update(f"{name}\0{stamp}\0".encode())
