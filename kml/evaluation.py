@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from kml.data.sampler import EpisodeSampler, assemble_episode
+from kml.data.sampler import EpisodeSampler
 from kml.data.store import ImageStore
 from kml.runtime import autocast
 from kml.validation import EVAL_NUMBERS, check_values
@@ -114,16 +114,8 @@ def evaluate(
             for start in range(0, episodes, tasks_per_batch):
                 tasks = slice(start, min(start + tasks_per_batch, episodes))
                 count = tasks.stop - start
-                mode = torch.full((count,), indices[index], dtype=torch.int64, device=sampler.device)
-                episode = assemble_episode(
-                    store.images,
-                    classes[tasks],
-                    rows[tasks],
-                    None if turns is None else turns[tasks],
-                    mode,
-                    shots,
-                    names,
-                    torch.uint8,
+                episode = sampler.episode_from_rows(
+                    classes[tasks], rows[tasks], None if turns is None else turns[tasks]
                 ).to_float()
                 with autocast(episode.device, bf16):
                     # a learner without an inner loop need not take inner_steps: it is passed only when asked for

@@ -146,8 +146,11 @@ class EpisodeSampler:
     def sample(self, num_tasks: int | None = None, generator: torch.Generator | None = None) -> Episode:
         """Draw ``num_tasks`` (default ``meta_batch``) tasks as one :class:`Episode`."""
         tasks = self.meta_batch if num_tasks is None else int(num_tasks)
-        classes, rows, turns = self.draw_rows(tasks, self.generator if generator is None else generator)
-        mode = torch.full((tasks,), self.mode_index, dtype=torch.int64, device=self.device)
+        return self.episode_from_rows(*self.draw_rows(tasks, self.generator if generator is None else generator))
+
+    def episode_from_rows(self, classes: torch.Tensor, rows: torch.Tensor, turns: torch.Tensor | None) -> Episode:
+        """The :class:`Episode` of tasks drawn by :meth:`draw_rows` (``classes [T, N]``, ``rows [T, N, K+Q]``)."""
+        mode = torch.full((len(classes),), self.mode_index, dtype=torch.int64, device=self.device)
         return assemble_episode(self.store.images, classes, rows, turns, mode, self.shots, self.mode_names, self.dtype)
 
     def draw_rows(

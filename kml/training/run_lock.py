@@ -17,7 +17,17 @@ from pathlib import Path
 
 from kml.errors import KMLError, setting
 
-__all__ = ["RunLock", "write_failure"]
+__all__ = ["continue_advice", "resume_words", "RunLock", "write_failure"]
+
+
+def resume_words() -> str:
+    """How messages say "resume the run": kml-train's flag on a command line, the Trainer's keyword in Python."""
+    return "--resume" if setting("resume").startswith("--") else "resume=True"
+
+
+def continue_advice() -> str:
+    """How a write-failure message ends mid-run."""
+    return f"then continue the run with {resume_words()}"
 
 
 def write_failure(path: str | os.PathLike, error: OSError, then: str = "then run the command again") -> KMLError:

@@ -50,7 +50,7 @@ from kml.runtime import autocast, check_bf16
 from kml.training.checkpoint import load_checkpoint, load_model_state, remove_stale_temp_files, save_checkpoint
 from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
 from kml.training.run_config import RunConfig, build_scheduler, write_json
-from kml.training.run_lock import RunLock, write_failure
+from kml.training.run_lock import RunLock, continue_advice, resume_words, write_failure
 from kml.validation import (
     OPT_INT_1,
     TRAIN_NUMBERS,
@@ -189,11 +189,6 @@ def _run_flags(run_dir: Path) -> str:
     return f"--train-dir {shlex.quote(str(run_dir.parent))} --run-name {shlex.quote(run_dir.name)}"
 
 
-def _resume_words() -> str:
-    """How messages say "resume the run": kml-train's flag on a command line, the keyword in Python."""
-    return "--resume" if setting("resume").startswith("--") else "resume=True"
-
-
 def _newest_step_checkpoint(run_dir: Path, other_than: Path | None = None) -> Path | None:
     """The run's periodic checkpoint of the highest step (other than ``other_than``), or ``None``."""
     steps = []
@@ -206,9 +201,19 @@ def _newest_step_checkpoint(run_dir: Path, other_than: Path | None = None) -> Pa
 
 def _resume_from_advice(run_dir: Path, checkpoint: Path) -> str:
     """How to continue ``run_dir`` from ``checkpoint`` (kml-train's --resume-from, or a copy to last.pt in Python)."""
-    if _resume_words() == "--resume":
+    if resume_words() == "--resume":
         return f"kml-train --resume {_run_flags(run_dir)} --resume-from {shlex.quote(str(checkpoint))}"
     return f"copy {checkpoint} to {run_dir / 'checkpoints' / 'last.pt'}, then resume=True"
+
+
+def _refuse_resume_without_last(run_dir: Path) -> None:
+    """A run without last.pt but with step checkpoints: name the newest instead of advising to start again."""
+    newest = _newest_step_checkpoint(run_dir)
+    if newest is not None:  # never advise deleting checkpoints that exist
+        raise KMLError(
+            f"cannot resume {run_dir}: it has no checkpoints/last.pt, but has {newest.name}; continue from it: "
+            f"{_resume_from_advice(run_dir, newest)}"
+        )
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -243,17 +248,13 @@ _STATE_KEYS = ("config", "step", "best_val", "model", "optimizer", "scheduler", 
 _RUN_CSVS = ("metrics.csv", "validation.csv", "transference.csv")
 
 
-def _continue_advice() -> str:
-    return f"then continue the run with {_resume_words()}"
-
-
 class _RunLog(logging.FileHandler):
     """log.txt: a failed write (a full disk) is the run's one-line error, not logging's printed traceback."""
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]
         if isinstance(error, OSError):
-            raise write_failure(self.baseFilename, error, _continue_advice()) from None
+            raise write_failure(self.baseFilename, error, continue_advice()) from None
         super().handleError(record)
 
 
@@ -411,9 +412,7 @@ def _resume_source(run_dir: Path, checkpoint: str | os.PathLike | None) -> Path:
         path = checkpoints / path
     if not path.is_file():
         raise KMLError(f"{setting('resume_from')} {checkpoint}: no such checkpoint; the run's are in {checkpoints}")
-    if Path(os.path.realpath(path)).parent != Path(
-        os.path.realpath(checkpoints)
-    ):  # another run's state is not this run's
+    if Path(os.path.realpath(path)).parent != Path(os.path.realpath(checkpoints)):  # another run's state is not ours
         raise KMLError(
             f"{setting('resume_from')} {checkpoint} is not a checkpoint of {run_dir}: name one in {checkpoints}"
         )
@@ -806,12 +805,7 @@ class Trainer:
         if config.run_name != run_dir.name or Path(config.train_dir) != run_dir.parent:
             config = dataclasses.replace(config, train_dir=str(run_dir.parent), run_name=run_dir.name)
         if not last.is_file():
-            newest = _newest_step_checkpoint(run_dir)
-            if newest is not None:  # never advise deleting checkpoints that exist
-                raise KMLError(
-                    f"cannot resume {run_dir}: it has no checkpoints/last.pt, but has {newest.name}; continue from it: "
-                    f"{_resume_from_advice(run_dir, newest)}"
-                )
+            _refuse_resume_without_last(run_dir)
             raise KMLError(
                 f"cannot resume {run_dir}: it has no checkpoint (it stopped before its first save); "
                 f"start it again: the same kml-train command with --overwrite instead of --resume"
@@ -834,13 +828,8 @@ class Trainer:
         try:
             if resume:
                 last = self.checkpoint_dir / "last.pt"
-                newest = _newest_step_checkpoint(self.run_dir)
-                if not last.is_file() and newest is not None:  # never advise deleting checkpoints that exist
-                    raise KMLError(
-                        f"cannot resume {self.run_dir}: it has no checkpoints/last.pt, but has {newest.name}; "
-                        f"continue from it: {_resume_from_advice(self.run_dir, newest)}"
-                    )
                 if not last.is_file():
+                    _refuse_resume_without_last(self.run_dir)
                     raise KMLError(
                         f"cannot resume {self.run_dir}: it has no checkpoints/last.pt (it never started, or stopped before "
                         f"its first save); start it with resume=False{', overwrite=True' if self.run_dir.is_dir() else ''}"
@@ -1031,7 +1020,7 @@ class Trainer:
                     with path.open("a") as handle:
                         os.fsync(handle.fileno())
             except OSError as error:
-                raise write_failure(path, error, _continue_advice()) from None
+                raise write_failure(path, error, continue_advice()) from None
         self._tensorboard_write(lambda board: board.flush())
 
     def _parameters_finite(self) -> bool:
@@ -1148,7 +1137,7 @@ class Trainer:
         try:
             write(self.tensorboard)
         except OSError as error:
-            raise write_failure(self.run_dir / "tensorboard", error, _continue_advice()) from None
+            raise write_failure(self.run_dir / "tensorboard", error, continue_advice()) from None
 
     def _reset_window(self) -> None:
         modes = len(self.mode_names)
@@ -1202,7 +1191,7 @@ class Trainer:
                     writer.writeheader()
                 writer.writerows(rows)
         except OSError as error:
-            raise write_failure(path, error, _continue_advice()) from None
+            raise write_failure(path, error, continue_advice()) from None
 
     def _write_metrics(self, rows: list[dict[str, Any]]) -> None:
         self._append_csv("metrics.csv", self._metric_columns(), rows)
@@ -1372,7 +1361,7 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 for callback in self.callbacks:
-                    self._call(callback, episode)
+                    callback(self, self.step, episode)
                 if self.step % settings.log_every == 0:
                     row = self._log_window(started)
                     bar.set_postfix(
@@ -1403,17 +1392,6 @@ class Trainer:
             self.logger.info("finished at step %d", self.step)
         self._tensorboard_write(lambda board: board.flush())
         return path
-
-    def _call(self, callback: Callback, episode: Episode) -> None:
-        """Run a callback; kml's transference recorder failing to write its CSV (a full disk) is one line."""
-        try:
-            callback(self, self.step, episode)
-        except OSError as error:
-            from kml.transference.recorder import TransferenceRecorder
-
-            if not isinstance(callback, TransferenceRecorder):
-                raise
-            raise write_failure(callback.path, error, _continue_advice()) from None
 
     @property
     def interrupted(self) -> bool:

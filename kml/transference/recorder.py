@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from kml.data.sampler import MixtureSampler
+from kml.training.run_lock import continue_advice, write_failure
 from kml.transference.analyzer import COLUMNS, result_rows, task_transference
 
 __all__ = ["append_rows", "TransferenceRecorder"]
@@ -65,4 +66,7 @@ class TransferenceRecorder:
             result = task_transference(trainer.learner, self.sampler.sample().to_float(), rate)
             rows += result_rows(result, step, batch)
         self.sampler.load_state_dict(state)
-        append_rows(self.path, rows)
+        try:
+            append_rows(self.path, rows)
+        except OSError as error:  # a full disk: the run's one-line error, not a traceback
+            raise write_failure(self.path, error, continue_advice()) from None
