@@ -22,10 +22,10 @@ import torch
 from common import BF16_HELP
 
 from kml.config import LearnerConfig
+from kml.config.run import RunConfig
 from kml.data.modes import load_stores
 from kml.evaluation import evaluate
 from kml.runtime import tune_cpu_allocator
-from kml.training.run_config import RunConfig
 from kml.training.trainer import Trainer
 from kml.transference.aggregate import load_records, mode_matrix
 from kml.transference.recorder import TransferenceRecorder

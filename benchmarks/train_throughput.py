@@ -28,10 +28,10 @@ from common import add_setup_arguments, synchronize
 from published_style import PublishedStyleKML, published_style_step, task_loader
 
 from kml.config import LearnerConfig
+from kml.config.run import RunConfig
 from kml.data.modes import load_stores
 from kml.evaluation import evaluate
 from kml.runtime import check_bf16, tune_cpu_allocator
-from kml.training.run_config import RunConfig
 from kml.training.trainer import Trainer
 
 

@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from kml.config import LearnerConfig  # noqa: E402
+from kml.config.run import RunConfig  # noqa: E402
 from kml.data.modes import load_stores  # noqa: E402
 from kml.evaluation import average, evaluate  # noqa: E402
-from kml.training.run_config import RunConfig  # noqa: E402
 from kml.training.trainer import Trainer  # noqa: E402
 
 

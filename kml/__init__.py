@@ -35,9 +35,9 @@ _LAZY = {
     "ResNet12": "kml.models.resnet12",
     "TaskEncoder": "kml.models.encoder",
     # configuration
-    "LearnerConfig": "kml.config",
-    "RunConfig": "kml.training.run_config",
-    "recipe": "kml.recipes",
+    "LearnerConfig": "kml.config.learner",
+    "RunConfig": "kml.config.run",
+    "recipe": "kml.config.recipes",
     # data
     "Episode": "kml.data.episode",
     "EpisodeSampler": "kml.data.sampler",
@@ -57,7 +57,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from kml.algorithms.learner import LearnerOutput, MetaLearner, build_learner
     from kml.algorithms.maml import MAML
     from kml.algorithms.protonet import ProtoNet
-    from kml.config import LearnerConfig
+    from kml.config.learner import LearnerConfig
+    from kml.config.recipes import recipe
+    from kml.config.run import RunConfig
     from kml.data.episode import Episode
     from kml.data.modes import load_stores
     from kml.data.plots import plot_episode
@@ -67,8 +69,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from kml.models.encoder import TaskEncoder
     from kml.models.modulate import ModulatedModel, TaskConditionedModel, modulate
     from kml.models.resnet12 import ResNet12
-    from kml.recipes import recipe
-    from kml.training.run_config import RunConfig
     from kml.training.trainer import Trainer
     from kml.transference.analyzer import task_transference
 

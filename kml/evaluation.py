@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from kml.config.checks import EVAL_NUMBERS, check_values
 from kml.data.sampler import EpisodeSampler
 from kml.data.store import ImageStore
 from kml.runtime import autocast
-from kml.validation import EVAL_NUMBERS, check_values
 
 __all__ = ["average", "confidence_interval95", "DRAW_CHUNK", "episode_seed", "evaluate", "ModeResult"]
 

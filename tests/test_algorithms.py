@@ -13,9 +13,9 @@ from torch.func import functional_call
 
 from kml.algorithms import build_learner
 from kml.config import LearnerConfig
+from kml.config.recipes import RECIPES
 from kml.data.sampler import MixtureSampler
 from kml.evaluation import evaluate
-from kml.recipes import RECIPES
 
 TINY = dict(
     ways=3,

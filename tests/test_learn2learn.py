@@ -262,7 +262,7 @@ def test_taskset_sampler_drives_training_loop(l2l, glyphs):
 
 @pytest.mark.l2l
 def test_benchmark_tasksets_as_kml_mode_train_with_trainer(l2l, glyphs, tmp_path):
-    from kml.training.run_config import RunConfig
+    from kml.config.run import RunConfig
     from kml.training.trainer import Trainer
 
     # A learn2learn benchmark (what get_tasksets returns), over small data: no download.

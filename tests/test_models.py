@@ -153,7 +153,7 @@ def test_config_round_trip_and_unknown_fields():
 
 def test_config_saved_before_the_rename_still_loads():
     """0.1 checkpoints say ``model`` (the kind of modulation) and ``modulation`` (KML's form)."""
-    from kml.training.run_config import RunConfig
+    from kml.config.run import RunConfig
 
     old = LearnerConfig(modulation="film", kml_form="bare").to_dict()
     old["model"], old["modulation"] = old.pop("modulation"), old.pop("kml_form")

@@ -15,11 +15,12 @@ from kml.algorithms.functional import clip_task_gradients
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
 from kml.config import LearnerConfig
+from kml.config.recipes import RECIPES, recipe, recipe_values
+from kml.config.run import RunConfig, learning_rate_at
 from kml.data.episode import Episode
 from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
-from kml.recipes import RECIPES, recipe, recipe_values
-from kml.training.run_config import RunConfig, build_scheduler, learning_rate_at
+from kml.training.schedule import build_scheduler
 
 LEARNER_FIELDS = {f.name for f in dataclasses.fields(LearnerConfig)}
 PUBLISHED = ("mmaml", "maml", "multi-maml", "kml-protonet-released", "protonet", "multi-protonet", "mprotonet")

@@ -21,14 +21,14 @@ from kml.cli import results as results_cli
 from kml.cli import train as train_cli
 from kml.cli import transference as transference_cli
 from kml.config import LearnerConfig
+from kml.config.checks import TRAIN_NUMBERS, check_run_combinations, check_values
+from kml.config.recipes import recipe_values
+from kml.config.run import RunConfig
 from kml.data.modes import load_stores
 from kml.data.sampler import MixtureSampler
 from kml.errors import KMLError
 from kml.evaluation import evaluate
-from kml.recipes import recipe_values
 from kml.training.checkpoint import load_checkpoint, save_checkpoint
-from kml.training.run_config import RunConfig
-from kml.validation import TRAIN_NUMBERS, check_run_combinations, check_values
 
 
 def checkpoint_of(tmp: Path, name: str = "run") -> Path:

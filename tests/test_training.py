@@ -503,7 +503,7 @@ def test_trainer_composed_of_kml_train_parts_matches_kml_train(tmp_path):
     from kml.data.modes import ROTATED_BY_DEFAULT, load_stores
     from kml.data.sampler import MixtureSampler
     from kml.training import Trainer
-    from kml.training.run_config import build_scheduler
+    from kml.training.schedule import build_scheduler
 
     extra = ("--lr-halve-every", "3")  # the schedule halves during the run
     assert train_cli.main(tiny_args(tmp_path, *extra, steps=6, name="cli")) == 0

@@ -12,8 +12,8 @@ from torch import nn
 import kml
 from kml.cli import train as train_cli
 from kml.config import LearnerConfig
+from kml.config.run import RunConfig
 from kml.errors import KMLError, named_as_flags, setting
-from kml.training.run_config import RunConfig
 
 
 def tiny_model() -> nn.Module:

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kml.algorithms.functional import Params, clip_gradients, clip_task_gradients, exact_batch_norm, subset
 from kml.algorithms.losses import accuracy, cross_entropy, prototypical_loss
-from kml.config import LearnerConfig
+from kml.config.learner import LearnerConfig
 from kml.data.episode import Episode
 from kml.errors import KMLError
 from kml.models.backbone import Modulation, packed_forward

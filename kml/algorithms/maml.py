@@ -25,10 +25,10 @@ from torch.func import grad, vmap
 from kml.algorithms.functional import ModelCalls, Params, clip_gradients, exact_batch_norm, subset, use_batch_statistics
 from kml.algorithms.learner import LearnerOutput
 from kml.algorithms.losses import accuracy, cross_entropy
+from kml.config.checks import MAX_INNER_STEPS, TRAIN_NUMBERS, Number, check_values
 from kml.data.episode import Episode
 from kml.errors import KMLError
 from kml.runtime import float32_inner_loop
-from kml.validation import MAX_INNER_STEPS, TRAIN_NUMBERS, Number, check_values
 
 __all__ = ["MAML"]
 

@@ -22,8 +22,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def read_config_file(path: str) -> dict[str, Any]:
-    """Flag values from a JSON or YAML file (keys are flag names, with - or _), numbers checked (kml.validation)."""
-    from kml.validation import check_values
+    """Flag values from a JSON or YAML file (keys are flag names, with - or _), numbers checked (kml.config.checks)."""
+    from kml.config.checks import check_values
 
     file = Path(path)
     if not file.is_file():

@@ -15,9 +15,9 @@ import logging
 import sys
 
 from kml.cli.common import ArgumentParser
+from kml.config.checks import Number, check_number
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
-from kml.validation import Number, check_number
 
 __all__ = ["build_parser", "main", "parse_args", "parse_checksums"]
 

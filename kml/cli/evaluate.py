@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from kml.cli.common import ArgumentParser
+from kml.config.checks import EVAL_NUMBERS, check_device, check_output_path, check_values
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
-from kml.validation import EVAL_NUMBERS, check_device, check_output_path, check_values
 
 __all__ = ["build_parser", "checkpoint_step", "main", "ways_refusal"]
 
@@ -74,7 +74,7 @@ def ways_refusal(learner) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
     args = build_parser().parse_args(argv)
-    # every number, the device and the output folder are checked before the checkpoint is read (kml.validation)
+    # every number, the device and the output folder are checked before the checkpoint is read (kml.config.checks)
     vars(args).update(check_values(vars(args), EVAL_NUMBERS))
     check_device(args.device)
     checkpoint = Path(args.checkpoint)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from kml.cli.common import ArgumentParser
+from kml.config.checks import SEED, check_number
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
-from kml.validation import SEED, check_number
 
 __all__ = ["build_parser", "DEFAULT_METHODS", "main"]
 
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
+    from kml.config.recipes import recipe_values
     from kml.data.modes import expand_modes
-    from kml.recipes import recipe_values
     from kml.results import plots, runs, table
     from kml.results.published import published_rows
 

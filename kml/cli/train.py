@@ -16,10 +16,10 @@ import sys
 from typing import Any
 
 from kml.cli.common import ArgumentParser, read_config_file
-from kml.config import FIELD_CHOICES, LearnerConfig, upgrade_field_names
+from kml.config.checks import check_device, check_run_name, check_values
+from kml.config.learner import FIELD_CHOICES, LearnerConfig, upgrade_field_names
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
-from kml.validation import check_device, check_run_name, check_values
 
 __all__ = [
     "upgrade_renamed_flags",
@@ -34,7 +34,7 @@ __all__ = [
 
 RUN_FLAGS = {
     # name: (type, help) -- defaults come from RunConfig; {datasets} and {demo} in a help text are filled from
-    # kml.training.run_config's DATASET_DEFAULTS and SYNTHETIC_DEMO
+    # kml.config.run's DATASET_DEFAULTS and SYNTHETIC_DEMO
     "ways": (int, "classes per task (N)"),
     "shots": (int, "labelled support images per class (K)"),
     "queries": (int, "query images per class (Q)"),
@@ -77,7 +77,7 @@ LEARNER_FLAGS = {
     "encoder_channels": (int, "channels of the task encoder"),
 }
 CHOICE_HELP = {
-    # name: help -- the choices come from kml.config.FIELD_CHOICES and kml.training.run_config.LR_SCHEDULES
+    # name: help -- the choices come from kml.config.FIELD_CHOICES and kml.config.run.LR_SCHEDULES
     "algorithm": "meta-learner: MAML inner loop or prototypical head",
     "modulation": "task modulation: Kernel ModuLation, FiLM (MMAML) or none (plain)",
     "backbone": "published: stride-2 convs, no pooling; conv4: max-pool blocks; resnet12: 64-160-320-640 residual blocks",
@@ -112,8 +112,8 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
+    from kml.config.run import DATASET_DEFAULTS, LR_SCHEDULES, SYNTHETIC_DEMO
     from kml.data.sampler import MIXTURE_POLICIES  # here: importing kml.cli.train must not import torch
-    from kml.training.run_config import DATASET_DEFAULTS, LR_SCHEDULES, SYNTHETIC_DEMO
 
     parser.add_argument(
         "--modes",
@@ -134,7 +134,7 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     for name, (_, text) in SWITCHES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
-    from kml.recipes import RECIPES
+    from kml.config.recipes import RECIPES
 
     parser.add_argument(
         "--recipe",
@@ -189,7 +189,7 @@ def build_parser() -> ArgumentParser:
 
 def config_from_values(values: dict[str, Any]):
     """Split flat flag values into a RunConfig with its LearnerConfig."""
-    from kml.training.run_config import RunConfig
+    from kml.config.run import RunConfig
 
     learner_fields = {f.name for f in dataclasses.fields(LearnerConfig)}
     run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"learner"}
@@ -233,12 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     # a config file written before 0.2 may use the learner's old field names
     values = upgrade_field_names(read_config_file(args.pop("config"))) if "config" in args else {}
     values.update(args)
-    # every setting is checked before anything is loaded or any folder touched (kml.validation)
+    # every setting is checked before anything is loaded or any folder touched (kml.config.checks)
     values = check_values(values)
     if "recipe" in values:  # the recipe's values first, then the config file's and the flags'
         if resume:
             raise KMLError("--resume continues the run's recorded settings; drop --recipe")
-        from kml.recipes import recipe_values
+        from kml.config.recipes import recipe_values
 
         given = {k: v for k, v in values.items() if k not in ("recipe", "recipe_overrides")}
         values = check_values(recipe_values(values["recipe"], given))
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if resume:
             if "run_name" not in values:
                 raise KMLError("--resume needs --run-name of the run to continue")
-            from kml.training.run_config import RunConfig
+            from kml.config.run import RunConfig
 
             run_dir = run_directory(
                 RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"])

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 from kml.cli.common import ArgumentParser
+from kml.config.checks import TRANSFERENCE_NUMBERS, check_device, check_output_path, check_values
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
-from kml.validation import TRANSFERENCE_NUMBERS, check_device, check_output_path, check_values
 
 __all__ = ["build_parser", "main"]
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if (args.source_mode is None) != (args.target_mode is None):
         raise KMLError("--source-mode and --target-mode go together")
-    # every number, the device and the output folder are checked before any work (kml.validation)
+    # every number, the device and the output folder are checked before any work (kml.config.checks)
     vars(args).update(check_values(vars(args), TRANSFERENCE_NUMBERS))
     check_device(args.device)
     if args.output:

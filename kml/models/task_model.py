@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kml.config import LearnerConfig
+from kml.config.learner import LearnerConfig
 from kml.models.backbone import Backbone
 from kml.models.encoder import TaskEncoder
 from kml.models.modulate import ModulatedNetwork, TaskConditionedModel

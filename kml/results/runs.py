@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kml.config import upgrade_field_names
+from kml.config.learner import upgrade_field_names
 from kml.errors import KMLError
 
 __all__ = ["episode_rows", "evaluate", "Method", "parse_assignments", "plan", "Run", "Setup", "train"]
@@ -49,7 +49,7 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> Method:
-        from kml.recipes import recipe
+        from kml.config.recipes import recipe
 
         label, sep, rest = text.partition("=")
         if not sep:
@@ -127,9 +127,9 @@ def inert_common(method: Method, common: Mapping[str, Any], modes: list[str], wa
     that one --set serves every method of a table (kml-train refuses them when given to a run)."""
     from dataclasses import fields
 
-    from kml.config import LearnerConfig
-    from kml.recipes import recipe_values
-    from kml.validation import inert_settings
+    from kml.config.checks import inert_settings
+    from kml.config.learner import LearnerConfig
+    from kml.config.recipes import recipe_values
 
     values = recipe_values(method.recipe, {**common, **method.overrides, "ways": ways, "modes": modes})
     names = {f.name for f in fields(LearnerConfig)}

@@ -10,7 +10,7 @@ from kml._lazy import lazy_exports
 _EXPORTS = {
     "Trainer": "kml.training.trainer",
     "LoopSettings": "kml.training.trainer",
-    "RunConfig": "kml.training.run_config",
+    "RunConfig": "kml.config.run",
     "load_checkpoint": "kml.training.checkpoint",
     "save_checkpoint": "kml.training.checkpoint",
 }

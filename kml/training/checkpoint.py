@@ -298,7 +298,7 @@ def load_learner(path: str | os.PathLike, device: str) -> tuple[torch.nn.Module,
     describes) cannot be rebuilt: a one-line :class:`KMLError` says how to load it in Python instead.
     """
     from kml.algorithms import build_learner
-    from kml.training.run_config import RunConfig
+    from kml.config.run import RunConfig
 
     state = load_checkpoint(path, device)
     custom = state["config"].get("custom_learner") if isinstance(state.get("config"), dict) else None

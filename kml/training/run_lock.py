@@ -10,38 +10,14 @@ folder's real path, so a symlink to a run (or to its train dir) locks the same f
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from pathlib import Path
 
-from kml.errors import KMLError, setting
+from kml.errors import KMLError
+from kml.files import write_failure
 
-__all__ = ["continue_advice", "resume_words", "RunLock", "write_failure"]
-
-
-def resume_words() -> str:
-    """How messages say "resume the run": kml-train's flag on a command line, the Trainer's keyword in Python."""
-    return "--resume" if setting("resume").startswith("--") else "resume=True"
-
-
-def continue_advice() -> str:
-    """How a write-failure message ends mid-run."""
-    return f"then continue the run with {resume_words()}"
-
-
-def write_failure(path: str | os.PathLike, error: OSError, then: str = "then run the command again") -> KMLError:
-    """The one line for a run file that could not be written: a full disk, a read-only folder, a name too long."""
-    path = Path(path)
-    if error.errno == errno.ENAMETOOLONG:
-        return KMLError(
-            f"{setting('run_name')} is too long for the file system (the {len(path.name.encode())}-byte file name "
-            f"{path.name[:24]}...); choose a shorter one"
-        )
-    reason = error.strerror or str(error)
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return KMLError(f"could not write {path} ({reason}); free space on {path.parent} (df -h {path.parent}), {then}")
-    return KMLError(f"could not write {path} ({reason}); make {path.parent} writable, {then}")
+__all__ = ["RunLock"]
 
 
 class RunLock:

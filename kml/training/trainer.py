@@ -3,7 +3,7 @@
 :class:`Trainer` composes the parts of a run: any learner module that returns a
 :class:`~kml.algorithms.LearnerOutput`, any episode sampler, any torch optimiser and
 (optionally) a learning-rate scheduler. :meth:`Trainer.from_config` builds those parts from a
-:class:`~kml.training.run_config.RunConfig` exactly as ``kml-train`` does.
+:class:`~kml.config.run.RunConfig` exactly as ``kml-train`` does.
 
 Everything a run writes lands in its run folder: ``config.json``, ``metrics.csv``,
 ``validation.csv``, ``log.txt``, TensorBoard events (when tensorboard is installed) and
@@ -37,21 +37,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-import kml
+from kml._version import __version__
 from kml.algorithms import LearnerOutput, MetaLearner, build_learner
 from kml.algorithms.chunking import accumulate_meta_gradient
-from kml.data.episode import Episode
-from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
-from kml.data.sampler import MixtureSampler
-from kml.data.store import ImageStore, check_same_cache
-from kml.errors import KMLError, setting
-from kml.evaluation import average, evaluate
-from kml.runtime import autocast, check_bf16
-from kml.training.checkpoint import load_checkpoint, load_model_state, remove_stale_temp_files, save_checkpoint
-from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
-from kml.training.run_config import RunConfig, build_scheduler, write_json
-from kml.training.run_lock import RunLock, continue_advice, resume_words, write_failure
-from kml.validation import (
+from kml.config.checks import (
     OPT_INT_1,
     TRAIN_NUMBERS,
     Number,
@@ -60,6 +49,19 @@ from kml.validation import (
     check_run_combinations,
     check_run_name,
 )
+from kml.config.run import RunConfig
+from kml.data.episode import Episode
+from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
+from kml.data.sampler import MixtureSampler
+from kml.data.store import ImageStore, check_same_cache
+from kml.errors import KMLError, setting
+from kml.evaluation import average, evaluate
+from kml.files import continue_advice, resume_words, write_failure, write_json
+from kml.runtime import autocast, check_bf16
+from kml.training.checkpoint import load_checkpoint, load_model_state, remove_stale_temp_files, save_checkpoint
+from kml.training.distributed import DistInfo, barrier, resolve_device, sum_gradients, sum_tensor
+from kml.training.run_lock import RunLock
+from kml.training.schedule import build_scheduler
 
 __all__ = [
     "Callback",
@@ -432,7 +434,7 @@ def _load_for_resume(run_dir: Path, path: Path, device: str) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     # plain str: torch.__version__ is a TorchVersion, which weights-only loading does not read by default
-    return {"kml": kml.__version__, "torch": str(torch.__version__), "cuda": str(torch.version.cuda)}
+    return {"kml": __version__, "torch": str(torch.__version__), "cuda": str(torch.version.cuda)}
 
 
 def qualified_name(obj: object) -> str:

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from kml.data.sampler import MixtureSampler
-from kml.training.run_lock import continue_advice, write_failure
+from kml.files import continue_advice, write_failure
 from kml.transference.analyzer import COLUMNS, result_rows, task_transference
 
 __all__ = ["append_rows", "TransferenceRecorder"]

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kml import __version__
+from kml._version import __version__
 from kml.data.sources.base import ConversionPlan
 from kml.data.sources.fetch import disk_full
 from kml.data.sources.images import decode_classes

@@ -19,7 +19,7 @@ KML + ProtoNet (released) ``algorithm="protonet", modulation="kml", kml_form="ba
 ========================  =====================================================
 
 The published networks differ from kml's defaults in more than the method switch (head,
-BatchNorm, encoder layer, initialisation, inner clamp): :mod:`kml.recipes` holds each published
+BatchNorm, encoder layer, initialisation, inner clamp): :mod:`kml.config.recipes` holds each published
 method's complete settings (``kml-train --recipe NAME``), and the README's Fidelity section lists
 every difference.
 """
@@ -30,8 +30,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from kml.config.checks import TRAIN_NUMBERS, Number, check_bools, check_fields, check_learner_combinations
 from kml.errors import KMLError, setting
-from kml.validation import TRAIN_NUMBERS, Number, check_bools, check_fields, check_learner_combinations
 
 __all__ = [
     "ALGORITHMS",
@@ -167,7 +167,7 @@ class LearnerConfig:
     encoder_uses_labels: bool = False
     proto_refine: bool = True
     identity_init: bool = True
-    # Fields added for the published recipes (kml.recipes); their defaults keep older checkpoints' behaviour.
+    # Fields added for the published recipes (kml.config.recipes); their defaults keep older checkpoints' behaviour.
     head: str = "flatten"
     batchnorm_affine: bool = True
     encoder_hidden: int | None = None

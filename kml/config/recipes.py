@@ -1,7 +1,7 @@
 """Named, versioned recipes: each published method as its authors ran it, and kml's own choices.
 
 A recipe is a frozen preset of ``kml-train`` flag values (the fields of
-:class:`~kml.training.run_config.RunConfig` and :class:`~kml.config.LearnerConfig`).
+:class:`~kml.config.run.RunConfig` and :class:`~kml.config.LearnerConfig`).
 ``kml-train --recipe NAME`` starts from it; a config file and flags given on the
 command line override it value by value, and the run folder's ``config.json``
 records ``recipe`` (``name@version``) and ``recipe_overrides`` (the recipe values

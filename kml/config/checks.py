@@ -307,7 +307,7 @@ def check_run_combinations(config: Any, new_run: bool = True) -> None:
     inert = inert_settings(config.learner) if new_run else []
     # a recipe's own values stay (maml@1 keeps MMAML's encoder_hidden: the recipe is frozen)
     if inert and config.recipe:
-        from kml.recipes import recipe
+        from kml.config.recipes import recipe
 
         own, changed = recipe(config.recipe).settings, config.recipe_overrides or []
         inert = [name for name in inert if name not in own or name in changed]

@@ -9,24 +9,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kml.config import RENAMED_FIELDS, LearnerConfig
+from kml.config.checks import check_bools, check_device, check_fields, check_run_name
+from kml.config.learner import RENAMED_FIELDS, LearnerConfig
 from kml.data.modes import expand_modes
 from kml.data.sampler import MIXTURE_POLICIES
 from kml.errors import KMLError, setting
-from kml.training.run_lock import write_failure
-from kml.validation import check_bools, check_device, check_fields, check_run_name
+from kml.files import write_json
 
 __all__ = [
-    "build_scheduler",
     "DATASET_DEFAULTS",
     "learning_rate_at",
     "LR_SCHEDULES",
     "PUBLISHED_STEPS",
     "RunConfig",
     "SYNTHETIC_DEMO",
-    "write_json",
 ]
 
 # Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
@@ -80,7 +76,7 @@ class RunConfig:
     transference_batches: int = 1
     task_chunk: int | None = None
     activation_checkpointing: bool = False
-    # The kml.recipes preset the run started from ("name@version") and the recipe values it changed.
+    # The kml.config.recipes preset the run started from ("name@version") and the recipe values it changed.
     recipe: str | None = None
     recipe_overrides: list[str] | None = None
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -96,7 +92,7 @@ class RunConfig:
             raise KMLError(
                 f"unknown {setting('lr_schedule')} {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
             )
-        check_fields(self)  # every numeric field: type, finiteness, range (kml.validation)
+        check_fields(self)  # every numeric field: type, finiteness, range (kml.config.checks)
         check_bools(self, ("rotate_omniglot", "bf16", "compile", "activation_checkpointing"))
         check_device(self.device)
         if self.run_name is not None:
@@ -118,17 +114,15 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """Fill ``None`` fields: published defaults for datasets, the short demo for synthetic modes."""
         defaults = SYNTHETIC_DEMO if self.synthetic_only else DATASET_DEFAULTS
-        values = {
-            "modes": expand_modes(self.modes),
-            **{name: getattr(self, name) or defaults[name] for name in defaults},
-        }
+        modes = expand_modes(self.modes)
+        values: dict[str, Any] = {name: getattr(self, name) or defaults[name] for name in defaults}
         learner = dataclasses.replace(
             self.learner,
             ways=self.ways,
-            num_modes=len(values["modes"]),
+            num_modes=len(modes),
             image_size=self.image_size or self.learner.image_size,
         )
-        return dataclasses.replace(self, learner=learner, **values)
+        return dataclasses.replace(self, modes=modes, learner=learner, **values)
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "learner"}
@@ -163,31 +157,6 @@ class RunConfig:
             raise KMLError(f"{path}: {error}") from None
         except TypeError as error:  # e.g. a learner that is not a mapping
             raise KMLError(f"{path}: invalid run config ({error})") from None
-
-
-def write_json(path: str | os.PathLike, values: dict[str, Any]) -> None:
-    """Write ``values`` as JSON atomically; a failure (a full disk) is one :class:`KMLError` line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(json.dumps(values, indent=2))
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the rename makes it the file
-        os.replace(tmp, path)  # a kill mid-write leaves the old file or the new one, never half of one
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise write_failure(path, error) from None
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:
-    """The outer learning-rate schedule of ``config``, stepped once per outer step.
-
-    ``"halve"``: ``lr * 0.5 ** (step // lr_halve_every)`` (KML); ``"constant"``: ``lr`` throughout (MMAML),
-    written as a StepLR with factor 1 so that checkpoints hold the same scheduler state either way.
-    """
-    gamma = 0.5 if config.lr_schedule == "halve" else 1.0
-    return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_halve_every, gamma=gamma)
 
 
 def learning_rate_at(config: RunConfig, step: int) -> float:
