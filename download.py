@@ -4,7 +4,7 @@
     python download.py --datasets omniglot miniimagenet fc100 cub aircraft --root data
 
 The same command as ``kml-download`` (installed with the package): a thin script over
-:func:`kml.cli.download.main`; see the README's "Datasets" section.
+:func:`kml.cli.download.main`; see docs/guide/datasets.md.
 """
 
 import sys

@@ -25,8 +25,8 @@ _LAZY = {
     # learners
     "MAML": "kml.algorithms.maml",
     "ProtoNet": "kml.algorithms.protonet",
-    "MetaLearner": "kml.algorithms.learner",
-    "LearnerOutput": "kml.algorithms.learner",
+    "Learner": "kml.algorithms.contract",
+    "LearnerOutput": "kml.algorithms.contract",
     "build_learner": "kml.algorithms.learner",
     # models
     "modulate": "kml.models.modulate",
@@ -54,7 +54,8 @@ _LAZY = {
 __all__ = ["KMLError", "__version__", *sorted(_LAZY)]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from kml.algorithms.learner import LearnerOutput, MetaLearner, build_learner
+    from kml.algorithms.contract import Learner, LearnerOutput
+    from kml.algorithms.learner import build_learner
     from kml.algorithms.maml import MAML
     from kml.algorithms.protonet import ProtoNet
     from kml.config.learner import LearnerConfig

@@ -48,7 +48,7 @@ def test_bias_after_norm_keeps_batched_paths_equal_to_the_reference(algorithm, b
     learner = learner_for(episode.device, algorithm=algorithm, modulation="kml", kml_bias="after_norm")
     reference = learner.reference_forward(episode)
     expected = gradients(learner, reference.loss)
-    with learner.batched_with(batching):
+    with learner.using_backend(batching):
         output = learner(episode)
     torch.testing.assert_close(output.task_loss, reference.task_loss, rtol=1e-10, atol=1e-10)
     ours = gradients(learner, output.loss)

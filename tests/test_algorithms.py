@@ -4,6 +4,7 @@ every paper method learning on the synthetic modes."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import fields, replace
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from kml.algorithms import build_learner
+from kml.algorithms import MAML, build_learner
 from kml.config import LearnerConfig
 from kml.config.recipes import RECIPES
 from kml.data.sampler import MixtureSampler
@@ -116,7 +117,7 @@ def assert_gradients_close(ours: dict, reference: dict, rtol: float = 1e-10) -> 
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_path_equals_reference_loop(method, batching, episode):
     learner = tiny_learner(device=episode.device, **METHODS[method])
-    learner.batching = batching
+    learner.backend = batching
     batched = learner(episode)
     reference = learner.reference_forward(episode)
     torch.testing.assert_close(batched.task_loss, reference.task_loss, rtol=1e-10, atol=1e-12)
@@ -129,7 +130,7 @@ def test_batched_path_equals_reference_loop(method, batching, episode):
 @pytest.mark.parametrize("method", ["kml-maml", "kml-protonet", "recipe-mmaml", "recipe-kml-protonet-released"])
 def test_batched_path_equals_reference_in_eval_under_no_grad(method, batching, episode):
     learner = tiny_learner(device=episode.device, **METHODS[method]).eval()
-    learner.batching = batching
+    learner.backend = batching
     with torch.no_grad():
         batched = learner(episode)
         reference = learner.reference_forward(episode)
@@ -142,7 +143,7 @@ def test_batched_path_equals_reference_in_eval_under_no_grad(method, batching, e
 @pytest.mark.parametrize("batching", ["packed", "vmap"])
 def test_multi_maml_uses_the_parameter_set_of_each_task_mode(batching, episode):
     learner = tiny_learner(device=episode.device, **METHODS["multi-maml"])
-    learner.batching = batching
+    learner.backend = batching
     output = learner(episode)
     grads = meta_gradients(learner, output.task_loss[0])
     mode = int(episode.mode[0])
@@ -154,7 +155,7 @@ def test_multi_maml_uses_the_parameter_set_of_each_task_mode(batching, episode):
 @pytest.mark.parametrize("batching", ["packed", "vmap"])
 def test_second_order_meta_gradient_matches_finite_differences(batching, episode):
     learner = tiny_learner(device=episode.device, **{**METHODS["kml-maml"], "inner_lr": 0.05})
-    learner.batching = batching
+    learner.backend = batching
     small = episode.select([0, 1])
     params = dict(learner.named_parameters())
     gradient = meta_gradients(learner, learner(small).loss)
@@ -213,10 +214,10 @@ def test_inner_steps_strictly_lower_the_support_loss(method, episode):
 
 def test_meta_sgd_rates_are_learned_and_start_at_the_inner_lr(episode):
     learner = tiny_learner(perturb=0.0, device=episode.device, **METHODS["kml-maml-meta-sgd-clip"])
-    rates = learner.models[0].inner_rates
+    rates = learner.inner_rates[0]
     assert all(torch.allclose(r, torch.full_like(r, TINY["inner_lr"])) for r in rates.values())
     grads = meta_gradients(learner, learner(episode).loss)
-    assert grads["models.0.inner_rates.conv1__weight"].abs().sum() > 0
+    assert grads["inner_rates.0.conv1__weight"].abs().sum() > 0
 
 
 def test_inner_parameters_are_the_backbone_only():
@@ -272,3 +273,31 @@ def test_every_method_learns_and_beats_chance_on_held_out_classes(method, stores
     results = evaluate(learner, stores["test"], 5, 1, 5, episodes=60, seed=0, progress=False)
     average = sum(r.accuracy for r in results) / len(results)
     assert average > 20 + 10, [(r.mode, r.accuracy) for r in results]  # 5-way chance is 20%
+
+
+def test_parameters_saved_before_0_3_load():
+    """kml 0.2 kept Meta-SGD rates inside each task model and kml.MAML's model under ``model.``: both load."""
+    learner = tiny_learner(**METHODS["kml-maml-meta-sgd-clip"])
+    saved = {
+        name.replace("inner_rates.0.", "models.0.inner_rates."): value.clone()
+        for name, value in learner.state_dict().items()
+    }
+    assert "models.0.inner_rates.conv1__weight" in saved  # the 0.2 layout
+    fresh = tiny_learner(seed=1, **METHODS["kml-maml-meta-sgd-clip"])
+    fresh.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), learner.state_dict().values()))
+
+    user = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(3)
+    )
+    user(torch.zeros(2, 3, 8, 8))
+    generic = MAML(user, inner_steps=1)
+    # 0.2 saved the model under "model." and, having dropped its BatchNorm statistics, none of them
+    old = {
+        name.replace("models.0.", "model."): value.clone()
+        for name, value in generic.state_dict().items()
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
+    other = MAML(copy.deepcopy(user).apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None))
+    other.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), generic.parameters()))

@@ -267,7 +267,7 @@ def test_unknown_mode_lists_known_ones():
 
 
 def test_missing_dataset_cache_says_command(tmp_path):
-    with pytest.raises(KMLError, match=r"python download.py --datasets omniglot --root"):
+    with pytest.raises(KMLError, match=r"; run: kml-download --datasets omniglot --root"):
         load_store("omniglot", "train", tmp_path)
 
 

@@ -7,13 +7,14 @@ models (an nn.Sequential with BatchNorm, a ResNet-12, both modulated by KML and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 import kml
-from kml.algorithms.functional import exact_batch_norm
+from kml.algorithms.backends import choose_execution
 from kml.config import LearnerConfig
 from kml.data.episode import Episode
 from kml.errors import KMLError
@@ -113,34 +114,12 @@ def test_protonet_of_any_module_batched_equals_per_task_loop(model, device):
     assert_batched_equals_loop(kml.ProtoNet(MODELS[model](None), refine=model.endswith("kml")), device)
 
 
-def test_second_order_needs_the_exact_batch_norm():
-    """A canary: without the elementary batch norm, vmap's second derivative of nn.BatchNorm2d is off in torch 2.14
-    (what exact_batch_norm is for). Skips once a torch release computes it exactly: the patch may then go."""
-    torch.manual_seed(0)
-    learner = kml.MAML(sequential(), inner_steps=2).double()
-    loop = meta_gradients(learner, learner.reference_forward)
-    import kml.algorithms.maml as maml_module
-
-    original = maml_module.exact_batch_norm
-    maml_module.exact_batch_norm = lambda enabled=True: exact_batch_norm(False)
-    try:
-        batched = meta_gradients(learner, learner)
-    finally:
-        maml_module.exact_batch_norm = original
-    error = max(float((a - b).abs().max()) for a, b in zip(batched, loop))
-    if error < 1e-10:
-        pytest.skip(
-            f"torch {torch.__version__} differentiates nn.BatchNorm2d twice under vmap exactly: exact_batch_norm can go"
-        )
-    assert error > 1e-6, f"off by {error:.1e}: neither exact nor the known error"
-
-
 def test_maml_adapts_only_the_network_of_a_modulated_model():
     learner = kml.MAML(kml.modulate(resnet(), "kml", encoder_channels=4))
     names = learner.inner_parameter_names()
-    assert names and all(name.startswith("model.backbone.network.") for name in names)
+    assert names and all(name.startswith("models.0.backbone.network.") for name in names)
     assert not any(".encoder." in n or ".generator." in n for n in names)
-    assert len(names) == len([n for n, _ in learner.named_parameters() if n.startswith("model.backbone.")])
+    assert len(names) == len([n for n, _ in learner.named_parameters() if n.startswith("models.0.backbone.")])
 
 
 def test_learners_train_under_an_optimizer_and_evaluate_without_gradients():
@@ -161,11 +140,57 @@ def test_learners_train_under_an_optimizer_and_evaluate_without_gradients():
         assert output.task_accuracy.shape == (2,) and torch.isfinite(output.loss)
 
 
-def test_user_batchnorm_switches_to_batch_statistics():
+def test_the_users_module_and_its_batchnorm_statistics_are_left_as_they_were():
+    torch.manual_seed(0)
     model = sequential()
-    kml.MAML(model)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert norms and all(not m.track_running_stats and m.running_mean is None for m in norms)
+    for norm in norms:  # "pretrained" statistics
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    saved = copy.deepcopy(model.state_dict())
+    episode = random_episode(dtype=torch.float32)
+    for batch_norm in ("transductive", "running"):
+        learner = kml.MAML(model, inner_steps=1, batch_norm=batch_norm)
+        learner(episode).loss.backward()
+        learner.eval()
+        with torch.no_grad():
+            learner(episode)
+        assert all(n.track_running_stats and not n.training for n in norms)  # the flags as the learner left them
+        assert all(
+            torch.equal(saved[k], v) for k, v in model.state_dict().items()
+        )  # statistics neither used up nor updated
+
+
+@pytest.mark.parametrize("batch_norm", ["transductive", "running"])
+@pytest.mark.parametrize("method", ["maml", "protonet"])
+def test_batchnorm_choice_batched_equals_the_loop_and_means_what_it_says(method, batch_norm, device):
+    torch.manual_seed(0)
+    model = sequential() if method == "maml" else sequential(8)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    learner = (
+        kml.MAML(model, inner_lr=0.1, inner_steps=2, batch_norm=batch_norm)
+        if method == "maml"
+        else kml.ProtoNet(model, batch_norm=batch_norm)
+    )
+    assert_batched_equals_loop(learner, device)
+    assert learner.settings()["batch_norm"] == batch_norm
+    # with no inner step, MAML's query logits are the model's own: in eval mode for "running", training for the other
+    if method == "maml":
+        episode = random_episode(device=device)
+        learner = learner.double().to(device)
+        with torch.no_grad():
+            logits = learner.predict(episode.support_x, episode.support_y, episode.query_x, inner_steps=0)
+            model.train(batch_norm == "transductive")
+            expected = torch.stack([model(x) for x in episode.query_x])
+        model.train()
+        torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_running_statistics_are_refused_for_a_network_that_keeps_none():
+    with pytest.raises(KMLError, match="keeps none"):
+        kml.build_learner(LearnerConfig(batch_norm="running", base_channels=2, image_size=SIDE))
 
 
 # ------------------------------------------------------------------ modulate()
@@ -214,8 +239,7 @@ def test_modulate_a_torchvision_resnet(device):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     plain = torchvision.models.resnet18(num_classes=WAYS).double().to(device)
-    plain.eval()  # compare with running statistics off on both sides
-    kml.algorithms.functional.use_batch_statistics(plain)
+    plain.eval()  # running statistics (fresh ones) in both, as their BatchNorms are in eval mode
     modulated = kml.modulate(copy.deepcopy(plain), "kml", encoder_channels=4).double().to(device)
     assert sum(isinstance(m, ModulatedConv2d) for m in modulated.modules()) == 20  # 17 3x3/7x7 + 3 downsample 1x1
     episode = random_episode(side=32, device=device)
@@ -267,13 +291,13 @@ def test_config_built_resnet12_learner_equals_its_loop(algorithm, modulation, de
         init="pytorch",
     )
     learner = kml.build_learner(config)
-    assert learner.batching == "vmap"
+    assert choose_execution(learner.model, learner.backend).name == "vmap"
     assert_batched_equals_loop(learner, device)
 
 
 def test_resnet12_rejects_the_packed_path_in_one_line():
     learner = kml.build_learner(LearnerConfig(backbone="resnet12", base_channels=2, image_size=SIDE))
-    with pytest.raises(KMLError, match="packed path"), learner.batched_with("packed"):
+    with pytest.raises(KMLError, match="packed backend"), learner.using_backend("packed"):
         pass
 
 
@@ -417,7 +441,7 @@ def test_generic_learner_over_kml_task_model_equals_the_packed_fast_path(method,
         if config.algorithm == "maml"
         else kml.ProtoNet(task_model, refine=False)
     )
-    assert fast.batching == "packed"
+    assert choose_execution(fast.model, fast.backend).name == "packed"
     episode = random_episode(device=device)
     a = torch.autograd.grad(fast(episode).loss, list(task_model.parameters()))
     b = torch.autograd.grad(generic(episode).loss, list(task_model.parameters()))
@@ -495,3 +519,99 @@ def test_predict_gives_the_logits_the_loss_is_computed_from(learner, device):
         .mean(-1)
     )
     torch.testing.assert_close(loss, output.task_loss, rtol=1e-12, atol=0)  # float64, the same logits (measured: equal)
+
+
+# ------------------------------------------------------------------ a network named by import path
+NAMED = {"network": "kml.models.resnet12:ResNet12", "network_args": {"widths": [2, 2, 2, 2], "ways": WAYS}}
+
+
+@pytest.mark.parametrize("modulation", ["kml", "film", "none"])
+@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+def test_a_network_named_by_import_path_is_built_modulated_and_equals_the_loop(algorithm, modulation, device):
+    torch.manual_seed(0)
+    args = NAMED["network_args"] if algorithm == "maml" else {**NAMED["network_args"], "ways": None}
+    config = LearnerConfig(
+        algorithm=algorithm,
+        modulation=modulation,
+        network=NAMED["network"],
+        network_args=args,
+        encoder_channels=4,
+        ways=WAYS,
+        image_size=SIDE,
+        inner_steps=2,
+        identity_init=False,
+        init="pytorch",
+    )
+    learner = kml.build_learner(config)
+    network = learner.model.backbone.network if modulation != "none" else learner.model
+    assert isinstance(network, kml.ResNet12) and learner.settings()["model"].endswith(
+        "ModulatedModel" if modulation != "none" else "ResNet12"
+    )
+    assert LearnerConfig.from_dict(config.to_dict()) == config  # recorded, so a checkpoint rebuilds it
+    assert_batched_equals_loop(learner, device)
+
+
+@pytest.mark.parametrize(
+    "path,message",
+    [
+        ("os:system", "neither an nn.Module subclass nor a function annotated"),
+        ("collections:OrderedDict", "neither an nn.Module subclass"),
+        ("torch.jit:load", "neither an nn.Module subclass"),
+        ("no_such_package.nets:Net", "cannot be imported"),
+    ],
+)
+def test_a_named_network_is_only_a_module_constructor(path, message):
+    """A config file or checkpoint names the network: kml calls module constructors only, nothing else."""
+    with pytest.raises(KMLError, match=message):
+        kml.build_learner(LearnerConfig(network=path, image_size=SIDE))
+
+
+def test_a_factory_function_annotated_to_return_a_module_is_accepted():
+    pytest.importorskip("torchvision")
+    from kml.models.task_model import resolve_network
+
+    assert callable(resolve_network("torchvision.models:resnet18"))
+    with pytest.raises(KMLError, match="import path"):
+        LearnerConfig(network="torchvision.models.resnet18")
+    with pytest.raises(KMLError, match="JSON"):
+        LearnerConfig(network="torchvision.models:resnet18", network_args={"weights": object()})
+
+
+# ------------------------------------------------------------------ mistakes are one sentence
+def test_a_head_wider_than_the_episodes_ways_is_refused():
+    learner = kml.MAML(sequential(10), inner_steps=1)
+    with pytest.raises(KMLError, match=rf"10 outputs for {WAYS}-way episodes.*a {WAYS}-way head"):
+        learner(random_episode(dtype=torch.float32))
+
+
+def test_a_model_that_returns_a_tuple_is_refused_in_one_line():
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sequential()
+
+        def forward(self, x):
+            return self.net(x), x
+
+    for learner in (kml.MAML(TwoOutputs(), inner_steps=1), kml.ProtoNet(TwoOutputs())):
+        with pytest.raises(KMLError, match="returned a tuple, not one tensor"):
+            learner(random_episode(dtype=torch.float32))
+
+
+def test_uint8_episodes_are_scaled_like_the_samplers_float_episodes():
+    torch.manual_seed(0)
+    learner = kml.ProtoNet(sequential(8)).double()
+    episode = random_episode()
+    raw = dataclasses.replace(
+        episode,
+        support_x=(episode.support_x * 255).round().to(torch.uint8),
+        query_x=(episode.query_x * 255).round().to(torch.uint8),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(learner(raw).task_loss, learner(raw.to_float(torch.float64)).task_loss)
+
+
+def test_a_flattened_resnet12_head_names_the_side_it_was_built_for():
+    network = kml.ResNet12(widths=TINY_WIDTHS, ways=WAYS, pool="flatten", image_size=32)
+    with pytest.raises(KMLError, match=r"built for 32px images.*got 16px.*image_size=16"):
+        network(torch.zeros(2, 3, 16, 16))

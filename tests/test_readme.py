@@ -1,13 +1,14 @@
-"""The README's Python code runs as written, and its data-free commands work.
+"""The Python code of the README and of the guide runs as written, and their data-free commands work.
 
-Every ```python block of README.md is executed. Blocks are grouped by README section (``## `` heading):
-the blocks of one section run in order in one shared namespace, like a session a reader types along
-with; each section starts from a fresh namespace. Everything runs in a temporary folder (``data``,
-``train_dir`` and any other relative path the README uses land there), on the CPU, with the synthetic
-modes: the README's blocks are written to need no download. The one exception is learn2learn's own
-benchmark loader, ``learn2learn.vision.benchmarks.get_tasksets``, which downloads its dataset: here it is
-replaced by a learn2learn benchmark built the same way over kml's synthetic glyphs (the block runs
-unchanged); that section is skipped when learn2learn is not installed, like the other ``l2l`` tests.
+Every ```python block of README.md and of the guide pages (docs/guide/*.md) is executed, grouped into sessions:
+in the README one session per section (``## `` heading), in the guide one session per page. The blocks of a
+session run in order in one shared namespace, like a session a reader types along with; each session starts
+from a fresh namespace. Everything runs in a temporary folder (``data``, ``train_dir`` and any other relative
+path the pages use land there), on the CPU, with the synthetic modes: the blocks are written to need no
+download. The one exception is learn2learn's own benchmark loader,
+``learn2learn.vision.benchmarks.get_tasksets``, which downloads its dataset: here it is replaced by a
+learn2learn benchmark built the same way over kml's synthetic glyphs (the block runs unchanged); a session
+that imports learn2learn is skipped when learn2learn is not installed, like the other ``l2l`` tests.
 ```bash blocks are not executed.
 """
 
@@ -24,14 +25,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guide"
+PAGES = [README, *sorted(GUIDE.glob("*.md"))]
 REQUIRE_L2L = os.environ.get("KML_REQUIRE_LEARN2LEARN", "") not in ("", "0") or os.environ.get("CI", "").lower() in (
     "1",
     "true",
 )
 
 
-def python_blocks(text: str) -> list[tuple[str, int, str]]:
-    """``(section heading, first line number of the code, code)`` of every ```python block, in order."""
+def name(page: Path) -> str:
+    return page.relative_to(ROOT).as_posix()
+
+
+def fenced_blocks(text: str, page: str, language: str) -> list[tuple[str, int, str]]:
+    """``(section heading, first line number of the code, code)`` of every ```language block, in order."""
     blocks, section, code, start = [], "(top)", None, 0
     for number, line in enumerate(text.splitlines(), 1):
         if code is not None:
@@ -40,18 +47,27 @@ def python_blocks(text: str) -> list[tuple[str, int, str]]:
                 code = None
             else:
                 code.append(line)
-        elif line.startswith("```python"):
+        elif line.startswith("```" + language) and line[3 + len(language) :].strip() == "":
             code, start = [], number + 1
+        elif line.startswith("```"):
+            code, start = [], -1  # another language: skipped, but its lines are not headings
         elif line.startswith("## "):
             section = line[3:].strip()
-    assert code is None, f"README.md: the ```python block from line {start} is not closed"
-    return blocks
+    assert code is None, f"{page}: the ``` block from line {start} is not closed"
+    return [block for block in blocks if block[1] > 0]
 
 
-def sessions() -> dict[str, list[tuple[int, str]]]:
-    grouped: dict[str, list[tuple[int, str]]] = {}
-    for section, start, code in python_blocks(README.read_text(encoding="utf-8")):
-        grouped.setdefault(section, []).append((start, code))
+def python_blocks(text: str, page: str = "README.md") -> list[tuple[str, int, str]]:
+    return fenced_blocks(text, page, "python")
+
+
+def sessions() -> dict[str, tuple[Path, list[tuple[int, str]]]]:
+    """Session name -> (page, its blocks): one per README section, one per guide page."""
+    grouped: dict[str, tuple[Path, list[tuple[int, str]]]] = {}
+    for page in PAGES:
+        for section, start, code in python_blocks(page.read_text(encoding="utf-8"), name(page)):
+            key = f"{name(page)}: {section}" if page == README else name(page)
+            grouped.setdefault(key, (page, []))[1].append((start, code))
     return grouped
 
 
@@ -62,8 +78,29 @@ def slug(heading: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
 
 
-def test_readme_has_python_blocks():
-    assert len(SESSIONS) >= 3, sorted(SESSIONS)  # the parser found the transference, data API and learn2learn code
+def test_readme_and_guide_have_python_blocks():
+    pages = {name(page) for page, _ in SESSIONS.values()}
+    # the parser found the library snippet, the transference, data API and learn2learn code
+    assert {"README.md", "docs/guide/transference.md", "docs/guide/library.md", "docs/guide/integrations.md"} <= pages
+    assert any(key.startswith("README.md: kml as a library") for key in SESSIONS), sorted(SESSIONS)
+
+
+def test_readme_is_a_front_page():
+    # what kml is, setting up, the demo, the library, the methods, links into the guide; the rest is in docs/guide
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) < 250, f"README.md has {len(lines)} lines: move reference material into docs/guide/"
+
+
+def test_readme_install_and_test_commands_are_what_ci_runs():
+    # .ci/run runs the README's install and test commands: the README must show exactly those
+    text = README.read_text(encoding="utf-8")
+    install = [block for section, _, block in fenced_blocks(text, "README.md", "bash") if section == "Install and test"]
+    assert install, "README.md: no ```bash block under '## Install and test'"
+    commands = [line.strip() for line in install[0].splitlines() if line.strip()]
+    assert commands == ['pip install -e ".[dev]"', "pytest"], commands
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    for command in commands:
+        assert command in (line.strip() for line in ci), f".ci/run does not run the README's {command!r}"
 
 
 def offline_get_tasksets(root: Path):
@@ -101,9 +138,10 @@ def offline_get_tasksets(root: Path):
     return get_tasksets
 
 
-@pytest.mark.parametrize("section", list(SESSIONS), ids=[slug(s) for s in SESSIONS])
-def test_readme_python_session_runs(section, tmp_path, monkeypatch):
-    blocks = SESSIONS[section]
+@pytest.mark.parametrize("session", list(SESSIONS), ids=[slug(s) for s in SESSIONS])
+def test_python_session_runs(session, tmp_path, monkeypatch):
+    page, blocks = SESSIONS[session]
+    filename = name(page)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # "~/data" and the like stay inside the test's folder
@@ -115,7 +153,7 @@ def test_readme_python_session_runs(section, tmp_path, monkeypatch):
             l2l = integration.require_learn2learn()
         except KMLError as error:
             if REQUIRE_L2L:
-                pytest.fail(f"{error}; CI (or KML_REQUIRE_LEARN2LEARN=1) must run the README's learn2learn code")
+                pytest.fail(f"{error}; CI (or KML_REQUIRE_LEARN2LEARN=1) must run the learn2learn code of {filename}")
             pytest.skip(str(error))
         monkeypatch.setattr(l2l.vision.benchmarks, "get_tasksets", offline_get_tasksets(tmp_path / "l2l-source"))
 
@@ -127,9 +165,9 @@ def test_readme_python_session_runs(section, tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__readme__"}
     try:
         for start, code in blocks:
-            tree = ast.parse(code, "README.md")
-            ast.increment_lineno(tree, start - 1)  # a traceback names README.md and its line
-            exec(compile(tree, "README.md", "exec"), namespace)
+            tree = ast.parse(code, filename)
+            ast.increment_lineno(tree, start - 1)  # a traceback names the page and its line
+            exec(compile(tree, filename, "exec"), namespace)
     finally:
         plt.close("all")
 

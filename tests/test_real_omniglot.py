@@ -22,9 +22,10 @@ from PIL import Image
 
 from kml.cli import evaluate as eval_cli
 from kml.cli import train as train_cli
+from kml.data.modes import load_stores
 from kml.data.sources import prepare
 from kml.data.sources.omniglot import small_archives
-from kml.data.store import ImageStore, cache_dir
+from kml.data.store import ImageStore, cache_dir, split_classes
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "omniglot-small"
 BACKGROUND = {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"}
@@ -117,3 +118,30 @@ def test_short_training_on_real_omniglot_beats_the_stated_held_out_accuracy(algo
     accuracy = next(row["accuracy"] for row in result["results"] if row["mode"] == "omniglot")
     print(f"{algorithm}: {accuracy:.2f}% on held-out alphabets")
     assert accuracy > MIN_ACCURACY[algorithm], result
+
+
+def test_omniglots_own_nested_folders_are_a_folder_mode(tmp_path):
+    """Omniglot as its authors ship it, ``<alphabet>/<character>/*.png`` (two alphabets of the small set, extracted
+    as they are), is a folder mode: a class per character folder, named by its path, split by the folder rule."""
+    alphabets = ("Greek", "Latin")
+    with zipfile.ZipFile(FIXTURE / "images_background_small1.zip") as archive:
+        members = [m for m in archive.namelist() if m.split("/")[1:2] and m.split("/")[1] in alphabets]
+        archive.extractall(tmp_path, members)
+    folder = tmp_path / "images_background_small1"
+    characters = sorted(f"{d.parent.name}/{d.name}" for d in folder.glob("*/*") if d.is_dir())
+    assert len(characters) == 50
+    stores = {
+        split: load_stores([f"omniglot-own=folder:{folder}"], split, tmp_path / "data", 28, 1, progress=False)[0]
+        for split in ("train", "val", "test")
+    }
+    expected = split_classes(characters)  # sorted paths, RandomState(123), 70/15/15 %: 35 / 7 / 8
+    assert {split: store.class_names for split, store in stores.items()} == expected
+    assert all(len(store.images) == 20 * store.num_classes for store in stores.values())  # every drawer
+    train = stores["train"]
+    name = train.class_names[0]
+    png = sorted((folder / name).glob("*.png"))[0]
+    # stored at 84 (Lanczos, as they are: black strokes on white), brought to 28 at load
+    stored = ImageStore.load(next((tmp_path / "data" / "cache").glob("folder-images_background_small1-*")) / "train")
+    reference = np.asarray(Image.open(png).convert("L").resize((84, 84), Image.LANCZOS))
+    assert np.abs(stored.class_images(0)[0, 0].numpy().astype(int) - reference.astype(int)).max() <= 1
+    assert train.mode == f"omniglot-own=folder:{folder}" and train.image_shape == (1, 28, 28)

@@ -303,7 +303,8 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
     assert (
         eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "3", "--no-progress"]) == 0
     )
-    report = json.loads((run / "checkpoints" / "eval_last_test.json").read_text())
+    (found_report,) = (run / "checkpoints").glob("eval_last_test_*.json")  # named by its settings
+    report = json.loads(found_report.read_text())
     assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
 
 
@@ -349,7 +350,7 @@ def test_protonet_trained_5_way_evaluates_20_way(tmp_path):
     stores = load_stores(["synthetic"], "test", root=tmp_path, side=16)
     episode = MixtureSampler(stores, ways=20, shots=1, queries=2, meta_batch=3, seed=0).sample().to_float(torch.float64)
     for batching in ("packed", "vmap"):
-        with torch.no_grad(), learner.batched_with(batching):
+        with torch.no_grad(), learner.using_backend(batching):
             output = learner(episode)  # was: IndexError (Target 10 is out of bounds) in the prototype loss
         assert output.task_accuracy.shape == (3,)
         torch.testing.assert_close(
@@ -362,7 +363,8 @@ def test_kml_eval_ways(tmp_path, capsys):
     assert train_cli.main(argv) == 0
     checkpoint = tmp_path / "train_dir" / "kml-protonet" / "checkpoints" / "last.pt"
     assert eval_cli.main(["--checkpoint", str(checkpoint), "--episodes", "3", "--ways", "20", "--no-progress"]) == 0
-    report = json.loads((checkpoint.parent / "eval_last_test.json").read_text())
+    (found_report,) = checkpoint.parent.glob("eval_last_test_20w*.json")  # named by its settings
+    report = json.loads(found_report.read_text())
     assert (report["ways"], report["trained_ways"]) == (20, 5)
     assert "20-way" in capsys.readouterr().out
 

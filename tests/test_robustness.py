@@ -165,7 +165,7 @@ def test_empty_images_file_is_one_line_with_a_working_rebuild_command(tmp_path, 
     (directory / "images.npy").write_bytes(b"")
     err = one_line_error(capsys, train_omniglot(tmp_path))
     assert f"corrupt cache file {directory / 'images.npy'}" in err
-    assert f"python download.py --datasets omniglot --root {tmp_path / 'data'} --force" in err
+    assert f"kml-download --datasets omniglot --root {tmp_path / 'data'} --force" in err  # works anywhere
     # the advised command parses
     assert download_cli.parse_args(["--datasets", "omniglot", "--root", str(tmp_path / "data"), "--force"]).force
 
@@ -470,16 +470,16 @@ def poison_parameters_at(step: int):
 
 
 def with_callback(monkeypatch, callback):
-    from kml.training.trainer import Trainer
+    from kml.training import launch
 
-    original = Trainer.create.__func__
+    original = launch.create_run
 
-    def create(cls, *args, **kwargs):
-        trainer = original(cls, *args, **kwargs)
+    def create(*args, **kwargs):
+        trainer = original(*args, **kwargs)
         trainer.callbacks.append(callback)
         return trainer
 
-    monkeypatch.setattr(Trainer, "create", classmethod(create))
+    monkeypatch.setattr(launch, "create_run", create)
 
 
 def test_non_finite_parameters_leave_the_last_finite_checkpoint_and_resume_with_lower_lr(tmp_path, capsys, monkeypatch):

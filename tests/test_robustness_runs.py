@@ -17,6 +17,7 @@ from test_robustness import run_dir, with_callback
 from test_training import one_line_error, read_metrics, tiny_args
 
 from kml.cli import train as train_cli
+from kml.training import launch, run_folder
 from kml.training import trainer as trainer_module
 from kml.training.checkpoint import load_checkpoint, save_checkpoint
 from kml.training.run_lock import RunLock
@@ -194,7 +195,7 @@ def test_full_disk_on_any_run_file_is_one_line(tmp_path, capsys, monkeypatch, na
     if name == "config.json":
         fail_open_of(monkeypatch, ".config.json.tmp-")
     elif name == "log.txt":
-        monkeypatch.setattr(trainer_module._RunLog, "flush", lambda self: (_ for _ in ()).throw(ENOSPC))
+        monkeypatch.setattr(run_folder.RunLog, "flush", lambda self: (_ for _ in ()).throw(ENOSPC))
     elif name == "tensorboard":
         record_writer = pytest.importorskip("tensorboard.summary.writer.record_writer")
         real, calls = record_writer.RecordWriter.write, []
@@ -237,7 +238,7 @@ def test_cpu_out_of_memory_is_one_line_with_remedies(tmp_path, capsys, monkeypat
     def boom(*args, **kwargs):
         raise CPU_OOM
 
-    owner = {"train_step": trainer_module.Trainer, "sample": MixtureSampler}.get(where, trainer_module)
+    owner = {"train_step": trainer_module.Trainer, "sample": MixtureSampler}.get(where, launch)
     monkeypatch.setattr(owner, where, boom)
     err = one_line_error(capsys, tiny_args(tmp_path, steps=2))
     assert message in err

@@ -251,7 +251,7 @@ def test_maml_inner_loop_runs_in_float32_under_bf16_autocast(batching, episode, 
         if batching == "reference":
             learner.reference_forward(episode)
         else:
-            with learner.batched_with(batching):
+            with learner.using_backend(batching):
                 learner(episode)
     assert False in seen and True in seen  # the inner loop without autocast, the query pass with it
 

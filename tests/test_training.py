@@ -86,6 +86,13 @@ def read_metrics(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(handle)]
 
 
+def eval_report(folder: Path, pattern: str = "eval_last_test_*.json") -> Path:
+    """The one kml-eval report in ``folder`` whose name matches ``pattern`` (named by the evaluation's settings)."""
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
 def one_line_error(capsys, argv, cli=train_cli) -> str:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -105,9 +112,11 @@ def test_short_run_writes_all_files_and_improves(tmp_path):
         "validation.csv",
         "checkpoints/last.pt",
         "checkpoints/best.pt",
-        "checkpoints/step_000010.pt",
+        "checkpoints/step_000060.pt",
     ):
         assert (run / name).is_file(), name
+    # the newest 3 periodic checkpoints are kept (--keep-checkpoints)
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.pt")) == [f"step_0000{s}.pt" for s in (40, 50, 60)]
     assert list((run / "tensorboard").iterdir())
     config = json.loads((run / "config.json").read_text())
     assert config["versions"]["torch"] == torch.__version__ and config["modes"] == ["glyphs", "textures", "shapes"]
@@ -120,7 +129,7 @@ def test_short_run_writes_all_files_and_improves(tmp_path):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    from kml.training.trainer import Trainer
+    from kml.training import launch
 
     assert train_cli.main(tiny_args(tmp_path, name="full", steps=20)) == 0
 
@@ -128,18 +137,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         if step == 7:
             trainer._stop_signal = signal.SIGTERM  # what the SIGTERM handler does
 
-    original_create = Trainer.create
+    original_create = launch.create_run
 
     def create_with_stop(*args, **kwargs):
         trainer = original_create(*args, **kwargs)
         trainer.callbacks.append(stop_at_7)
         return trainer
 
-    Trainer.create = create_with_stop
+    launch.create_run = create_with_stop
     try:
         assert train_cli.main(tiny_args(tmp_path, name="cut", steps=20)) == 130
     finally:
-        Trainer.create = original_create
+        launch.create_run = original_create
     cut = tmp_path / "train_dir" / "cut"
     assert load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 7
     assert train_cli.main(tiny_args(tmp_path, "--resume", name="cut", steps=20)) == 0
@@ -177,15 +186,17 @@ def test_eval_twice_identical_and_table(tmp_path, capsys):
     argv = ["--checkpoint", str(checkpoint), "--episodes", "12", "--no-progress"]
     assert eval_cli.main(argv) == 0
     out = capsys.readouterr().out
-    first = (checkpoint.parent / "eval_last_test.json").read_text()
+    report_path = eval_report(checkpoint.parent)
+    assert report_path.name == "eval_last_test_5w1s3q_12ep_seed0_inner1.json"
+    first = report_path.read_text()
     assert eval_cli.main(argv) == 0
-    second = (checkpoint.parent / "eval_last_test.json").read_text()
+    second = eval_report(checkpoint.parent).read_text()  # the same evaluation: the same file, rewritten
     assert first == second
     report = json.loads(first)
     assert [r["mode"] for r in report["results"]] == ["glyphs", "textures", "shapes", "average"]
     assert all(0 <= r["accuracy"] <= 100 and r["episodes"] for r in report["results"])
     assert "average" in out and "±" in out
-    assert (checkpoint.parent / "eval_last_test.csv").is_file()
+    assert report_path.with_suffix(".csv").is_file()
 
 
 @pytest.mark.slow
@@ -207,8 +218,11 @@ def test_torchrun_two_processes_match_single(tmp_path):
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "train_dir" / "single" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "train_dir" / "ddp" / "checkpoints" / "last.pt")["model"]
+    single = load_checkpoint(tmp_path / "train_dir" / "single" / "checkpoints" / "last.pt")
+    a, b = single["model"], load_checkpoint(tmp_path / "train_dir" / "ddp" / "checkpoints" / "last.pt")["model"]
+    # the single run's gradients, from Adam's first moment (exp_avg = (1 - beta1) g); these learners keep no buffers
+    assert len(a) == len(single["optimizer"]["state"])
+    gradient = {key: single["optimizer"]["state"][i]["exp_avg"] / 0.1 for i, key in enumerate(a)}
     # Conv biases and KML bias shifts feed a batch-statistics BatchNorm: their true gradient is 0, so what
     # Adam's first step does with their rounding-noise gradients differs between any two reductions.
     normalised_away = re.compile(r"(backbone\.conv\d\.bias|generator\.layers\.\d\.beta\.)")
@@ -217,8 +231,13 @@ def test_torchrun_two_processes_match_single(tmp_path):
     # float32 (kml-train has no float64 mode). Adam's first step moves each entry by lr * g / (|g| + eps) = +-lr
     # (1e-3) wherever |g| >> eps, whatever the float32 rounding of g (one process and two sum in other orders):
     # the runs agree to the float32 rounding of the parameters (~1e-7), and an entry stepped the wrong way is 2e-3 off.
+    # An entry whose gradient cancels to within ~10 eps of zero (1e-7: measured, one in 18,432 of conv4.weight) takes
+    # a step that depends on that rounding: those entries are left out, and they must stay rare.
     for key in compared:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+        # exactly 0 (taps that see only padding) takes no step in either run; at least 100 eps: +-lr within 1%
+        settled = (gradient[key] == 0) | (gradient[key].abs() > 1e-6)
+        assert settled.float().mean() > 0.99, key
+        assert torch.allclose(a[key][settled], b[key][settled], atol=1e-5, rtol=1e-4), key
     loss_single = float(read_metrics(tmp_path / "train_dir" / "single")[0]["loss"])
     loss_ddp = float(read_metrics(tmp_path / "train_dir" / "ddp")[0]["loss"])
     # float32: the same tasks' losses, batched 4 together or 2 per process: they differ by float32 rounding only
@@ -239,7 +258,7 @@ def test_missing_dataset_cache_names_download_command(tmp_path, capsys):
     err = one_line_error(
         capsys, ["--modes", "omniglot", "--data-root", str(tmp_path), "--train-dir", str(tmp_path / "t")]
     )
-    assert f"python download.py --datasets omniglot --root {tmp_path}" in err
+    assert f"kml-download --datasets omniglot --root {tmp_path}" in err  # the command that works anywhere
 
 
 def test_existing_run_refused_without_resume_or_overwrite(tmp_path, capsys):
@@ -304,10 +323,8 @@ def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, 
     assert rows and all(math.isfinite(float(row["loss"])) for row in rows)
     checkpoint = str(tmp_path / "train_dir" / "run" / "checkpoints" / "last.pt")
     assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
-    assert (
-        json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"]
-        == "bf16"
-    )
+    checkpoints = tmp_path / "train_dir" / "run" / "checkpoints"
+    assert json.loads(eval_report(checkpoints, "eval_last_test_*_bf16.json").read_text())["precision"] == "bf16"
     for name in ("kml.runtime.precision.bf16_native", "kml.runtime.bf16_native"):  # another machine
         monkeypatch.setattr(name, lambda device: False)
     err = one_line_error(capsys, tiny_args(tmp_path, "--resume", steps=15))
@@ -315,10 +332,9 @@ def test_bf16_run_trains_and_resumes_in_float32_where_bf16_is_missing(tmp_path, 
     assert train_cli.main(tiny_args(tmp_path, "--resume", "--no-bf16", steps=15)) == 0
     assert int(read_metrics(tmp_path / "train_dir" / "run")[-1]["step"]) == 15
     assert eval_cli.main(["--checkpoint", checkpoint, "--episodes", "3", "--no-progress"]) == 0
-    assert (
-        json.loads((tmp_path / "train_dir" / "run" / "checkpoints" / "eval_last_test.json").read_text())["precision"]
-        == "float32"
-    )
+    # another precision, other numbers: a report of its own beside the bf16 one
+    float32 = [p for p in checkpoints.glob("eval_last_test_*.json") if not p.name.endswith("_bf16.json")]
+    assert len(float32) == 1 and json.loads(float32[0].read_text())["precision"] == "float32"
 
 
 @pytest.mark.slow
@@ -478,7 +494,7 @@ def test_custom_learner_trains_logs_checkpoints_and_resumes_exactly(tmp_path, gl
     trainer.fit()
     assert trainer.interrupted and load_checkpoint(cut / "checkpoints" / "last.pt")["step"] == 5
     resumed = Trainer(*custom_parts(glyph_root), run_dir=cut, val_stores=val, resume=True, progress=False)
-    assert resumed.step == 5 and resumed.settings.steps == 10 and resumed.settings.log_every == 2
+    assert resumed.step == 5 and resumed.config.steps == 10 and resumed.config.log_every == 2
     resumed.fit()
     a = load_checkpoint(full / "checkpoints" / "last.pt")
     b = load_checkpoint(cut / "checkpoints" / "last.pt")
@@ -558,3 +574,110 @@ def test_trainer_refuses_unknown_settings_and_incomplete_samplers(tmp_path):
     with pytest.raises(TypeError, match="has no sample, mode_names, state_dict, load_state_dict"):
         Trainer(learner, object(), optimizer, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_kml_train_setting_reaches_the_trainer(tmp_path, glyph_root):
+    """Transference recording (and every loop setting of kml-train) from kml.Trainer in Python, without a scheduler;
+    the settings its parts decide are named as theirs."""
+    from kml.config.run import RunConfig
+    from kml.training import Trainer
+    from kml.training.settings import LOOP_SETTINGS, PART_SETTINGS
+
+    run_fields = {f for f in RunConfig.__dataclass_fields__} - {"recipe", "recipe_overrides"}
+    assert set(LOOP_SETTINGS) | set(PART_SETTINGS) == run_fields  # none left unreachable
+    _, sampler, _ = custom_parts(glyph_root)
+    learner = TinyProtoNet()
+    learner.encoder[1] = nn.BatchNorm2d(8, track_running_stats=False)  # the analyzer vmaps over tasks: no running stats
+    optimizer = torch.optim.AdamW(learner.parameters(), lr=3e-3)
+    trainer = Trainer(learner, sampler, optimizer, run_dir=tmp_path / "run", transference_every=2, progress=False)
+    trainer.fit(4)
+    rows = list(csv.DictReader((tmp_path / "run" / "transference.csv").open()))
+    assert {row["step"] for row in rows} == {"2", "4"}
+    assert trainer.config.transference_every == 2 and trainer.config.meta_batch == 4
+    with pytest.raises(TypeError, match="lr is the optimizer's and scheduler's"):
+        Trainer(*custom_parts(glyph_root), run_dir=tmp_path / "other", lr=0.1)
+
+
+class SaysItsSettings(TinyProtoNet):
+    """A custom learner that follows kml's Learner protocol, so it says its method and settings."""
+
+    backend = "auto"
+
+    def predict(self, support_x, support_y, query_x, **options):
+        raise NotImplementedError
+
+    def inner_parameter_names(self) -> list[str]:
+        return []
+
+    def settings(self) -> dict:
+        return {"method": "protonet", "hidden": 8, "model": f"{__name__}.TinyProtoNet"}
+
+
+def test_custom_run_records_model_method_settings_and_modes(tmp_path, glyph_root):
+    from kml.training import Trainer
+
+    _, sampler, _ = custom_parts(glyph_root)
+    for learner, said in ((SaysItsSettings(), True), (TinyProtoNet(), False)):
+        run = tmp_path / type(learner).__name__
+        optimizer = torch.optim.SGD(learner.parameters(), lr=0.01)
+        Trainer(learner, sampler, optimizer, run_dir=run, steps=1, progress=False).fit()
+        config = json.loads((run / "config.json").read_text())
+        assert config["custom_learner"] == f"{__name__}.{type(learner).__name__}"
+        assert config["modes"] == ["glyphs", "textures"] and config["steps"] == 1
+        assert config.get("learner") == (learner.settings() if said else None)
+        assert load_checkpoint(run / "checkpoints" / "last.pt")["config"] == {
+            k: v for k, v in config.items() if k != "versions"
+        }
+
+
+def test_library_layers_and_messages_compose_no_command_line():
+    """kml/training words no kml-train command (the CLI does) and imports neither kml.cli nor kml.results; nothing
+    under kml/ but kml/cli imports kml.cli."""
+    root = Path(__file__).resolve().parent.parent / "kml"
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        inside = path.relative_to(root).parts[0]
+        if inside != "cli":
+            assert not re.search(r"^\s*(from|import) kml\.cli", text, re.M), path
+        if inside == "training":
+            assert not re.search(r"^\s*(from|import) kml\.results", text, re.M), path
+            assert "kml-train --" not in text, path
+
+
+def test_continue_run_advice_is_python_in_python_and_a_command_on_a_command_line(tmp_path):
+    import shlex
+
+    from kml.cli.common import continue_command
+    from kml.training.advice import ContinueRun
+
+    run = tmp_path / "my run"
+    advice = ContinueRun("stopped; continue: ", run, python="Trainer.resume(...)", changes={"lr": 0.0001}, after=" (!)")
+    assert str(advice) == "stopped; continue: Trainer.resume(...) (!)"
+    command = f"kml-train --resume --train-dir {shlex.quote(str(tmp_path))} --run-name 'my run' --lr 0.0001"
+    assert continue_command(advice) == command
+    assert str(advice.worded(command)) == f"stopped; continue: {command} (!)"
+
+
+def test_custom_run_recorded_by_an_earlier_kml_resumes_and_is_overwritten(tmp_path, glyph_root):
+    """A custom run's record before the loop read a RunConfig (no modes, learner, meta_batch; val_tasks_per_batch)."""
+    from kml.training import Trainer
+    from kml.training.checkpoint import save_checkpoint
+
+    run, copy = tmp_path / "old", tmp_path / "copy"
+    Trainer(*custom_parts(glyph_root), run_dir=run, steps=2, log_every=1, checkpoint_every=2, progress=False).fit()
+    old = {
+        **dict(custom_learner=f"{__name__}.TinyProtoNet", steps=2, log_every=1, val_every=1000, val_episodes=300),
+        **dict(checkpoint_every=2, grad_clip=None, task_chunk=None, bf16=False, compile=False, seed=0),
+        **dict(ways=5, shots=1, queries=3, val_tasks_per_batch=4),
+    }
+    last = run / "checkpoints" / "last.pt"
+    state = {k: v for k, v in load_checkpoint(last).items() if k not in ("format", "version")}
+    save_checkpoint(last, {**state, "config": old})
+    (run / "config.json").write_text(json.dumps({**old, "versions": {"kml": "0.2.0"}}))
+    shutil.copytree(run, copy)
+    resumed = Trainer(*custom_parts(glyph_root), run_dir=run, resume=True, progress=False)
+    assert (resumed.step, resumed.config.steps, resumed.config.log_every, resumed.config.meta_batch) == (2, 2, 1, 4)
+    resumed.fit(3)
+    assert [r["step"] for r in read_metrics(run)] == ["1", "2", "3"]
+    Trainer(*custom_parts(glyph_root), run_dir=copy, overwrite=True, steps=1, progress=False).fit()  # a kml run
+    assert load_checkpoint(copy / "checkpoints" / "last.pt")["step"] == 1

@@ -1,13 +1,15 @@
-"""Meta-learners, batched over the tasks of an episode.
+"""Meta-learning methods, each written once over any ``nn.Module`` and batched over the tasks of an episode.
 
-* :class:`MAML` and :class:`ProtoNet` (:mod:`kml.algorithms.maml`, :mod:`kml.algorithms.protonet`): any
-  ``nn.Module``, with ``torch.func`` (``functional_call``, ``grad``, ``vmap``);
-* :class:`MetaLearner` (:mod:`kml.algorithms.learner`): kml's own networks from a :class:`kml.config.LearnerConfig`
-  (every paper method, ``build_learner(config)``), with the task-packed fast path.
+* :class:`MAML` and :class:`ProtoNet` (:mod:`kml.algorithms.maml`, :mod:`kml.algorithms.protonet`): the methods;
+* :mod:`kml.algorithms.backends`: how the tasks of a meta-batch run (kml's packed layout, or ``vmap``);
+* :func:`build_learner` (:mod:`kml.algorithms.learner`): every paper method from a :class:`kml.config.LearnerConfig`;
+* :mod:`kml.algorithms.contract`: :class:`LearnerOutput` and the :class:`Learner` protocol;
+* :mod:`kml.algorithms.reference`: the per-task loops the tests hold every backend to.
 """
 
-from kml.algorithms.learner import LearnerOutput, MetaLearner, build_learner
+from kml.algorithms.contract import Learner, LearnerOutput
+from kml.algorithms.learner import build_learner
 from kml.algorithms.maml import MAML
 from kml.algorithms.protonet import ProtoNet
 
-__all__ = ["MAML", "LearnerOutput", "MetaLearner", "ProtoNet", "build_learner"]
+__all__ = ["MAML", "Learner", "LearnerOutput", "ProtoNet", "build_learner"]

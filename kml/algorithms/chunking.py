@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from kml.algorithms.learner import LearnerOutput
+from kml.algorithms.contract import LearnerOutput
 from kml.data.episode import Episode
 
 __all__ = ["accumulate_meta_gradient", "chunk_slices"]

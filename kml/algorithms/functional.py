@@ -1,4 +1,4 @@
-"""Pieces shared by every learner: parameter dicts, inner-gradient clipping and exact batch statistics.
+"""Pieces shared by every learner: parameter dicts, inner-gradient clipping and BatchNorm modes.
 
 A learner sees a model as a function of a parameter dict (``torch.func.functional_call``), so these
 helpers work for any ``nn.Module``: kml's own backbones and a user's network alike.
@@ -11,17 +11,20 @@ from contextlib import contextmanager
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from kml.errors import KMLError, setting
 
 __all__ = [
     "ModelCalls",
     "Params",
     "clip_gradients",
     "clip_task_gradients",
-    "exact_batch_norm",
     "subset",
-    "use_batch_statistics",
+    "BATCH_NORM_MODES",
+    "batch_norm_mode",
+    "check_batch_norm_mode",
 ]
 
 Params = dict[str, torch.Tensor]
@@ -54,55 +57,45 @@ def clip_gradients(grads: Params, max_norm: float | None, clamp: float | None = 
     return {name: g.squeeze(0) for name, g in clipped.items()}
 
 
-def use_batch_statistics(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm of ``model`` normalise with the statistics of the batch it is given, in training
-    and evaluation alike, and keep no running statistics (MAML's convention; a running average would also
-    be a buffer written by every task at once under ``vmap``). Changes ``model`` in place and returns it."""
-    from torch.func import replace_all_batch_norm_modules_
-
-    return replace_all_batch_norm_modules_(model)
+BATCH_NORM_MODES = ("transductive", "running")
 
 
-def _elementary_batch_norm(
-    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
-):
-    """``F.batch_norm`` with batch statistics, written with elementary ops (any input rank ``[B, C, ...]``)."""
-    del running_mean, running_var, training, momentum  # F.batch_norm's signature; batch statistics only
-    dims = [0, *range(2, input.dim())]
-    mean = input.mean(dim=dims, keepdim=True)
-    normed = (input - mean) * torch.rsqrt((input - mean).pow(2).mean(dim=dims, keepdim=True) + eps)
-    shape = [1, -1] + [1] * (input.dim() - 2)
-    if weight is not None:
-        normed = normed * weight.view(shape)
-    if bias is not None:
-        normed = normed + bias.view(shape)
-    return normed
+def check_batch_norm_mode(model: nn.Module, mode: str) -> None:
+    """Refuse a BatchNorm mode ``model`` cannot run: ``"running"`` needs running statistics in every BatchNorm."""
+    if mode not in BATCH_NORM_MODES:
+        raise KMLError(f"unknown {setting('batch_norm')} {mode!r}; choose one of {', '.join(BATCH_NORM_MODES)}")
+    if mode == "running":
+        for name, module in model.named_modules():
+            if isinstance(module, _BatchNorm) and (module.running_mean is None or module.running_var is None):
+                raise KMLError(
+                    f"{setting('batch_norm', 'running')} normalises with running statistics, but BatchNorm "
+                    f"{name or type(module).__name__} keeps none (track_running_stats=False); use 'transductive'"
+                )
 
 
 @contextmanager
-def exact_batch_norm(enabled: bool = True) -> Iterator[None]:
-    """Within the block, batch-statistics ``F.batch_norm`` (what ``nn.BatchNorm2d`` calls) runs as elementary
-    ops, so that second-order MAML under ``vmap`` differentiates it correctly.
+def batch_norm_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Within the block, every BatchNorm of ``model`` normalises as ``mode`` says; restored afterwards, so the
+    user's module (its flags, its running statistics) is left as it was.
 
-    In torch 2.14 the batching rule of the fused kernel's double backward gives wrong second-order
-    meta-gradients (off by ~1e-3; the equality tests in tests/test_generic.py catch it). Calls with running
-    statistics pass through unchanged. Not thread-safe: it swaps ``torch.nn.functional.batch_norm``.
+    ``"transductive"``: with the statistics of the batch it is given (one task's support or query set), in
+    training and evaluation alike, and its running statistics are neither used nor updated (MAML's
+    convention; an update would also be a buffer written by every task at once under ``vmap``).
+    ``"running"``: with its running statistics (e.g. pretrained ones), never updated: each query is
+    classified on its own (inductive). Not thread-safe: it sets the modules' flags for the block.
     """
-    if not enabled:
-        yield
-        return
-    fused = F.batch_norm
-
-    def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
-        if running_mean is None and running_var is None:
-            return _elementary_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        return fused(input, running_mean, running_var, weight, bias, training, momentum, eps)
-
-    F.batch_norm = batch_norm
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
     try:
+        for norm in norms:
+            if mode == "transductive":
+                norm.training, norm.track_running_stats = True, False
+            else:
+                norm.training = False
         yield
     finally:
-        F.batch_norm = fused
+        for norm, (training, tracking) in zip(norms, saved):
+            norm.training, norm.track_running_stats = training, tracking
 
 
 class ModelCalls:
@@ -145,6 +138,12 @@ class ModelCalls:
         from torch.func import functional_call
 
         if not self.network_prefix:
-            return functional_call(self.model, network, (x,))
-        # a network prefix: the model is a TaskConditionedModel
-        return functional_call(cast(nn.Module, self.model.backbone), network, (x, modulation))
+            output = functional_call(self.model, network, (x,))
+        else:  # a network prefix: the model is a TaskConditionedModel
+            output = functional_call(cast(nn.Module, self.model.backbone), network, (x, modulation))
+        if not isinstance(output, torch.Tensor):
+            raise KMLError(
+                f"{type(self.model).__name__} returned a {type(output).__name__}, not one tensor of logits or "
+                f"features [B, ...]; wrap it in a module that returns the one tensor the method needs"
+            )
+        return output

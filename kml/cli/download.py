@@ -3,8 +3,8 @@
     kml-download --datasets omniglot miniimagenet fc100 cub aircraft --root data
     python download.py --datasets omniglot --root data      # the same command, from a repository checkout
 
-A thin command line over :func:`kml.data.sources.prepare`; see the README's
-"Datasets" section for sources, sizes, splits and where to place archives by hand.
+A thin command line over :func:`kml.data.sources.prepare`; see the guide's
+"Datasets" page (docs/guide/datasets.md) for sources, sizes, splits and where to place archives by hand.
 Bad input is one ``error: ...`` line on stderr and exit status 2.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 
 from kml.cli.common import ArgumentParser
 from kml.config.checks import Number, check_number
@@ -34,12 +35,19 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         epilog="Archives placed by hand under <root>/raw/<dataset>/ (or directly under <root>) are used without "
         "touching the network.",
     )
+    _add_source_arguments(parser, DATASET_MODES, MIRROR_ENV)
+    _add_conversion_arguments(parser)
+    return parser
+
+
+def _add_source_arguments(parser: ArgumentParser, datasets: Sequence[str], mirror_env: str) -> None:
+    """What to prepare and where the raw files come from (--datasets ... --timeout)."""
     parser.add_argument(
         "--datasets",
         nargs="+",
-        default=list(DATASET_MODES),
+        default=list(datasets),
         metavar="NAME",
-        help=f"datasets to prepare (default: all): {', '.join(DATASET_MODES)}; aliases FC100, bird, ...",
+        help=f"datasets to prepare (default: all): {', '.join(datasets)}; aliases FC100, bird, ...",
     )
     parser.add_argument("--root", default="data", help="data root (default: data)")
     parser.add_argument("--force", action="store_true", help="convert again even if a complete cache exists")
@@ -56,7 +64,7 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         default=None,
         metavar="URL",
         help=f"base URL serving the archives by file name, replacing the built-in locations "
-        f"(repeatable, tried in order; default from ${MIRROR_ENV})",
+        f"(repeatable, tried in order; default from ${mirror_env})",
     )
     parser.add_argument(
         "--checksum",
@@ -73,6 +81,10 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         help="a download that receives less than 32 KiB in this many seconds (or a server silent for as long) "
         "is abandoned for the next mirror (default: 60)",
     )
+
+
+def _add_conversion_arguments(parser: ArgumentParser) -> None:
+    """How the raw files are converted into the cache (--on-corrupt ... --quiet)."""
     parser.add_argument(
         "--on-corrupt",
         choices=("stop", "skip"),
@@ -93,7 +105,7 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
         "--omniglot-side",
         type=int,
         default=28,
-        help="stored Omniglot side: 28 (default) or 84, the published mixtures' 105 -> 84 Lanczos (see README Fidelity)",
+        help="stored Omniglot side: 28 (default) or 84, the published mixtures' 105 -> 84 Lanczos (see docs/guide/methods.md, Fidelity)",
     )
     parser.add_argument(
         "--cleanup",
@@ -103,7 +115,6 @@ def build_parser(prog: str = "kml-download") -> ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: cores, at most 8)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "kml-download") -> argparse.Namespace:

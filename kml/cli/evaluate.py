@@ -3,16 +3,17 @@
     kml-eval --checkpoint train_dir/<run>/checkpoints/last.pt
     kml-eval --checkpoint ... --modes omniglot --episodes 600 --inner-steps 10
     kml-eval --checkpoint <protonet run>/checkpoints/last.pt --ways 20   # trained 5-way, tested 20-way
+    kml-eval --checkpoint <protonet run>/checkpoints/last.pt --setups 5w1s 5w5s 20w1s   # one table
 
-Prints per-mode mean accuracy with 95% confidence intervals and their average,
-and writes eval_<checkpoint>_<split>.json and .csv beside the checkpoint.
+Prints per-mode mean accuracy (percent) with 95% confidence intervals and their average, and writes a report
+(.json) and its table (.csv) beside the checkpoint, named by every setting that changes the numbers, e.g.
+eval_last_test_5w1s15q_1000ep_seed0_inner10.json: another evaluation never overwrites it.
 Evaluating the same checkpoint twice gives identical numbers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from kml.config.checks import EVAL_NUMBERS, check_device, check_output_path, che
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 
-__all__ = ["build_parser", "checkpoint_step", "main", "ways_refusal"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> ArgumentParser:
@@ -44,30 +45,90 @@ def build_parser() -> ArgumentParser:
         "learners whose parameters do not depend on N (ProtoNet without encoder labels)",
     )
     parser.add_argument("--shots", type=int, help="support images per class (default: the run's)")
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        metavar="NwKs",
+        help="several N-way K-shot setups in one call, e.g. 5w1s 5w5s 20w1s: one table, a report each "
+        "(instead of --ways and --shots)",
+    )
     parser.add_argument("--queries", type=int, help="query images per class (default: the run's)")
     parser.add_argument("--tasks-per-batch", type=int, default=10, help="tasks evaluated together")
     parser.add_argument("--data-root", help="dataset cache folder (default: the run's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--output", help="JSON output path (default: beside the checkpoint)")
+    parser.add_argument(
+        "--output",
+        help="JSON report path (default: beside the checkpoint, named by the evaluation's settings); with several "
+        "--setups, each report is this name with _NwKs added",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
 
-def checkpoint_step(state: dict, path: str | os.PathLike) -> int:
-    """The training step a checkpoint records, or a one-line :class:`KMLError`."""
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int):
-        raise KMLError(f"checkpoint {path} records no training step (got {step!r}); it is not one kml-train wrote")
-    return step
+def _setups(args: argparse.Namespace) -> list[tuple[int | None, int | None]]:
+    """The (ways, shots) to evaluate: those of --setups, or --ways and --shots (``None``: the run's)."""
+    if not args.setups:
+        return [(args.ways, args.shots)]
+    if args.ways is not None or args.shots is not None:
+        raise KMLError("--setups sets the ways and shots of each evaluation; drop --ways and --shots")
+    from kml.results.runs import Setup
+
+    setups = [Setup.parse(text) for text in args.setups]
+    if len(set(setups)) != len(setups):
+        raise KMLError(f"--setups {' '.join(args.setups)} repeats a setup")
+    return [(setup.ways, setup.shots) for setup in setups]
 
 
-def ways_refusal(learner) -> str | None:
-    """Why a learner cannot be evaluated at another N, or ``None`` when its parameters do not depend on N."""
-    if learner.algorithm == "maml":
-        return f"this learner's MAML head is Linear(features, {learner.ways}), sized for its training N"
-    if learner.modulation != "none" and learner.encoder_uses_labels:
-        return f"its task encoder reads {learner.ways} one-hot label planes, sized for its training N"
+def _check_output(args: argparse.Namespace, checkpoint: Path) -> Path | None:
+    """The --output path, or ``None`` (reports beside the checkpoint), checked before anything is evaluated."""
+    if args.output:
+        check_output_path(args.output)
+        if Path(args.output).suffix.lower() == ".csv":  # the table is written beside the report as <name>.csv
+            raise KMLError(f"--output {args.output} names the JSON report; give a .json name, the CSV goes beside it")
+        return Path(args.output)
+    if checkpoint.parent.is_dir() and not os.access(checkpoint.parent, os.W_OK):  # before evaluating, not after
+        raise KMLError(
+            f"the report goes beside the checkpoint, and {checkpoint.parent} is not writable; "
+            f"pass --output FILE.json in a writable folder"
+        )
     return None
+
+
+def _report_path(report: dict, output: Path | None, checkpoint: Path, run_modes: list[str], several: bool) -> Path:
+    """Where ``report`` goes: --output (with _NwKs for one of several setups), or beside the checkpoint, named
+    by its settings (:func:`kml.evaluation.report_name`)."""
+    if output is None:
+        from kml.evaluation import report_name
+
+        return checkpoint.with_name(report_name(report, checkpoint, run_modes))
+    if several:
+        return output.with_name(f"{output.stem}_{report['ways']}w{report['shots']}s{output.suffix or '.json'}")
+    return output
+
+
+def _shown(table):
+    """The table with folder modes by their short names (the report keeps the full mode)."""
+    from kml.data.modes import mode_label
+
+    return table.assign(mode=table["mode"].map(mode_label))
+
+
+def _print_reports(reports: list[dict]) -> None:
+    """One table: a single evaluation as before; several setups with a setup column."""
+    import pandas as pd
+
+    first = reports[0]
+    formatters = {"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}
+    if len(reports) == 1:
+        print(
+            f"{first['ways']}-way {first['shots']}-shot, {first['episodes_per_mode']} {first['split']} episodes "
+            f"per mode, step {first['step']}"
+        )
+        print(_shown(pd.DataFrame(first["results"])).to_string(index=False, formatters=formatters))
+        return
+    print(f"{first['episodes_per_mode']} {first['split']} episodes per mode and setup, step {first['step']}")
+    rows = [{"setup": f"{r['ways']}w{r['shots']}s", **row} for r in reports for row in r["results"]]
+    print(_shown(pd.DataFrame(rows)).to_string(index=False, formatters=formatters))
 
 
 @exit_on_kml_error
@@ -78,26 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     vars(args).update(check_values(vars(args), EVAL_NUMBERS))
     check_device(args.device)
     checkpoint = Path(args.checkpoint)
-    if args.output:
-        check_output_path(args.output)
-        if Path(args.output).suffix.lower() == ".csv":  # the table is written beside the report as <name>.csv
-            raise KMLError(f"--output {args.output} names the JSON report; give a .json name, the CSV goes beside it")
-    elif checkpoint.parent.is_dir() and not os.access(checkpoint.parent, os.W_OK):  # before evaluating, not after
-        raise KMLError(
-            f"the report goes beside the checkpoint, and {checkpoint.parent} is not writable; "
-            f"pass --output FILE.json in a writable folder"
-        )
+    setups = _setups(args)
+    output = _check_output(args, checkpoint)
 
-    import dataclasses
-
-    import pandas as pd
-    import torch
-
-    from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores
-    from kml.data.store import check_run_caches
-    from kml.evaluation import average, evaluate
-    from kml.runtime import bf16_native, tune_cpu_allocator
-    from kml.training.checkpoint import load_learner
+    from kml.evaluation import run_reports, write_report
+    from kml.runtime import tune_cpu_allocator
+    from kml.training.checkpoint import checkpoint_step, load_learner
     from kml.training.distributed import DistInfo, resolve_device
 
     tune_cpu_allocator()
@@ -109,91 +156,29 @@ def main(argv: list[str] | None = None) -> int:
             raise
         raise KMLError(f"checkpoint {args.checkpoint} holds a config kml refuses: {error}") from None
     step = checkpoint_step(state, args.checkpoint)
-
-    modes = expand_modes(args.modes) if args.modes else config.modes
-    # Multi-MAML and per-mode inner rates/steps pick by the task's mode index: it must be the run's own index
-    by_mode = (
-        config.learner.multi_maml
-        or config.learner.mode_inner_lr is not None
-        or config.learner.mode_inner_steps is not None
-    )
-    if by_mode and set(modes) - set(config.modes):
-        raise KMLError(
-            f"this learner ({config.learner.method}, per-mode settings) only knows its training modes {config.modes}; got {modes}"
-        )
-    stores = load_stores(modes, args.split, args.data_root or config.data_root, config.image_size, 3, device)
-    check_run_caches(state.get("data"), stores)
-    mode_indices = mode_names = None
-    if by_mode:  # keep each mode at the index of its own parameter set / rate, also for a subset of the modes
-        by_name = {s.mode: s for s in stores}
-        stores = [by_name[m] for m in config.modes if m in by_name]
-        mode_indices, mode_names = [config.modes.index(s.mode) for s in stores], config.modes
-    rotate = [config.rotate_omniglot and s.mode in ROTATED_BY_DEFAULT for s in stores]
-    if args.ways is not None and args.ways < 2:
-        raise KMLError(f"--ways must be at least 2, got {args.ways}")
-    ways = args.ways or config.ways
-    if ways != config.ways:
-        refusal = ways_refusal(config.learner)
-        if refusal:
-            raise KMLError(f"--ways {ways}: {refusal}; evaluate it {config.ways}-way")
-    if args.inner_steps is not None and config.learner.algorithm != "maml":
-        raise KMLError(
-            f"--inner-steps applies to MAML; this checkpoint is {config.learner.method}, which has no inner loop: drop it"
-        )
-    shots = args.shots if args.shots is not None else config.shots
-    queries = args.queries if args.queries is not None else config.queries
-    bf16 = config.bf16 and bf16_native(device)  # trained with bf16 on another device: float32 here
-    torch.manual_seed(args.seed)
-    results = evaluate(
+    reports = run_reports(
         learner,
-        stores,
-        ways,
-        shots,
-        queries,
-        args.episodes,
+        config,
+        setups,
+        episodes=args.episodes,
         seed=args.seed,
-        tasks_per_batch=args.tasks_per_batch,
+        split=args.split,
+        modes=args.modes,
+        queries=args.queries,
         inner_steps=args.inner_steps,
-        rotate=rotate,
-        bf16=bf16,
+        tasks_per_batch=args.tasks_per_batch,
+        data_root=args.data_root,
+        device=device,
+        data=state.get("data"),
         progress=args.progress,
-        mode_indices=mode_indices,
-        mode_names=mode_names,
     )
-    rows = [r.as_dict() for r in [*results, average(results)]]
-    table = pd.DataFrame(rows)
-    output = Path(args.output) if args.output else checkpoint.with_name(f"eval_{checkpoint.stem}_{args.split}.json")
-    inner = args.inner_steps if args.inner_steps is not None else config.learner.eval_inner_steps
-    report = {
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "split": args.split,
-        "ways": ways,
-        "trained_ways": config.ways,
-        "shots": shots,
-        "queries": queries,
-        "episodes_per_mode": args.episodes,
-        "seed": args.seed,
-        "inner_steps": inner if config.learner.algorithm == "maml" else None,
-        "precision": "bf16" if bf16 else "float32",
-        "method": dataclasses.asdict(config.learner),
-        "results": rows,
-        "episode_accuracy": {r.mode: r.episode_accuracy for r in results},  # per episode, for paired comparisons
-    }
-    try:
-        output.write_text(json.dumps(report, indent=2))
-        table.to_csv(output.with_suffix(".csv"), index=False)
-    except OSError as error:
-        raise KMLError(
-            f"cannot write {error.filename or output}: {error.strerror or error}; pass --output elsewhere"
-        ) from None
-    print(f"{ways}-way {shots}-shot, {args.episodes} {args.split} episodes per mode, step {step}")
-    print(
-        table.to_string(
-            index=False, formatters={"accuracy": "{:.2f}".format, "ci95": "±{:.2f}".format, "loss": "{:.4f}".format}
-        )
-    )
-    print(f"written: {output} and {output.with_suffix('.csv')}")
+    reports = [{"checkpoint": str(checkpoint), "step": step, **report} for report in reports]
+    paths = [_report_path(r, output, checkpoint, list(config.modes), len(reports) > 1) for r in reports]
+    for report, path in zip(reports, paths):
+        write_report(report, path)
+    _print_reports(reports)
+    for path in paths:
+        print(f"written: {path} and {path.with_suffix('.csv')}")
     return 0
 
 

@@ -6,6 +6,7 @@ seeds and over episodes, paired differences with a baseline method, published nu
     kml-results --methods maml mmaml kml-maml protonet kml-protonet --modes omniglot miniimagenet FC100 \\
                 --setups 5w1s 5w5s --seeds 0 1 2                          # the published schedules: a GPU's work
     kml-results --methods kml-maml bare=kml-maml,kml_form=bare --baseline kml-maml ...   # an ablation
+    kml-results --methods protonet mine=kml-protonet,network=my_pkg.nets:Net,network_args='{"width":64}' ...
 
 A method is a recipe (kml-train --recipe) or LABEL=RECIPE,key=value,... Writes <out>/results.md, results.csv,
 differences.csv, episodes.csv and results.png; the same command again continues where it stopped.
@@ -17,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kml.cli.common import ArgumentParser
+from kml.cli.common import ArgumentParser, as_command
 from kml.config.checks import SEED, check_number
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     from kml.data.modes import expand_modes
     from kml.results import plots, runs, table
     from kml.results.published import published_rows
+    from kml.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()
     modes = expand_modes(args.modes)
     out = Path(args.out)
     rows = []
@@ -103,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     for number, run in enumerate(todo, 1):
         given = {**common, **run.method.overrides, "ways": run.setup.ways, "modes": modes}
         steps = run.method.overrides.get("steps", args.steps) or recipe_values(run.method.recipe, given)["steps"]
-        print(f"[{number}/{len(todo)}] {run.setup.tag} {run.method.label} seed {run.seed}: ", end="", flush=True)
-        done, step = runs.train(run, modes, int(steps), common, args.progress)
+        which = f"[{number}/{len(todo)}] {run.setup.tag} {run.method.label} seed {run.seed}"
+        print(which, flush=True)  # a line of its own: training prints its validations below it
+        done, step = _train(run, modes, int(steps), common, args.progress)
         report = runs.evaluate(run, step, args.episodes, args.eval_seed, args.progress)
         average = next(r["accuracy"] for r in report["results"] if r["mode"] == "average")
-        print(f"{done}, step {report['step']}, average {average:.2f}%", flush=True)
+        print(f"{which}: {done}, step {report['step']}, average {average:.2f}%", flush=True)
         rows += runs.episode_rows(run, report)
 
     episodes = pd.DataFrame(rows)
@@ -124,6 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"written: {out}/results.md, results.csv, differences.csv, episodes.csv, results.png")
     return 0
+
+
+def _train(run, modes: list[str], steps: int, common: dict, progress: bool) -> tuple[str, int]:
+    """:func:`kml.results.runs.train`; a stop shows kml-train's error line first, then the run's."""
+    from kml.results import runs
+
+    try:
+        return runs.train(run, modes, steps, common, progress)
+    except runs.TrainingStopped as stopped:
+        if stopped.cause is not None:  # its runs are kml-train's: advice to continue one is its command
+            print(f"error: {as_command(stopped.cause)}", file=sys.stderr)
+        raise KMLError(str(stopped)) from None
 
 
 if __name__ == "__main__":

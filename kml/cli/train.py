@@ -1,23 +1,22 @@
 """kml-train: meta-train a learner on one or several modes.
 
-kml-train --modes synthetic                               # the no-download demo (README: quick start)
-kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML exactly as its released code
+kml-train --modes synthetic                               # the no-download demo (README: the demo)
+kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML with its released code's settings
 kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
 kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
+kml-train --network my_pkg.nets:ResNet18 --network-args '{"num_classes": 0}' --algorithm protonet --modulation kml
 torchrun --nproc_per_node 4 -m kml.cli.train --modes ...  # tasks of a meta-batch split across GPUs
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 from typing import Any
 
-from kml.cli.common import ArgumentParser, read_config_file
-from kml.config.checks import check_device, check_run_name, check_values
-from kml.config.learner import FIELD_CHOICES, LearnerConfig, upgrade_field_names
+from kml.cli.common import ArgumentParser, continue_run_as_command, json_object, read_config_file
+from kml.config.learner import FIELD_CHOICES, upgrade_field_names
 from kml.errors import KMLError, exit_on_kml_error
 from kml.runtime.threads import configure_threads
 
@@ -26,11 +25,23 @@ __all__ = [
     "build_parser",
     "CHOICE_HELP",
     "config_from_values",
+    "count_or_all",
     "LEARNER_FLAGS",
     "main",
     "RUN_FLAGS",
     "SWITCHES",
 ]
+
+
+def count_or_all(text: str) -> int | None:
+    """An argparse type: a count, or ``all`` (``None``: no limit)."""
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of checkpoints or all, got {text!r}") from None
+
 
 RUN_FLAGS = {
     # name: (type, help) -- defaults come from RunConfig; {datasets} and {demo} in a help text are filled from
@@ -44,10 +55,13 @@ RUN_FLAGS = {
     "lr_halve_every": (int, "halve the outer learning rate every this many steps"),
     "seed": (int, "seed of sampling and initialisation"),
     "device": (str, "auto, cpu, cuda or cuda:N"),
-    "data_root": (str, "folder holding the dataset caches (see download.py)"),
+    "data_root": (str, "folder holding the dataset caches (see kml-download)"),
     "image_size": (int, "common side length of all modes (default: the largest stored side)"),
     "train_dir": (str, "folder of run folders"),
-    "run_name": (str, "name of the run folder (default: method_modes_NwKs)"),
+    "run_name": (
+        str,
+        "name of the run folder (default: method_modes_NwKs; the method is the recipe's name with --recipe)",
+    ),
     "val_every": (
         int,
         "validate on meta-val classes every this many steps (default {datasets}; {demo} for the synthetic demo)",
@@ -56,6 +70,11 @@ RUN_FLAGS = {
     "checkpoint_every": (
         int,
         "save last.pt and a periodic checkpoint every this many steps (default {datasets}; {demo} for the synthetic demo)",
+    ),
+    "keep_checkpoints": (
+        count_or_all,
+        "periodic checkpoints kept, the newest (default 3; 0: none, all: every one); last.pt and best.pt are always "
+        "kept; applied on --resume too",
     ),
     "log_every": (int, "write a metrics.csv row every this many steps"),
     "grad_clip": (float, "clip the meta-gradient norm (off by default)"),
@@ -75,6 +94,12 @@ LEARNER_FLAGS = {
         "C: the blocks have C, 2C, 4C, 8C channels (published), C each (conv4), 2C, 5C, 10C, 20C (resnet12)",
     ),
     "encoder_channels": (int, "channels of the task encoder"),
+    "network": (
+        str,
+        "your own network instead of kml's backbones, by import path package.module:Name (an nn.Module subclass, "
+        "or a function annotated to return one); recorded, so kml-eval and --resume rebuild it",
+    ),
+    "network_args": (json_object, "keyword arguments of --network as a JSON object, e.g. '{\"num_classes\": 5}'"),
 }
 CHOICE_HELP = {
     # name: help -- the choices come from kml.config.FIELD_CHOICES and kml.config.run.LR_SCHEDULES
@@ -87,6 +112,8 @@ CHOICE_HELP = {
     "init": "encoder/generator initialisation: kml's, or PyTorch's default (released codes)",
     "kml_bias": "KML's bias shift: on the conv bias (as defined; a batch-statistics BatchNorm removes it) or after the BatchNorm (ablation)",
     "lr_schedule": "outer learning rate halved every --lr-halve-every steps (KML) or constant (MMAML)",
+    "batch_norm": "BatchNorm statistics: each support and query set's own (MAML's convention) or the network's "
+    "running statistics, never updated (inductive; needs a --network that keeps them)",
 }
 SWITCHES = {
     "multi_maml": ("learner", "one set of meta-parameters per mode, told the mode (oracle baseline)"),
@@ -95,7 +122,7 @@ SWITCHES = {
     "encoder_uses_labels": ("learner", "feed one-hot support labels to the task encoder"),
     "bf16": (
         "run",
-        "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): faster steps (README: speed switches)",
+        "bf16 autocast (CUDA from Ampere on, or a CPU with AMX/AVX512-BF16): faster steps (docs/guide/performance.md)",
     ),
     "activation_checkpointing": (
         "run",
@@ -119,8 +146,17 @@ def build_parser() -> ArgumentParser:
         "--modes",
         nargs="+",
         metavar="MODE",
-        help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), folder:PATH",
+        help="modes to mix: omniglot miniimagenet fc100 cub aircraft, glyphs textures shapes (or synthetic), "
+        "folder:PATH, or [NAME=]folder[,fractions=70/15/15][,seed=N]:PATH (a short name, the class split)",
     )
+    parser.add_argument(
+        "--split-fractions",
+        nargs=3,
+        type=float,
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="class split of every folder mode that sets none (default 0.7 0.15 0.15; recorded in the mode's name)",
+    )
+    parser.add_argument("--split-seed", type=int, metavar="N", help="seed of that class split (default 123)")
     parser.add_argument("--policy", choices=MIXTURE_POLICIES, help="how tasks of a meta-batch pick their mode")
     parser.add_argument(
         "--weights", nargs="+", type=float, metavar="W", help="mode weights for the mixture (one per mode)"
@@ -134,6 +170,12 @@ def build_parser() -> ArgumentParser:
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     for name, (_, text) in SWITCHES.items():
         parser.add_argument(f"--{name.replace('_', '-')}", action="store_true", help=text)
+    _add_presets_and_run_control(parser)
+    return parser
+
+
+def _add_presets_and_run_control(parser: ArgumentParser) -> None:
+    """--recipe, the on/off flags of defaults that are on, --config, and resuming or overwriting a run."""
     from kml.config.recipes import RECIPES
 
     parser.add_argument(
@@ -184,20 +226,13 @@ def build_parser() -> ArgumentParser:
         "--overwrite", action="store_true", help="delete an existing kml run folder of the same name first"
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return parser
 
 
 def config_from_values(values: dict[str, Any]):
-    """Split flat flag values into a RunConfig with its LearnerConfig."""
-    from kml.config.run import RunConfig
+    """Split flat flag values into a RunConfig with its LearnerConfig (:func:`kml.training.launch.config_from_values`)."""
+    from kml.training.launch import config_from_values as split
 
-    learner_fields = {f.name for f in dataclasses.fields(LearnerConfig)}
-    run_fields = {f.name for f in dataclasses.fields(RunConfig)} - {"learner"}
-    unknown = sorted(set(values) - learner_fields - run_fields)
-    if unknown:
-        raise KMLError(f"unknown settings {unknown}")
-    learner = LearnerConfig(**{k: v for k, v in values.items() if k in learner_fields})
-    return RunConfig(learner=learner, **{k: v for k, v in values.items() if k in run_fields})
+    return split(values)
 
 
 # Flags renamed in 0.2.0 with the fields they set (CHANGELOG.md): an old command line still runs, with a warning.
@@ -233,44 +268,36 @@ def main(argv: list[str] | None = None) -> int:
     # a config file written before 0.2 may use the learner's old field names
     values = upgrade_field_names(read_config_file(args.pop("config"))) if "config" in args else {}
     values.update(args)
-    # every setting is checked before anything is loaded or any folder touched (kml.config.checks)
-    values = check_values(values)
-    if "recipe" in values:  # the recipe's values first, then the config file's and the flags'
+    fractions, split_seed = values.pop("split_fractions", None), values.pop("split_seed", None)
+    if fractions is not None or split_seed is not None:  # the split becomes part of each folder mode's name
         if resume:
-            raise KMLError("--resume continues the run's recorded settings; drop --recipe")
-        from kml.config.recipes import recipe_values
+            raise KMLError(
+                "--split-fractions and --split-seed set a new run's folder split; a resumed run keeps its own"
+            )
+        from kml.data.modes import with_folder_split
 
-        given = {k: v for k, v in values.items() if k not in ("recipe", "recipe_overrides")}
-        values = check_values(recipe_values(values["recipe"], given))
-    check_device(values.get("device", "auto"))
-    if "run_name" in values:
-        check_run_name(values["run_name"])
-    if resume and overwrite:
-        raise KMLError("--resume continues a run and --overwrite starts it again; pass only one of them")
-    config = None if resume else config_from_values(values)
+        values["modes"] = with_folder_split(values.get("modes", ["synthetic"]), fractions, split_seed)
 
     from kml.runtime import tune_cpu_allocator
+    from kml.training import launch
     from kml.training.distributed import init_distributed, shutdown
-    from kml.training.trainer import Trainer, run_directory
 
+    # every setting is checked before anything is loaded or any folder touched (kml.config.checks)
+    values = launch.checked_values(values, resume)
     tune_cpu_allocator()
-
-    dist_info = init_distributed(
-        values.get("device", "auto") if values.get("device", "auto") != "auto" else ("cuda" if _cuda() else "cpu")
-    )
+    device = values.get("device", "auto")
+    dist_info = init_distributed(device if device != "auto" else ("cuda" if _cuda() else "cpu"))
     try:
-        if resume:
-            if "run_name" not in values:
-                raise KMLError("--resume needs --run-name of the run to continue")
-            from kml.config.run import RunConfig
-
-            run_dir = run_directory(
-                RunConfig(train_dir=values.get("train_dir", "train_dir"), run_name=values["run_name"])
+        with continue_run_as_command():
+            trainer = launch.start(
+                values,
+                resume=resume,
+                resume_from=resume_from,
+                overwrite=overwrite,
+                dist_info=dist_info,
+                progress=progress,
             )
-            trainer = Trainer.resume(run_dir, values, dist_info, progress, checkpoint=resume_from)
-        else:
-            trainer = Trainer.create(config, overwrite, dist_info, progress)
-        path = trainer.fit()  # with --transference-every N, the trainer records transference.csv as it trains
+            path = trainer.fit()  # with --transference-every N, the trainer records transference.csv as it trains
     finally:
         shutdown(dist_info)
     if dist_info.is_main:

@@ -23,6 +23,7 @@ __all__ = [
     "check_device",
     "check_fields",
     "check_learner_combinations",
+    "check_network",
     "check_number",
     "check_output_path",
     "check_run_combinations",
@@ -91,6 +92,7 @@ TRAIN_NUMBERS: dict[str, Number] = {
     "val_every": OPT_INT_1,
     "val_episodes": OPT_INT_1,
     "checkpoint_every": OPT_INT_1,
+    "keep_checkpoints": Number(int, 0, optional=True),
     "log_every": INT_1,
     "grad_clip": Number(float, 0, above=True, optional=True),
     "transference_every": Number(int, 0),
@@ -279,6 +281,10 @@ _NEEDS = {
     "factor_split": "KML modulation",
     "kml_bias": "KML modulation",
     "encoder_hidden": "a task encoder",
+    "backbone": "kml's own networks, not a named network",
+    "base_channels": "kml's own networks, not a named network",
+    "head": "kml's own networks, not a named network",
+    "batchnorm_affine": "kml's own networks, not a named network",
 }
 
 
@@ -290,6 +296,7 @@ def inert_settings(learner: Any) -> list[str]:
         "ProtoNet's prototypes": learner.algorithm == "protonet",
         "KML modulation": learner.modulation != "none",  # not refused with FiLM: 0.1 config files set both
         "a task encoder": learner.modulation != "none",
+        "kml's own networks, not a named network": getattr(learner, "network", None) is None,
     }
     return [name for name, need in _NEEDS.items() if not acts[need] and getattr(learner, name) != defaults[name]]
 
@@ -348,3 +355,29 @@ def _as_given(learner: Any, name: str) -> str:
     if getattr(learner, name) is not False:
         return setting(name)
     return setting(f"no_{name}") if setting(name).startswith("--") else setting(name, False)
+
+
+def check_network(network: Any, network_args: Any) -> None:
+    """A network import path has the form ``package.module:name`` and its arguments are a JSON object."""
+    if network is None:
+        if network_args is not None:
+            raise KMLError(f"{setting('network_args')} given without {setting('network')}; name the network too")
+        return
+    if not isinstance(network, str) or not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", network):
+        raise KMLError(
+            f"{setting('network')} must be an import path 'package.module:name' (e.g. my_pkg.nets:ResNet18), "
+            f"got {network!r}"
+        )
+    if network_args is not None:
+        import json
+
+        if not isinstance(network_args, dict) or not all(isinstance(k, str) for k in network_args):
+            raise KMLError(
+                f"{setting('network_args')} must be a JSON object of keyword arguments, got {network_args!r}"
+            )
+        try:
+            json.dumps(network_args)
+        except (TypeError, ValueError):
+            raise KMLError(
+                f"{setting('network_args')} must hold JSON values only (numbers, text, lists, objects)"
+            ) from None

@@ -20,8 +20,8 @@ KML + ProtoNet (released) ``algorithm="protonet", modulation="kml", kml_form="ba
 
 The published networks differ from kml's defaults in more than the method switch (head,
 BatchNorm, encoder layer, initialisation, inner clamp): :mod:`kml.config.recipes` holds each published
-method's complete settings (``kml-train --recipe NAME``), and the README's Fidelity section lists
-every difference.
+method's complete settings (``kml-train --recipe NAME``), and the guide's Fidelity section
+(docs/guide/methods.md) lists every difference.
 """
 
 from __future__ import annotations
@@ -30,11 +30,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kml.config.checks import TRAIN_NUMBERS, Number, check_bools, check_fields, check_learner_combinations
+from kml.config.checks import (
+    TRAIN_NUMBERS,
+    Number,
+    check_bools,
+    check_fields,
+    check_learner_combinations,
+    check_network,
+)
 from kml.errors import KMLError, setting
 
 __all__ = [
     "ALGORITHMS",
+    "BATCH_NORMS",
     "BACKBONES",
     "FACTOR_SPLITS",
     "FIELD_CHOICES",
@@ -58,6 +66,7 @@ FACTOR_SPLITS = ("plain", "published")
 HEADS = ("flatten", "avgpool")
 INITS = ("kml", "pytorch")
 KML_BIASES = ("conv", "after_norm")
+BATCH_NORMS = ("transductive", "running")
 # The allowed values of each string field (the CLIs build their choice lists from this).
 FIELD_CHOICES = {
     "algorithm": ALGORITHMS,
@@ -68,6 +77,7 @@ FIELD_CHOICES = {
     "head": HEADS,
     "init": INITS,
     "kml_bias": KML_BIASES,
+    "batch_norm": BATCH_NORMS,
 }
 # Fields renamed in 0.2, old name -> new name; the old ``modulation`` (form) is read before ``model`` takes its name.
 # LearnerConfig's numeric fields: kml-train's rules, except that a learner always has an image size.
@@ -144,6 +154,15 @@ class LearnerConfig:
         kml_bias: where KML's generated bias shift acts: ``"conv"`` (added to the conv bias, as the method
             defines it; a batch-statistics BatchNorm right after normalises it away) or ``"after_norm"``
             (added after the BatchNorm, where it reaches the output: an ablation).
+        batch_norm: ``"transductive"`` (each support and query set normalised with its own statistics; MAML's
+            convention) or ``"running"`` (the network's running statistics, never updated: inductive; needs a
+            network that keeps them, so not kml's backbones).
+        network: your own network instead of kml's backbones, by import path ``"package.module:name"``: an
+            ``nn.Module`` subclass, or a function annotated to return one, called with ``network_args``. It maps
+            images to logits (MAML: ``ways`` of them) or features (ProtoNet); ``modulation`` puts KML or FiLM on
+            it (:func:`kml.modulate`) with kml's task encoder. ``backbone``, ``base_channels``, ``head`` and
+            ``batchnorm_affine`` then do not apply.
+        network_args: keyword arguments of ``network`` (JSON values).
     """
 
     algorithm: str = "maml"
@@ -176,6 +195,9 @@ class LearnerConfig:
     mode_inner_lr: list[float] | None = None
     mode_inner_steps: list[int] | None = None
     kml_bias: str = "conv"
+    batch_norm: str = "transductive"
+    network: str | None = None
+    network_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name, choices in FIELD_CHOICES.items():
@@ -194,6 +216,7 @@ class LearnerConfig:
                 "kml_bias 'after_norm' is defined for the 4-block backbones; ResNet-12 takes KML's bias on its convs"
             )
         check_learner_combinations(self)
+        check_network(self.network, self.network_args)
 
     @property
     def method(self) -> str:

@@ -68,6 +68,8 @@ class RunConfig:
     val_every: int | None = None
     val_episodes: int | None = None
     checkpoint_every: int | None = None
+    # periodic step_*.pt checkpoints kept (the newest; last.pt and best.pt always): None keeps them all
+    keep_checkpoints: int | None = 3
     log_every: int = 10
     bf16: bool = False
     compile: bool = False

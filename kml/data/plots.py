@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kml.data.episode import Episode
+from kml.data.modes import mode_label
 from kml.errors import KMLError
 
 __all__ = ["plot_episode"]
@@ -62,47 +63,65 @@ def plot_episode(
     query = _as_pictures(episode.query_x[task])
     support_of = [torch.nonzero(support_y == n).flatten().tolist() for n in range(rows)]
     query_of = [torch.nonzero(query_y == n).flatten().tolist() for n in range(rows)]
-    mode_index = int(episode.mode[task])
-    mode_name = episode.mode_names[mode_index] if 0 <= mode_index < len(episode.mode_names) else f"mode {mode_index}"
     classes = episode.classes[task].cpu().tolist()
     turns = episode.turns[task].cpu().tolist() if episode.turns is not None else None
-
     if figure is None:
-        from matplotlib.figure import Figure
-
-        columns = shots + queries + (0.4 if queries else 0)
-        figure = Figure(figsize=(image_inches * columns + 1.4, image_inches * rows + 0.9), layout="constrained")
+        figure = _new_figure(image_inches, shots + queries + (0.4 if queries else 0), rows)
     groups = [("support", shots, support, support_of)] + ([("query", queries, query, query_of)] if queries else [])
     panels = figure.subfigures(
         1, len(groups), width_ratios=[count for _, count, _, _ in groups], wspace=0.04, squeeze=False
     )[0]
     for column, (name, count, pictures, members) in enumerate(groups):
-        panel = panels[column]
-        panel.suptitle(name, fontsize=10)
-        axes = panel.subplots(rows, count, squeeze=False)
-        for n in range(rows):
-            for k in range(count):
-                ax = axes[n, k]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                if k >= len(members[n]):
-                    continue
-                picture = pictures[members[n][k]]
-                if picture.shape[-1] == 1:
-                    ax.imshow(picture[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-                else:
-                    ax.imshow(picture)
-            if column == 0:
-                label = f"label {n}\nclass {classes[n]}"
-                if turns is not None and turns[n]:
-                    label += f"\n{90 * turns[n]}°"
-                axes[n, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    figure.suptitle(
-        title
-        if title is not None
-        else f"task {task}: {mode_name}, {ways}-way {shots}-shot, {queries} queries per class",
-        fontsize=11,
-    )
+        axes = _draw_panel(panels[column], name, rows, count, pictures, members)
+        if column == 0:  # the row labels go left of the support images
+            for n in range(rows):
+                axes[n, 0].set_ylabel(_row_label(n, classes, turns), rotation=0, ha="right", va="center", fontsize=8)
+    default_title = f"task {task}: {_mode_name(episode, task)}, {ways}-way {shots}-shot, {queries} queries per class"
+    figure.suptitle(title if title is not None else default_title, fontsize=11)
     return figure
+
+
+def _mode_name(episode: Episode, task: int) -> str:
+    """The name of the task's mode (``mode <index>`` when the episode does not name it)."""
+    mode_index = int(episode.mode[task])
+    if not 0 <= mode_index < len(episode.mode_names):
+        return f"mode {mode_index}"
+    return mode_label(episode.mode_names[mode_index])  # a folder mode's short name, not its path
+
+
+def _new_figure(image_inches: float, columns: float, rows: int) -> Figure:
+    """A figure not registered with pyplot, sized for ``rows`` x ``columns`` images."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(image_inches * columns + 1.4, image_inches * rows + 0.9), layout="constrained")
+
+
+def _draw_panel(
+    panel: Figure | SubFigure, name: str, rows: int, count: int, pictures: Any, members: list[list[int]]
+) -> Any:
+    """Draw ``count`` images per row (``pictures[members[n]]`` in row n) under the title ``name``; return the axes."""
+    panel.suptitle(name, fontsize=10)
+    axes = panel.subplots(rows, count, squeeze=False)
+    for n in range(rows):
+        for k in range(count):
+            ax = axes[n, k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if k >= len(members[n]):
+                continue
+            picture = pictures[members[n][k]]
+            if picture.shape[-1] == 1:
+                ax.imshow(picture[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(picture)
+    return axes
+
+
+def _row_label(n: int, classes: list[int], turns: list[int] | None) -> str:
+    """Row ``n``'s label: the kml label, the store class and any rotation."""
+    label = f"label {n}\nclass {classes[n]}"
+    if turns is not None and turns[n]:
+        label += f"\n{90 * turns[n]}°"
+    return label

@@ -189,6 +189,44 @@ class EpisodeSampler:
         self.generator.set_state(state["generator"])
 
 
+def _check_mixture(stores: Sequence[ImageStore], policy: str, weights: Sequence[float] | None) -> tuple[str, ...]:
+    """Refuse a mixture the samplers cannot draw from together; return its mode names."""
+    if not stores:
+        raise KMLError("a mixture needs at least one mode")
+    if policy not in MIXTURE_POLICIES:
+        raise KMLError(f"unknown mixture policy {policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
+    shapes = {store.image_shape for store in stores}
+    if len(shapes) > 1:
+        raise KMLError(f"modes of a mixture must share one image shape (conform them first), got {sorted(shapes)}")
+    devices = {str(store.device) for store in stores}
+    if len(devices) > 1:
+        raise KMLError(f"modes of a mixture must be on one device, got {sorted(devices)}")
+    names = tuple(store.mode for store in stores)
+    if len(set(names)) != len(names):
+        raise KMLError(f"a mode appears twice in the mixture: {list(names)}")
+    # not (0 <= w < inf) also catches NaN, which every comparison lets through
+    if weights is not None and (
+        len(weights) != len(stores) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0
+    ):
+        raise KMLError(f"need one non-negative weight per mode ({len(stores)} finite numbers), got {list(weights)}")
+    return names
+
+
+def _join_images(samplers: Sequence[EpisodeSampler]) -> tuple[torch.Tensor, list[int]]:
+    """All modes' images in one tensor and each mode's first row in it; each sampler's store becomes a view into it.
+
+    A mixed meta-batch is then still one gather, and no second copy of the images is kept.
+    """
+    stores = [sampler.store for sampler in samplers]
+    images = torch.cat([store.images for store in stores]) if len(stores) > 1 else stores[0].images
+    row_base = [0]
+    for sampler in samplers:
+        count = len(sampler.store.images)
+        sampler.store = replace(sampler.store, images=images[row_base[-1] : row_base[-1] + count])
+        row_base.append(row_base[-1] + count)
+    return images, row_base
+
+
 class MixtureSampler:
     """Draws meta-batches whose tasks come from several modes.
 
@@ -220,25 +258,7 @@ class MixtureSampler:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not stores:
-            raise KMLError("a mixture needs at least one mode")
-        if policy not in MIXTURE_POLICIES:
-            raise KMLError(f"unknown mixture policy {policy!r}; choose one of {', '.join(MIXTURE_POLICIES)}")
-        shapes = {store.image_shape for store in stores}
-        if len(shapes) > 1:
-            raise KMLError(f"modes of a mixture must share one image shape (conform them first), got {sorted(shapes)}")
-        devices = {str(store.device) for store in stores}
-        if len(devices) > 1:
-            raise KMLError(f"modes of a mixture must be on one device, got {sorted(devices)}")
-        names = tuple(store.mode for store in stores)
-        if len(set(names)) != len(names):
-            raise KMLError(f"a mode appears twice in the mixture: {list(names)}")
-        if weights is not None:
-            # not (0 <= w < inf) also catches NaN, which every comparison lets through
-            if len(weights) != len(stores) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
-                raise KMLError(
-                    f"need one non-negative weight per mode ({len(stores)} finite numbers), got {list(weights)}"
-                )
+        names = _check_mixture(stores, policy, weights)
         rotate = [rotate] * len(stores) if isinstance(rotate, bool) else list(rotate)
         self.mode_names = names
         self.meta_batch = int(meta_batch)
@@ -250,14 +270,7 @@ class MixtureSampler:
             EpisodeSampler(store, ways, shots, queries, meta_batch, flip, seed, index, names, dtype)
             for index, (store, flip) in enumerate(zip(stores, rotate))
         ]
-        # All modes' images in one tensor, so a mixed meta-batch is still one gather;
-        # each mode's store becomes a view into it (no second copy is kept).
-        self.images = torch.cat([store.images for store in stores]) if len(stores) > 1 else stores[0].images
-        self.row_base = [0]
-        for sampler in self.samplers:
-            count = len(sampler.store.images)
-            sampler.store = replace(sampler.store, images=self.images[self.row_base[-1] : self.row_base[-1] + count])
-            self.row_base.append(self.row_base[-1] + count)
+        self.images, self.row_base = _join_images(self.samplers)
         self.rotate_any = any(rotate)
         self.shots, self.dtype = int(shots), dtype
         self.generator = _generator(seed, stores[0].device)  # image draws, shared by all modes

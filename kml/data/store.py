@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,18 @@ from kml.errors import KMLError, setting
 
 __all__ = [
     "cache_dir",
+    "check_fractions",
     "check_same_cache",
+    "DEFAULT_SPLIT_FRACTIONS",
+    "DEFAULT_SPLIT_SEED",
     "FORMAT_VERSION",
     "IMAGES_FILE",
     "ImageStore",
     "locked",
     "MANIFEST_FILE",
+    "normalised_fractions",
+    "split_by_class",
+    "split_classes",
     "SPLITS",
 ]
 
@@ -48,6 +55,9 @@ FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val", "test")
+# The class split of CUB, Aircraft, folder modes and split_by_class: 70 / 15 / 15 % after a seeded shuffle.
+DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+DEFAULT_SPLIT_SEED = 123
 
 
 # manifest info entries that report one split's conversion outcome, not how the cache was made
@@ -61,18 +71,24 @@ def check_same_cache(recorded: dict[str, Any], now: dict[str, Any]) -> None:
     """
     made, was = now["made"], recorded.get("made", {})
     changed = [key for key in sorted(set(made) | set(was)) if made.get(key) != was.get(key)]
+    key = changed[0] if changed else None
     if changed:
-        key = changed[0]
         difference = f"{key}: the run's {was.get(key)!r}, now {made.get(key)!r}"
         fix = f" --split {was[key]}" if key == "split" and isinstance(was.get(key), str) else ""
     elif recorded.get("split") == now["split"] and recorded.get("classes") != now["classes"]:
         difference, fix = f"its {now['split']} classes or their images differ", ""
     else:
         return
-    if now["made"].get("source") == "synthetic" or now["mode"].startswith("folder"):
-        remedy = "delete that mode's cache folder to rebuild it"  # generated or folder modes: download.py has none
+    if key == "generator_version" and now["made"].get("source") == "synthetic":
+        raise KMLError(
+            f"the {now['mode']} cache is not the one this run was trained on: this kml generates {now['mode']} with "
+            f"generator version {made.get(key)}, the run had version {was.get(key)} (its classes differ); evaluate "
+            f"the run with the kml version that trained it, or train it again"
+        )
+    if now["made"].get("source") == "synthetic" or "folder" in now["mode"].split(":", 1)[0]:
+        remedy = "delete that mode's cache folder to rebuild it"  # generated or folder modes: kml-download has none
     else:
-        remedy = f"python download.py --datasets {now['mode']} --force{fix}, with the options that give the run's value"
+        remedy = f"kml-download --datasets {now['mode']} --force{fix}, with the options that give the run's value"
     raise KMLError(
         f"the {now['mode']} cache is not the one this run was trained on ({difference}); make it again as the run "
         f"had it ({remedy}) or point {setting('data_root')} at the run's cache"
@@ -148,7 +164,7 @@ class ImageStore:
             raise KMLError(f"store {mode}/{split}: {len(class_images)} image groups for {len(class_names)} classes")
         if not class_images:
             raise KMLError(f"store {mode}/{split}: no classes")
-        tensors = []
+        tensors: list[torch.Tensor] = []
         for name, images in zip(class_names, class_images):
             images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
             if images.dim() == 3:
@@ -170,81 +186,44 @@ class ImageStore:
     def from_arrays(
         cls,
         images: np.ndarray | torch.Tensor,
-        labels: np.ndarray | torch.Tensor | Sequence[int],
+        labels: np.ndarray | torch.Tensor | Sequence[Hashable],
         mode: str = "arrays",
         split: str = "train",
-        class_names: dict[int, str] | Sequence[str] | None = None,
+        class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
         channels_last: bool | None = None,
         info: dict[str, Any] | None = None,
     ) -> ImageStore:
-        """Build a store from in-memory images and one integer label per image (nothing is written to disk).
+        """Build a store from in-memory images and one label per image (nothing is written to disk).
 
         Args:
             images: uint8 ``[num_images, H, W, C]`` (channels last, as PIL/numpy images come),
                 ``[num_images, C, H, W]`` (channels first) or ``[num_images, H, W]`` (grey); C is 1 or 3.
                 The layout is read from where the size-1-or-3 axis is; ``channels_last`` forces it
                 when both could be (e.g. ``[n, 3, 5, 3]``).
-            labels: integers ``[num_images]``, any values (need not be ``0..classes-1``); every
-                distinct value is a class, and classes are ordered by value.
+            labels: one label per image: integers (any values, need not be ``0..classes-1``) or any
+                hashable values, e.g. strings or tuples (a numpy string array, a list); every distinct
+                value is a class, and classes are ordered by value (values that cannot be compared with
+                each other, such as a mix of strings and integers, by type name, then text). Floats and
+                booleans are refused: they are usually images or masks passed by mistake.
             mode, split: the store's mode name (distinct per mode in a mixture) and split.
             class_names: names of the classes, in label order, or a mapping label -> name
-                (default: the label values as strings).
+                (default: the label values as text; a tuple's parts joined by ``/``).
 
         Images of a class keep their relative order. To hold out classes for validation and test,
-        build one store per split from the images of those classes.
+        :func:`split_by_class` cuts the arrays by class, one part per split.
         """
         where = f"store {mode}/{split}"
-        array = (
-            images.detach().cpu()
-            if isinstance(images, torch.Tensor)
-            else torch.from_numpy(np.ascontiguousarray(images))
-        )
-        if array.dtype != torch.uint8:
-            raise KMLError(
-                f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))"
-            )
-        if array.dim() == 3:
-            array = array.unsqueeze(1)
-        if array.dim() != 4:
-            raise KMLError(
-                f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}"
-            )
-        if channels_last is None:
-            first, last = array.shape[1] in (1, 3), array.shape[3] in (1, 3)
-            if first == last:
-                raise KMLError(
-                    f"{where}: cannot tell the channel axis of images {list(array.shape)}; pass channels_last=True or False"
-                )
-            channels_last = last
-        if channels_last:
-            array = array.permute(0, 3, 1, 2)
-        if array.shape[1] not in (1, 3):
-            raise KMLError(
-                f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})"
-            )
+        array = _images_first(images, channels_last, where)
         if len(array) == 0:
             raise KMLError(f"{where}: no images")
-        label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-        if label_tensor.dim() != 1 or len(label_tensor) != len(array):
-            raise KMLError(
-                f"{where}: need one label per image ({len(array)}), got labels of shape {list(label_tensor.shape)}"
-            )
-        if label_tensor.is_floating_point() or label_tensor.is_complex() or label_tensor.dtype == torch.bool:
-            raise KMLError(f"{where}: labels must be integers, got {label_tensor.dtype}")
-        label_tensor = label_tensor.cpu().long()
-        values, counts = torch.unique(label_tensor, return_counts=True)  # sorted
-        order = torch.argsort(label_tensor, stable=True)
-        if class_names is None:
-            names = [str(int(v)) for v in values]
-        elif isinstance(class_names, dict):
-            missing = [int(v) for v in values if int(v) not in class_names]
-            if missing:
-                raise KMLError(f"{where}: class_names has no name for label(s) {missing[:5]}")
-            names = [str(class_names[int(v)]) for v in values]
+        label_tensor, values = _label_indices(labels, len(array), where)
+        if values is None:  # integer labels: their distinct values, sorted
+            distinct, counts = torch.unique(label_tensor, return_counts=True)
+            values = [int(v) for v in distinct]
         else:
-            names = [str(name) for name in class_names]
-            if len(names) != len(values):
-                raise KMLError(f"{where}: {len(names)} class names for {len(values)} distinct labels")
+            counts = torch.bincount(label_tensor, minlength=len(values))
+        order = torch.argsort(label_tensor, stable=True)
+        names = _names_of_labels(class_names, values, where)
         offsets = torch.zeros(len(values) + 1, dtype=torch.int64)
         offsets[1:] = counts.cumsum(0)
         grouped = array.index_select(0, order).contiguous()
@@ -409,6 +388,187 @@ class ImageStore:
             )
         except KMLError as error:  # offsets that do not fit the images
             raise KMLError(f"corrupt cache {directory}: {error}; {rebuild}") from None
+
+
+def check_fractions(fractions: Sequence[float | str], what: str = "split fractions") -> tuple[float, float, float]:
+    """Three non-negative finite numbers (train, val, test) with a positive sum, as floats; else a one-line error."""
+    try:
+        values: tuple[float, ...] = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(f) and f >= 0 for f in values) or sum(values) <= 0:
+        shown = list(fractions) if isinstance(fractions, (list, tuple)) else fractions
+        raise KMLError(f"{what} must be three non-negative numbers (train, val, test) with a positive sum; got {shown}")
+    return values[0], values[1], values[2]
+
+
+def normalised_fractions(fractions: Sequence[float | str], what: str = "split fractions") -> tuple[float, float, float]:
+    """:func:`check_fractions`, scaled to sum to 1 and rounded to 6 decimals: ``80/10/10`` and ``0.8/0.1/0.1``
+    are one split (and one cache)."""
+    values = check_fractions(fractions, what)
+    total = sum(values)
+    train, val, test = (round(f / total, 6) for f in values)
+    return train, val, test
+
+
+def split_classes(
+    names: Sequence[Hashable],
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = DEFAULT_SPLIT_SEED,
+) -> dict[str, list[Hashable]]:
+    """Cut classes into train / val / test: ``names`` in the order given, shuffled with
+    ``numpy.random.RandomState(seed)``, then ``int(f / sum(fractions) * n)`` classes for train and for val and the
+    rest for test (the published MMAML conversion scripts' rule; fractions need not sum to 1)."""
+    fractions = check_fractions(fractions)
+    order = list(names)
+    np.random.RandomState(seed).shuffle(order)  # type: ignore[arg-type]
+    total = sum(fractions)
+    n_train, n_val = (int(f / total * len(order)) for f in fractions[:2])
+    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+
+
+def split_by_class(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor | Sequence[Hashable],
+    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    seed: int = DEFAULT_SPLIT_SEED,
+) -> dict[str, tuple[Any, Any]]:
+    """Split a labelled dataset by class into ``{"train": (images, labels), "val": ..., "test": ...}``.
+
+    Few-shot models are tested on classes never seen in training, so whole classes, not images, go to each
+    split: the distinct labels (integers or any hashable values, as :meth:`ImageStore.from_arrays` takes them)
+    are sorted, shuffled with ``numpy.random.RandomState(seed)`` and cut by ``fractions`` with
+    :func:`split_classes`, the rule (and with the defaults, 70 / 15 / 15 % and seed 123, the split) of a
+    ``folder:PATH`` mode of class folders with the same names. Each part keeps the input's type (numpy array,
+    tensor, list) and the images' order; a split that gets no class is empty. Then, per split::
+
+        stores = {split: ImageStore.from_arrays(x, y, mode="mine", split=split)
+                  for split, (x, y) in split_by_class(images, labels).items()}
+    """
+    count = len(images)
+    if isinstance(labels, (np.ndarray, torch.Tensor)):
+        items = labels.tolist() if labels.ndim == 1 else None
+    else:
+        items = list(labels)
+    if items is None or len(items) != count:
+        shape = list(labels.shape) if isinstance(labels, (np.ndarray, torch.Tensor)) else [len(items or [])]
+        raise KMLError(f"split_by_class: need one label per image ({count}), got labels of shape {shape}")
+    try:
+        values = _sorted_values(set(items))
+    except TypeError as error:
+        raise KMLError(f"split_by_class: labels must be hashable (a string, a number, a tuple), got {error}") from None
+    part = {value: split for split, chosen in split_classes(values, fractions, seed).items() for value in chosen}
+    out: dict[str, tuple[Any, Any]] = {}
+    for split in SPLITS:
+        index = np.array([i for i, item in enumerate(items) if part[item] == split], dtype=np.int64)
+        out[split] = (_take(images, index), _take(labels, index))
+    return out
+
+
+def _take(values: Any, index: np.ndarray) -> Any:
+    """``values`` at the positions ``index``, of the same kind (numpy array, tensor, list)."""
+    if isinstance(values, torch.Tensor):
+        return values[torch.from_numpy(index).to(values.device)]
+    if isinstance(values, np.ndarray):
+        return values[index]
+    return [values[i] for i in index]
+
+
+def _images_first(images: np.ndarray | torch.Tensor, channels_last: bool | None, where: str) -> torch.Tensor:
+    """uint8 images in any of :meth:`ImageStore.from_arrays`' layouts -> ``[n, C, H, W]`` on the CPU (C = 1 or 3)."""
+    array = (
+        images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    )
+    if array.dtype != torch.uint8:
+        raise KMLError(
+            f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))"
+        )
+    if array.dim() == 3:
+        array = array.unsqueeze(1)
+    if array.dim() != 4:
+        raise KMLError(
+            f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}"
+        )
+    if channels_last is None:
+        first, last = array.shape[1] in (1, 3), array.shape[3] in (1, 3)
+        if first == last:
+            raise KMLError(
+                f"{where}: cannot tell the channel axis of images {list(array.shape)}; pass channels_last=True or False"
+            )
+        channels_last = last
+    if channels_last:
+        array = array.permute(0, 3, 1, 2)
+    if array.shape[1] not in (1, 3):
+        raise KMLError(f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})")
+    return array
+
+
+def _label_indices(
+    labels: np.ndarray | torch.Tensor | Sequence[Hashable], count: int, where: str
+) -> tuple[torch.Tensor, list[Hashable] | None]:
+    """``count`` labels as int64 ``[count]`` on the CPU, and the distinct values they index.
+
+    Integer labels come back as they are, with ``None`` for the values (their sorted distinct values are the
+    classes); any other hashable labels come back as indices into their sorted distinct values.
+    """
+    if isinstance(labels, torch.Tensor):
+        items: Any = labels
+    elif isinstance(labels, np.ndarray):
+        items = labels if labels.dtype.kind in "iubfc" else labels.tolist()  # strings, objects: Python values
+    else:
+        items = list(labels)  # not np.asarray: it would turn a list of tuples into a 2-D array
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items) and items:
+            items = np.asarray(items, dtype=np.int64)
+        elif any(isinstance(v, (float, np.floating, bool, np.bool_)) for v in items):
+            items = np.asarray(items)  # refused below, with its dtype
+    if isinstance(items, (np.ndarray, torch.Tensor)):
+        tensor = torch.as_tensor(items)
+        if tensor.dim() != 1 or len(tensor) != count:
+            raise KMLError(f"{where}: need one label per image ({count}), got labels of shape {list(tensor.shape)}")
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise KMLError(f"{where}: labels must be integers or other hashable values, got {tensor.dtype}")
+        return tensor.cpu().long(), None
+    if len(items) != count:
+        raise KMLError(f"{where}: need one label per image ({count}), got {len(items)} labels")
+    try:
+        values = _sorted_values(set(items))
+    except TypeError as error:  # e.g. a list as a label
+        raise KMLError(f"{where}: labels must be hashable (a string, a number, a tuple), got {error}") from None
+    index = {value: position for position, value in enumerate(values)}
+    return torch.tensor([index[item] for item in items], dtype=torch.int64), values
+
+
+def _sorted_values(values: Iterable[Hashable]) -> list[Hashable]:
+    """Distinct label values in order: sorted when they compare, else by type name, then text."""
+    values = list(values)
+    try:
+        return sorted(values)  # type: ignore[type-var]
+    except TypeError:
+        return sorted(values, key=lambda value: (type(value).__name__, repr(value)))
+
+
+def _label_text(value: Hashable) -> str:
+    """A class name from a label value: its text, a tuple's parts joined by ``/``."""
+    if isinstance(value, tuple):
+        return "/".join(_label_text(part) for part in value)
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _names_of_labels(
+    class_names: Mapping[Hashable, str] | Sequence[str] | None, values: Sequence[Hashable], where: str
+) -> list[str]:
+    """One class name per distinct label value (in class order): given in label order, by label, or the values as text."""
+    if class_names is None:
+        return [_label_text(v) for v in values]
+    if isinstance(class_names, Mapping):
+        missing = [v for v in values if v not in class_names]
+        if missing:
+            raise KMLError(f"{where}: class_names has no name for label(s) {missing[:5]}")
+        return [str(class_names[v]) for v in values]
+    names = [str(name) for name in class_names]
+    if len(names) != len(values):
+        raise KMLError(f"{where}: {len(names)} class names for {len(values)} distinct labels")
+    return names
 
 
 def _manifest_problem(manifest: Any) -> str | None:

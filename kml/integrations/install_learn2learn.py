@@ -211,7 +211,28 @@ def install(version: str, work: Path, step: Step) -> str:
     step.run("installing the build tools", _pip("install", "--quiet", "--target", str(tools), *BUILD_TOOLS))
 
     print(f"[2/6] downloading the learn2learn=={version} source distribution", flush=True)
-    dist = work / "dist"
+    archive = _download_sdist(version, work / "dist", step, tools_env)
+
+    print("[3/6] regenerating the C sources with Cython 3", flush=True)
+    source = _regenerate_c_sources(archive, work / "src", step, tools_env)
+
+    print(f"[4/6] building and installing learn2learn into {sys.prefix}", flush=True)
+    step.run(
+        "building learn2learn (C compile)",
+        _pip("install", "--no-build-isolation", "--no-deps", "--force-reinstall", "--no-cache-dir", str(source)),
+        env=tools_env,
+    )
+
+    print(f"[5/6] runtime modules it imports: {', '.join(RUNTIME_DEPS)}", flush=True)
+    step.run("installing learn2learn's import-time dependencies", _pip("install", "--quiet", *RUNTIME_DEPS))
+
+    print("[6/6] checking import learn2learn in a fresh interpreter", flush=True)
+    out = step.run("importing and running learn2learn", [sys.executable, "-c", VERIFY], cwd=work)
+    return out.strip().splitlines()[-1]
+
+
+def _download_sdist(version: str, dist: Path, step: Step, tools_env: dict[str, str]) -> Path:
+    """Step 2: ``pip download`` the source distribution into ``dist`` and check its SHA-256 when known."""
     step.run(
         f"downloading learn2learn=={version} from the package index",
         _pip(
@@ -236,9 +257,12 @@ def install(version: str, work: Path, step: Step) -> str:
         raise KMLError(
             f"{archive} has SHA-256 {sha256(archive)}, expected {expected} (the file on PyPI); not installing it"
         )
+    return archive
 
-    print("[3/6] regenerating the C sources with Cython 3", flush=True)
-    source = unpack(archive, work / "src")
+
+def _regenerate_c_sources(archive: Path, into: Path, step: Step, tools_env: dict[str, str]) -> Path:
+    """Step 3: unpack the sdist into ``into``, replace its shipped C files with Cython 3's; return the source folder."""
+    source = unpack(archive, into)
     shutil.rmtree(source / ".eggs", ignore_errors=True)  # a Cython 0.29 egg for Python 3.7, shipped by mistake
     for stale in (source / "learn2learn").rglob("*.c"):
         stale.unlink()
@@ -255,20 +279,7 @@ def install(version: str, work: Path, step: Step) -> str:
             f"Cython {cython_version} produced {len(generated)} C files for {count} .pyx files; full log: {step.log}"
         )
     print(f"      Cython {cython_version}: {', '.join(str(p.relative_to(source)) for p in generated)}", flush=True)
-
-    print(f"[4/6] building and installing learn2learn into {sys.prefix}", flush=True)
-    step.run(
-        "building learn2learn (C compile)",
-        _pip("install", "--no-build-isolation", "--no-deps", "--force-reinstall", "--no-cache-dir", str(source)),
-        env=tools_env,
-    )
-
-    print(f"[5/6] runtime modules it imports: {', '.join(RUNTIME_DEPS)}", flush=True)
-    step.run("installing learn2learn's import-time dependencies", _pip("install", "--quiet", *RUNTIME_DEPS))
-
-    print("[6/6] checking import learn2learn in a fresh interpreter", flush=True)
-    out = step.run("importing and running learn2learn", [sys.executable, "-c", VERIFY], cwd=work)
-    return out.strip().splitlines()[-1]
+    return source
 
 
 @exit_on_kml_error

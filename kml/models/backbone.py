@@ -166,6 +166,18 @@ class Backbone(nn.Module):
             return features
         return F.linear(features, self.head.weight, self.head.bias)
 
+    def forward_tasks(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, modulation: Modulation | None, *, inner: bool = False
+    ) -> torch.Tensor:
+        """T tasks at once (kml's packed backend): :func:`packed_forward` of per-task ``params`` ``[T, ...]`` on
+        ``x [T, B, C, H, W]`` -> ``[T, B, ...]``, equal to :meth:`forward` per task.
+
+        Channels-last on a CPU (oneDNN's grouped convolutions run faster so; benchmarks/README.md, "Design
+        measurements"), except in MAML's inner loop (``inner``), whose double backward runs slower in that layout.
+        """
+        channels_last = x.device.type == "cpu" and not inner
+        return packed_forward(params, x, modulation, self.layout, channels_last=channels_last, pool=self.pool)
+
 
 def packed_forward(
     params: dict[str, torch.Tensor],

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kml.errors import KMLError
+
 __all__ = ["ResNet12", "resnet12_widths"]
 
 
@@ -73,6 +75,7 @@ class ResNet12(nn.Module):
         if pool not in ("avgpool", "flatten"):
             raise ValueError(f"unknown pool {pool!r}; choose avgpool or flatten")
         self.pool = pool
+        self.image_size = image_size
         previous, side = in_channels, image_size
         blocks = []
         for width in widths:
@@ -87,6 +90,11 @@ class ResNet12(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> features ``[B, feature_dim]``."""
+        if self.pool == "flatten" and x.shape[-1] // 16 != self.image_size // 16:  # the head is sized for one side
+            raise KMLError(
+                f"ResNet12(pool='flatten') was built for {self.image_size}px images, its head for that side's "
+                f"features; got {x.shape[-1]}px images: build it with image_size={x.shape[-1]}, or pool='avgpool'"
+            )
         x = self.blocks(x)
         return x.mean(dim=(2, 3)) if self.pool == "avgpool" else x.flatten(1)
 

@@ -1,23 +1,76 @@
-"""The per-task model: task encoder -> modulation generator -> modulated backbone (-> head)."""
+"""The per-task model: task encoder -> modulation generator -> modulated backbone (-> head), built from a
+:class:`~kml.config.learner.LearnerConfig` (kml's backbones, or a network named by import path)."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from kml.config.learner import LearnerConfig
+from kml.errors import KMLError
 from kml.models.backbone import Backbone
 from kml.models.encoder import TaskEncoder
-from kml.models.modulate import ModulatedNetwork, TaskConditionedModel
+from kml.models.modulate import ModulatedNetwork, TaskConditionedModel, modulate
 from kml.models.modulation import FiLMGenerator, KMLGenerator
 from kml.models.resnet12 import ResNet12, resnet12_widths
 
-__all__ = ["rate_key", "TaskModel"]
+__all__ = ["TaskModel", "network_model", "resolve_network"]
+
+# Callables a saved config may name are constructors of modules; these make modules from files or code.
+_REFUSED_MODULES = ("torch.jit", "torch.hub", "torch.package", "torch.export")
 
 
-def rate_key(name: str) -> str:
-    """Meta-SGD rate key of a backbone parameter name (``ParameterDict`` keys cannot hold dots)."""
-    return name.replace(".", "__")
+def resolve_network(path: str) -> Callable[..., nn.Module]:
+    """The network constructor named ``"package.module:name"``: an ``nn.Module`` subclass, or a function
+    annotated to return one. Nothing else is called (a config file or checkpoint names it, and loading one
+    must not run arbitrary code)."""
+    import importlib
+    import typing
+
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as error:
+        raise KMLError(f"network {path!r} cannot be imported ({error}); install its package or fix the path") from None
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        return target
+    returns = None
+    if callable(target) and not str(getattr(target, "__module__", "")).startswith(_REFUSED_MODULES):
+        try:
+            returns = typing.get_type_hints(target).get("return")
+        except (NameError, TypeError, AttributeError):  # unresolvable annotations: treated as none
+            returns = None
+    if not (isinstance(returns, type) and issubclass(returns, nn.Module)):
+        raise KMLError(
+            f"network {path!r} is neither an nn.Module subclass nor a function annotated to return one "
+            f"(-> nn.Module); kml calls nothing else"
+        )
+    return target
+
+
+def network_model(config: LearnerConfig) -> nn.Module:
+    """The network ``config.network`` names, built with ``config.network_args`` and modulated as
+    ``config.modulation`` says (kml's task encoder drives KML or FiLM on it)."""
+    assert config.network is not None
+    network = resolve_network(config.network)(**(config.network_args or {}))
+    if not isinstance(network, nn.Module):
+        raise KMLError(f"network {config.network!r} returned {type(network).__name__}, not an nn.Module")
+    if config.modulation == "none":
+        return network
+    return modulate(
+        network,
+        config.modulation,
+        in_channels=config.in_channels,
+        encoder_channels=config.encoder_channels,
+        encoder_hidden=config.encoder_hidden,
+        form=config.kml_form,
+        factor_split=config.factor_split,
+        identity_init=config.identity_init,
+    )
 
 
 class TaskModel(TaskConditionedModel):
@@ -25,8 +78,7 @@ class TaskModel(TaskConditionedModel):
 
     Submodules: ``backbone`` (adapted in MAML's inner loop), ``encoder`` and
     ``generator`` (``None`` for ``modulation="none"``; updated by the outer loop only),
-    ``inner_rates`` (Meta-SGD: one learned inner rate per backbone parameter element,
-    keyed by the parameter's name with ``.`` written ``__``; ``None`` otherwise).
+    (Meta-SGD's learned rates belong to the method: :class:`kml.algorithms.maml.MAML`.)
     """
 
     def __init__(self, config: LearnerConfig) -> None:
@@ -77,11 +129,3 @@ class TaskModel(TaskConditionedModel):
                 )
             else:
                 self.generator = FiLMGenerator(self.encoder.embedding_dim, self.backbone.channels, config.identity_init)
-        self.inner_rates: nn.ParameterDict | None = None
-        if config.meta_sgd and config.algorithm == "maml":
-            self.inner_rates = nn.ParameterDict(
-                {
-                    rate_key(name): nn.Parameter(torch.full_like(p, config.inner_lr))
-                    for name, p in self.backbone.named_parameters()
-                }
-            )

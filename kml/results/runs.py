@@ -1,4 +1,5 @@
-"""The runs behind a results table: one ``kml-train`` run per (setup, method, seed), then one ``kml-eval``.
+"""The runs behind a results table: one ``kml-train`` run per (setup, method, seed), then one ``kml-eval`` report,
+through the library (:mod:`kml.training.launch`, :mod:`kml.evaluation`).
 
 Runs live under ``<out>/runs/<setup>/<method>/seed<k>/`` as ordinary kml run folders. A finished run is reused,
 an interrupted one resumed, a folder without a checkpoint started again; an evaluation is reused when its
@@ -18,7 +19,17 @@ from typing import Any
 from kml.config.learner import upgrade_field_names
 from kml.errors import KMLError
 
-__all__ = ["episode_rows", "evaluate", "Method", "parse_assignments", "plan", "Run", "Setup", "train"]
+__all__ = [
+    "episode_rows",
+    "evaluate",
+    "Method",
+    "parse_assignments",
+    "plan",
+    "Run",
+    "Setup",
+    "train",
+    "TrainingStopped",
+]
 
 
 def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
@@ -35,12 +46,29 @@ def parse_assignments(pairs: list[str], where: str) -> dict[str, Any]:
     return values
 
 
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets, braces and quotes (a JSON value may hold commas)."""
+    parts, depth, quoted, start = [], 0, False, 0
+    for index, char in enumerate(text):
+        if char == '"' and (index == 0 or text[index - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and char in "[{":
+            depth += 1
+        elif not quoted and char in "]}":
+            depth -= 1
+        elif not quoted and depth == 0 and char == ",":
+            parts.append(text[start:index])
+            start = index + 1
+    return [*parts, text[start:]]
+
+
 @dataclass(frozen=True)
 class Method:
     """A row of the table: a recipe (``kml-train --recipe``) and values that override it.
 
     Written ``RECIPE`` or ``LABEL=RECIPE,key=value,...`` (values read as JSON where they parse,
-    e.g. ``kml-bare=kml-maml,kml_form=bare`` or ``long=kml-maml,steps=2000``).
+    e.g. ``kml-bare=kml-maml,kml_form=bare`` or ``long=kml-maml,steps=2000``); your own network is a method too:
+    ``mine=kml-protonet,network=my_pkg.nets:Net,network_args={"width":64}``.
     """
 
     label: str
@@ -54,7 +82,7 @@ class Method:
         label, sep, rest = text.partition("=")
         if not sep:
             label, rest = text, text
-        name, *pairs = rest.split(",")
+        name, *pairs = _split_top_level(rest)
         recipe(name)  # a one-line error for an unknown recipe
         overrides = parse_assignments(pairs, f"method {text!r}")
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
@@ -108,8 +136,7 @@ def _trained_step(run: Run) -> int | None:
     """The step of the run's last checkpoint, or None when it has none."""
     if not run.checkpoint.is_file():
         return None
-    from kml.cli.evaluate import checkpoint_step
-    from kml.training.checkpoint import load_checkpoint
+    from kml.training.checkpoint import checkpoint_step, load_checkpoint
 
     return checkpoint_step(load_checkpoint(run.checkpoint), run.checkpoint)
 
@@ -140,8 +167,6 @@ def inert_common(method: Method, common: Mapping[str, Any], modes: list[str], wa
 def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], progress: bool) -> tuple[str, int]:
     """Make sure ``run`` is trained to ``steps``; returns what was done (trained, resumed, reused) and the step
     of its last checkpoint now."""
-    from kml.cli import train as train_cli
-
     left_out = inert_common(run.method, common, modes, run.setup.ways)
     values = {
         **{k: v for k, v in common.items() if k not in left_out},
@@ -154,20 +179,7 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
     if step is not None:  # a run made before: only with the same settings (the step budget may grow)
-        made, problem = _read_json(request) if request.is_file() else ({}, None)
-        if problem or not isinstance(made, dict):
-            raise KMLError(
-                f"{request} is corrupt ({problem or 'not a mapping of settings'}); it records how {run.folder} was "
-                f"trained: delete both to train that run again, or use another --out"
-            )
-        made = upgrade_field_names(made)  # names before 0.2 too
-        made.pop("steps", None)
-        changed = sorted(k for k in {*made, *values} - left_out if made.get(k) != values.get(k))
-        if changed:
-            raise KMLError(
-                f"{run.folder} was trained with other settings ({', '.join(changed)}); "
-                f"use another --out, or delete that run folder to train it again"
-            )
+        _check_request(run, request, values, left_out)
     if step is not None and step > steps:  # its last.pt is not the asked run: the rate schedule went on
         raise KMLError(
             f"{run.folder} is trained to step {step}, past the {steps} steps asked; ask --steps {step} (or more), "
@@ -175,39 +187,81 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
         )
     if step == steps:
         return "reused", step
-    location = [
-        "--train-dir",
-        str(run.folder.parent),
-        "--run-name",
-        run.folder.name,
-        *([] if progress else ["--no-progress"]),
-    ]
+    location = {"train_dir": str(run.folder.parent), "run_name": run.folder.name}
     if step is not None:
-        argv, done = ["--resume", "--steps", str(steps), *location], "resumed"
-    else:
-        run.folder.parent.mkdir(parents=True, exist_ok=True)
-        request.write_text(json.dumps({**values, "steps": steps}, indent=2))
-        overwrite = ["--overwrite"] if run.folder.exists() else []  # killed before its first checkpoint
-        argv, done = ["--recipe", run.method.recipe, "--config", str(request), *overwrite, *location], "trained"
+        _train(run, {"steps": steps, **location}, progress, resume=True)
+        return "resumed", steps
+    run.folder.parent.mkdir(parents=True, exist_ok=True)
+    request.write_text(json.dumps({**values, "steps": steps}, indent=2))
+    overwrite = run.folder.exists()  # killed before its first checkpoint
+    _train(run, {"recipe": run.method.recipe, **location}, progress, overwrite=overwrite, request=request)
+    return "trained", steps
+
+
+def _check_request(run: Run, request: Path, values: dict[str, Any], left_out: set[str]) -> None:
+    """Refuse to continue a run made with other settings than ``values`` (its request file records them)."""
+    made, problem = _read_json(request) if request.is_file() else ({}, None)
+    if problem or not isinstance(made, dict):
+        raise KMLError(
+            f"{request} is corrupt ({problem or 'not a mapping of settings'}); it records how {run.folder} was "
+            f"trained: delete both to train that run again, or use another --out"
+        )
+    made = upgrade_field_names(made)  # names before 0.2 too
+    made.pop("steps", None)
+    changed = sorted(k for k in {*made, *values} - left_out if made.get(k) != values.get(k))
+    if changed:
+        raise KMLError(
+            f"{run.folder} was trained with other settings ({', '.join(changed)}); "
+            f"use another --out, or delete that run folder to train it again"
+        )
+
+
+class TrainingStopped(KMLError):
+    """Training a run of the table stopped: the run's one line, and ``cause``, the error it stopped with (``None``
+    when it was interrupted), which kml-results shows first."""
+
+    def __init__(self, message: str, cause: KMLError | None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _train(
+    run: Run,
+    values: dict[str, Any],
+    progress: bool,
+    resume: bool = False,
+    overwrite: bool = False,
+    request: Path | None = None,
+) -> None:
+    """Train ``run`` as kml-train does with ``values`` and those of ``request`` (a new run), or ``resume`` it; a stop
+    is :class:`TrainingStopped`."""
+    from kml.config.checks import check_values
+    from kml.training import launch
+
+    cause, status = None, 0
     try:
-        status = train_cli.main(argv)
-    except SystemExit as stop:
-        status = stop.code
+        if request is not None:  # read as kml-train reads a config file
+            values = {**check_values(json.loads(request.read_text()), where=f"config file {request}"), **values}
+        trainer = launch.start(
+            launch.checked_values(values, resume), resume=resume, overwrite=overwrite, progress=progress
+        )
+        trainer.fit()
+        status = 130 if trainer.interrupted else 0  # kml-train's exit status
+    except KMLError as error:
+        cause, status = error, 2
     if status != 0:
         log = run.folder / "log.txt"
         where = f"see {log}" if log.is_file() else "see the error above"  # refused before the run folder was made
-        raise KMLError(
+        message = (
             f"training {run.method.label} {run.setup.tag} seed {run.seed} stopped (exit {status}); "
             f"{where} and rerun the same command to continue"
         )
-    return done, steps
+        raise TrainingStopped(message, cause)
 
 
 def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool) -> dict[str, Any]:
     """The run's ``kml-eval`` report on meta-test episodes, reused when episodes, seed and ``step`` (that of
     its last checkpoint, as :func:`train` returns it) match."""
-    from kml.cli import evaluate as eval_cli
-
     if run.evaluation.is_file():
         report, problem = _read_json(run.evaluation)
         problem = problem or _report_problem(report)
@@ -215,23 +269,17 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
             print(f"warning: {run.evaluation} is broken ({problem}); evaluating again", file=sys.stderr)
         elif (report.get("episodes_per_mode"), report.get("seed"), report.get("step")) == (episodes, eval_seed, step):
             return report
-    argv = [
-        "--checkpoint",
-        str(run.checkpoint),
-        "--episodes",
-        str(episodes),
-        "--seed",
-        str(eval_seed),
-        "--output",
-        str(run.evaluation),
-        *([] if progress else ["--no-progress"]),
-    ]
-    try:
-        status = eval_cli.main(argv)
-    except SystemExit as stop:
-        status = stop.code
-    if status != 0:
-        raise KMLError(f"evaluating {run.checkpoint} failed (exit {status})")
+    from kml.evaluation import run_report, write_report
+    from kml.training.checkpoint import checkpoint_step, load_learner
+    from kml.training.distributed import DistInfo, resolve_device
+
+    device = resolve_device("auto", DistInfo())
+    learner, config, state = load_learner(run.checkpoint, device)
+    found = checkpoint_step(state, run.checkpoint)
+    report = run_report(
+        learner, config, episodes=episodes, seed=eval_seed, device=device, data=state.get("data"), progress=progress
+    )
+    write_report({"checkpoint": str(run.checkpoint), "step": found, **report}, run.evaluation)
     return json.loads(run.evaluation.read_text())
 
 

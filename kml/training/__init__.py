@@ -1,4 +1,5 @@
-"""Meta-training: :class:`Trainer` (the loop), :class:`LoopSettings`, :class:`RunConfig` and checkpoints.
+"""Meta-training: :class:`Trainer` (the loop, whose settings are a :class:`RunConfig`'s), kml-train's launch policy
+(:mod:`kml.training.launch`) and checkpoints.
 
 The names below load on first use, so importing a submodule (``kml.training.run_lock``) stays light.
 """
@@ -9,7 +10,6 @@ from kml._lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "kml.training.trainer",
-    "LoopSettings": "kml.training.trainer",
     "RunConfig": "kml.config.run",
     "load_checkpoint": "kml.training.checkpoint",
     "save_checkpoint": "kml.training.checkpoint",

@@ -16,10 +16,12 @@ import torch
 from torch.torch_version import TorchVersion
 
 from kml.errors import KMLError
+from kml.files import resume_words
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
+    "checkpoint_step",
     "convert_checkpoint",
     "load_checkpoint",
     "load_learner",
@@ -95,7 +97,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         kept = f"the previous {path.name} is unchanged" if path.is_file() else "no checkpoint was written"
         raise KMLError(
             f"could not write checkpoint {path} ({reason}); {kept}; free space on {path.parent} (df -h {path.parent}) "
-            f"and continue with --resume"
+            f"and continue with {resume_words()}"
         ) from None
     return path
 
@@ -289,6 +291,14 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
             parts.append(f"unexpected: {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
         raise KMLError(f"checkpoint {source} does not fit this model: {'; '.join(parts)}")
     model.load_state_dict(state_dict)
+
+
+def checkpoint_step(state: dict[str, Any], path: str | os.PathLike) -> int:
+    """The training step a checkpoint records, or a one-line :class:`KMLError`."""
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise KMLError(f"checkpoint {path} records no training step (got {step!r}); it is not one kml-train wrote")
+    return step
 
 
 def load_learner(path: str | os.PathLike, device: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 
 __all__ = ["barrier", "DistInfo", "init_distributed", "resolve_device", "shutdown", "sum_gradients", "sum_tensor"]
 
@@ -57,12 +57,14 @@ def resolve_device(device: str, info: DistInfo) -> str:
     if device.startswith("cuda"):  # checked here, before torch.load would call a missing GPU a corrupt file
         if not torch.cuda.is_available():
             raise KMLError(
-                f"--device {device} asked for, but this machine has no usable CUDA GPU; use --device cpu (or auto)"
+                f"{setting('device', device)} asked for, but this machine has no usable CUDA GPU; use "
+                f"{setting('device', 'cpu')} (or auto)"
             )
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise KMLError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device cuda:0"
+                f"{setting('device', device)}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use "
+                f"{setting('device', 'cuda:0')}"
             )
     return device
 

@@ -14,7 +14,7 @@ import os
 import socket
 from pathlib import Path
 
-from kml.errors import KMLError
+from kml.errors import KMLError, setting
 from kml.files import write_failure
 
 __all__ = ["RunLock"]
@@ -55,7 +55,7 @@ class RunLock:
                 raise KMLError(
                     f"run {self.run_dir} is in use by another kml process ({holder}); wait for it to finish, "
                     f"stop it (Ctrl-C, or kill {holder.split()[1] if holder.startswith('pid ') else '<pid>'}), "
-                    f"or choose another --run-name"
+                    f"or choose another {setting('run_name')}"
                 ) from None
             try:  # a holder that released meanwhile unlinked the file we opened: lock the new one instead
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino

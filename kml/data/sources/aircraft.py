@@ -26,8 +26,10 @@ torchvision's ``<root>/fgvc-aircraft-2013b/`` when present.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from kml.data.sources.base import Context, ConversionPlan, split_by_fractions
@@ -84,6 +86,27 @@ def _pairs(path: Path) -> list[tuple[str, str]]:
 def build(ctx: Context) -> ConversionPlan:
     crop = bool(ctx.options.get("crop", True))
     banner = 0 if ctx.options.get("keep_banner", False) else BANNER  # the released converters keep it
+    data = _obtain(ctx, crop) / DATA
+    variants, images = _images_by_variant(data)
+    boxes = _boxes(data) if crop else {}
+    fractions, seed = VARIANTS[ctx.variant]
+    cuts = split_by_fractions(variants, fractions, seed)
+    splits = {split: [ClassPlan(name, sorted(images[name])) for name in names] for split, names in cuts.items()}
+    return ConversionPlan(
+        splits,
+        decode=_decoder(data, crop, banner, boxes),
+        describe=lambda image: f"{DATA}/images/{image}.jpg",
+        info={
+            "split_rule": SPLIT_RULES[ctx.variant],
+            "crop": _crop_note(crop, banner),
+            "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
+            f"Lanczos resize (squash) to {SIDE}x{SIDE}",
+        },
+    )
+
+
+def _obtain(ctx: Context, crop: bool) -> Path:
+    """The folder holding ``DATA`` (extracted, or reused from learn2learn's or torchvision's download)."""
     expect = [
         f"{DATA}/images",
         f"{DATA}/variants.txt",
@@ -92,7 +115,7 @@ def build(ctx: Context) -> ConversionPlan:
     ]
     if crop:
         expect.append(f"{DATA}/images_box.txt")
-    folder = ctx.obtain(
+    return ctx.obtain(
         RESOURCES,
         expect,
         reuse=[
@@ -101,23 +124,34 @@ def build(ctx: Context) -> ConversionPlan:
         ],
         archive_dirs=[ctx.root / "fgvc_aircraft"],
     )
-    data = folder / DATA
+
+
+def _images_by_variant(data: Path) -> tuple[list[str], dict[str, list[str]]]:
+    """The variants in ``variants.txt`` order and the images of each (trainval and test pooled)."""
     variants = [line.strip() for line in (data / "variants.txt").read_text().splitlines() if line.strip()]
     images: dict[str, list[str]] = {v: [] for v in variants}
     for image, variant in _pairs(data / "images_variant_trainval.txt") + _pairs(data / "images_variant_test.txt"):
         if variant not in images:
             raise KMLError(f"aircraft: image {image} has variant {variant!r}, which is not in {data}/variants.txt")
         images[variant].append(image)
-    boxes = {}
-    if crop:
-        for image, numbers in _pairs(data / "images_box.txt"):
-            xmin, ymin, xmax, ymax = (float(v) for v in numbers.split())
-            boxes[image] = (xmin - 1, ymin - 1, xmax, ymax)  # 1-based inclusive -> PIL's 0-based, right/lower exclusive
-    fractions, seed = VARIANTS[ctx.variant]
-    cuts = split_by_fractions(variants, fractions, seed)
-    splits = {split: [ClassPlan(name, sorted(images[name])) for name in names] for split, names in cuts.items()}
+    return variants, images
 
-    def decode(image: str):
+
+def _boxes(data: Path) -> dict[str, tuple[float, float, float, float]]:
+    """Each image's bounding box as PIL's ``(left, upper, right, lower)``."""
+    boxes = {}
+    for image, numbers in _pairs(data / "images_box.txt"):
+        xmin, ymin, xmax, ymax = (float(v) for v in numbers.split())
+        boxes[image] = (xmin - 1, ymin - 1, xmax, ymax)  # 1-based inclusive -> PIL's 0-based, right/lower exclusive
+    return boxes
+
+
+def _decoder(
+    data: Path, crop: bool, banner: int, boxes: dict[str, tuple[float, float, float, float]]
+) -> Callable[[str], np.ndarray]:
+    """``decode(image id)``: the photo cropped to its box, or whole less the bottom ``banner`` pixels."""
+
+    def decode(image: str) -> np.ndarray:
         path = data / "images" / f"{image}.jpg"
         if crop:
             if image not in boxes:
@@ -127,20 +161,11 @@ def build(ctx: Context) -> ConversionPlan:
             width, height = header.size
         return load_image(path, SIDE, 3, box=(0, 0, width, max(1, height - banner)))
 
-    return ConversionPlan(
-        splits,
-        decode=decode,
-        describe=lambda image: f"{DATA}/images/{image}.jpg",
-        info={
-            "split_rule": SPLIT_RULES[ctx.variant],
-            "crop": "bounding box (images_box.txt)"
-            if crop
-            else (
-                f"none (bottom {banner}-pixel copyright banner removed)"
-                if banner
-                else "none (whole photo, banner kept)"
-            ),
-            "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
-            f"Lanczos resize (squash) to {SIDE}x{SIDE}",
-        },
-    )
+    return decode
+
+
+def _crop_note(crop: bool, banner: int) -> str:
+    """How the photos were cropped, for the manifest."""
+    if crop:
+        return "bounding box (images_box.txt)"
+    return f"none (bottom {banner}-pixel copyright banner removed)" if banner else "none (whole photo, banner kept)"

@@ -31,6 +31,7 @@ import numpy as np
 from kml.data.sources.extract import safe_extract
 from kml.data.sources.fetch import DownloadFailed, Resource, download, verify
 from kml.data.sources.images import ClassPlan
+from kml.data.store import split_classes
 from kml.errors import KMLError
 
 __all__ = [
@@ -225,14 +226,6 @@ def split_by_fractions(names: Sequence[str], fractions: Sequence[float], seed: i
     """Shuffle ``names`` with ``numpy.random.RandomState(seed)`` and cut train/val/test.
 
     Counts are ``int(f / sum(f) * n)`` for train and val and the rest for test,
-    exactly as the published MMAML conversion scripts compute them.
+    exactly as the published MMAML conversion scripts compute them (:func:`kml.data.store.split_classes`).
     """
-    order = list(names)
-    np.random.RandomState(seed).shuffle(order)
-    total = float(sum(fractions))
-    n_train, n_val = (int(float(f) / total * len(order)) for f in fractions[:2])
-    return {
-        "train": order[:n_train],
-        "val": order[n_train : n_train + n_val],
-        "test": order[n_train + n_val :],
-    }
+    return split_classes(names, fractions, seed)  # type: ignore[return-value]

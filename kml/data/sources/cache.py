@@ -22,7 +22,7 @@ from typing import Any
 from kml._version import __version__
 from kml.data.sources.base import ConversionPlan
 from kml.data.sources.fetch import disk_full
-from kml.data.sources.images import decode_classes
+from kml.data.sources.images import ClassPlan, decode_classes
 from kml.data.store import MANIFEST_FILE, SPLITS, ImageStore
 
 __all__ = ["CONVERTER_VERSION", "folder_size", "is_complete", "MARKER", "read_marker", "write_dataset"]
@@ -65,39 +65,16 @@ def write_dataset(
     Call it under :func:`locked` (the stale staging folders it removes are then nobody's).
     """
     directory = Path(directory)
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    for stale in parent.glob(f".{directory.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = parent / f".{directory.name}.staging-{os.getpid()}"
+    staging = _fresh_staging(directory)
     started = time.time()
     splits: dict[str, dict[str, Any]] = {}
     try:
         for split in SPLITS:
             classes = plan.splits.get(split) or []
-            if not classes:
-                continue
-            result = decode_classes(
-                classes, plan.decode, plan.describe, on_corrupt, workers, progress, desc=f"{mode} {split}"
-            )
-            if not result.class_names:
-                continue
-            split_info = {
-                **info,
-                **plan.info,
-                "skipped_images": len(result.skipped),
-                "skipped": result.skipped[:100],
-                "dropped_classes": result.dropped_classes,
-            }
-            store = ImageStore.from_class_arrays(result.class_images, result.class_names, mode, split, split_info)
-            store.save(staging / split)
-            splits[split] = {
-                "classes": store.num_classes,
-                "images": len(store.images),
-                "image_shape": list(store.image_shape),
-                "skipped_images": len(result.skipped),
-            }
-            del store, result  # one split in memory at a time
+            if classes:
+                summary = _write_split(staging / split, mode, split, classes, plan, info, on_corrupt, workers, progress)
+                if summary is not None:
+                    splits[split] = summary
         marker = {
             "dataset": mode,
             "converter_version": CONVERTER_VERSION,
@@ -108,17 +85,68 @@ def write_dataset(
             "seconds": round(time.time() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        try:
-            (staging / MARKER).write_text(json.dumps(marker, indent=1))  # last: its presence means complete
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise disk_full(error, f"writing the cache of {mode}") from None
-            raise
-        old = parent / f".{directory.name}.old-{os.getpid()}"
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        _write_marker(staging, marker, mode)  # last: its presence means complete
+        _swap_in(staging, directory)
         return marker
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fresh_staging(directory: Path) -> Path:
+    """This process's staging folder beside ``directory``, after removing stale ones of earlier runs."""
+    parent = directory.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".{directory.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return parent / f".{directory.name}.staging-{os.getpid()}"
+
+
+def _write_split(
+    folder: Path,
+    mode: str,
+    split: str,
+    classes: list[ClassPlan],
+    plan: ConversionPlan,
+    info: dict[str, Any],
+    on_corrupt: str,
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any] | None:
+    """Decode one split's classes and save its store in ``folder``; its marker entry, or None if no class is left."""
+    result = decode_classes(classes, plan.decode, plan.describe, on_corrupt, workers, progress, desc=f"{mode} {split}")
+    if not result.class_names:
+        return None
+    split_info = {
+        **info,
+        **plan.info,
+        "skipped_images": len(result.skipped),
+        "skipped": result.skipped[:100],
+        "dropped_classes": result.dropped_classes,
+    }
+    store = ImageStore.from_class_arrays(result.class_images, result.class_names, mode, split, split_info)
+    store.save(folder)
+    return {
+        "classes": store.num_classes,
+        "images": len(store.images),
+        "image_shape": list(store.image_shape),
+        "skipped_images": len(result.skipped),
+    }  # the store and the decoded images are freed on return: one split in memory at a time
+
+
+def _write_marker(staging: Path, marker: dict[str, Any], mode: str) -> None:
+    """Write ``dataset.json``; a full disk is the one-line disk-full error."""
+    try:
+        (staging / MARKER).write_text(json.dumps(marker, indent=1))
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise disk_full(error, f"writing the cache of {mode}") from None
+        raise
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Rename the staging folder to ``directory``, moving the previous cache aside first and deleting it after."""
+    old = directory.parent / f".{directory.name}.old-{os.getpid()}"
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ their path ``images_background/...`` then ``images_evaluation/...``):
 
 Stored grey at 28 x 28 (Lanczos, as the published code), inverted so strokes
 are bright on black; the store tiles grey to 3 channels when modes are mixed.
-``download.py --omniglot-side 84`` stores it at 84 instead: the 105-pixel
+``kml-download --omniglot-side 84`` stores it at 84 instead: the 105-pixel
 originals Lanczos-resized straight to 84, as the published mixtures use it (a
 28-pixel store is brought up to a mixture's side bilinearly at load).
 Reuses torchvision's / learn2learn's ``<root>/omniglot-py/`` when present.

@@ -1,4 +1,4 @@
-"""``prepare``: obtain, verify, extract and convert datasets into the cache (what ``download.py`` runs)."""
+"""``prepare``: obtain, verify, extract and convert datasets into the cache (what ``kml-download`` runs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from kml.data.modes import DATASET_MODES, canonical_mode
 from kml.data.sources import aircraft, cub, fc100, miniimagenet, omniglot
@@ -80,6 +81,11 @@ def resolve_datasets(names: Sequence[str]) -> list[str]:
             canonical = canonical_mode(name)
         except KMLError:
             canonical = ""
+        if canonical and canonical not in DATASET_MODES:  # a synthetic or folder mode
+            raise KMLError(
+                f"{name!r} needs no download: synthetic and folder modes are generated or converted on first use "
+                f"(kml-train --modes {name}); kml-download prepares the datasets {valid}"
+            )
         if canonical not in DATASET_MODES:
             raise KMLError(
                 f"unknown dataset {name!r}; choose from {valid} (aliases: FC100, bird, mini-imagenet, fgvc-aircraft)"
@@ -112,6 +118,78 @@ def resolve_variants(datasets: Sequence[str], split_variant: str | None) -> dict
     return chosen
 
 
+@dataclass(frozen=True)
+class _Conversion:
+    """How :func:`prepare` converts every dataset; checked when made, before any dataset name."""
+
+    on_corrupt: str
+    crop: bool
+    omniglot_side: int
+    aircraft_banner: bool
+    cleanup: bool
+    workers: int | None
+    force: bool
+    keep_going: bool
+
+    def __post_init__(self) -> None:
+        if self.on_corrupt not in ON_CORRUPT:
+            raise KMLError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        side = self.omniglot_side
+        if isinstance(side, bool) or not isinstance(side, int) or side < 16:
+            raise KMLError(f"--omniglot-side must be an integer of at least 16, got {side!r}")
+
+    def cache_options(self, name: str, variant: str) -> dict[str, Any]:
+        """The options recorded with a dataset's cache: a cache made with other ones is converted again."""
+        return {
+            "variant": variant,
+            **({"crop": bool(self.crop)} if name == "aircraft" else {}),
+            **({"keep_banner": True} if name == "aircraft" and self.aircraft_banner and not self.crop else {}),
+            **({"omniglot_side": int(self.omniglot_side)} if name == "omniglot" and self.omniglot_side != 28 else {}),
+        }
+
+    def source_options(self) -> dict[str, Any]:
+        """The options the dataset modules read from :attr:`Context.options` (a new dict each call)."""
+        return {
+            "crop": bool(self.crop),
+            "omniglot_side": int(self.omniglot_side),
+            "keep_banner": bool(self.aircraft_banner) and not self.crop,
+        }
+
+
+@dataclass(frozen=True)
+class _Fetching:
+    """How :func:`prepare` obtains every dataset's raw files; the checksums are checked when made."""
+
+    root: Path
+    mirrors: list[str]
+    checksums: dict[str, str]
+    progress: bool
+    retries: int
+    backoff: float
+    timeout: float
+    force: bool
+
+    def __post_init__(self) -> None:
+        for value in self.checksums.values():
+            parse_checksum(value)  # a malformed one is refused before anything runs, not when (if ever) it is used
+
+    def context(self, name: str, variant: str, options: dict[str, Any]) -> Context:
+        """A fresh :class:`Context` for one dataset (its own checksums dict and records)."""
+        return Context(
+            name,
+            self.root,
+            variant,
+            self.mirrors,
+            dict(self.checksums),
+            options,
+            self.progress,
+            self.retries,
+            self.backoff,
+            self.timeout,
+            self.force,
+        )
+
+
 def _row(name: str, directory: Path, status: str, seconds: float) -> SummaryRow:
     marker = read_marker(directory) or {}
     splits = marker.get("splits", {})
@@ -140,7 +218,7 @@ def _cleanup(ctx: Context) -> None:
 
 
 def _writable(folder: Path) -> None:
-    """A one-line error naming download.py's own flag when the cache cannot be written."""
+    """A one-line error naming kml-download's own flag when the cache cannot be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -151,18 +229,16 @@ def _writable(folder: Path) -> None:
         ) from None
 
 
-def _prepare_one(
-    ctx: Context, options: dict, force: bool, on_corrupt: str, cleanup: bool, workers: int | None
-) -> SummaryRow:
+def _prepare_one(ctx: Context, options: dict, conversion: _Conversion) -> SummaryRow:
     """Convert one dataset unless a complete cache with the same options exists (under the cache lock)."""
     started = time.time()
     directory = ctx.root / "cache" / ctx.name
-    if not force and is_complete(directory, options):  # a complete cache needs no lock: read-only roots work
+    if not conversion.force and is_complete(directory, options):  # a complete cache needs no lock: read-only roots work
         log.info("%s: cache complete at %s", ctx.name, directory)
         return _row(ctx.name, directory, "cached", time.time() - started)
     _writable(directory.parent)
     with locked(directory):
-        if not force and is_complete(directory, options):
+        if not conversion.force and is_complete(directory, options):
             log.info("%s: cache complete at %s", ctx.name, directory)
             return _row(ctx.name, directory, "cached", time.time() - started)
         module = SOURCES[ctx.name]
@@ -176,8 +252,8 @@ def _prepare_one(
             "side": module.SIDE,
             "licence": module.LICENCE,
         }
-        write_dataset(directory, ctx.name, plan, info, options, on_corrupt, workers, ctx.progress)
-    if cleanup:
+        write_dataset(directory, ctx.name, plan, info, options, conversion.on_corrupt, conversion.workers, ctx.progress)
+    if conversion.cleanup:
         _cleanup(ctx)
     return _row(ctx.name, directory, "converted", time.time() - started)
 
@@ -231,46 +307,30 @@ def prepare(
     Returns:
         One :class:`SummaryRow` per dataset (status ``converted`` or ``cached``).
     """
-    if on_corrupt not in ON_CORRUPT:
-        raise KMLError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
-    if isinstance(omniglot_side, bool) or not isinstance(omniglot_side, int) or omniglot_side < 16:
-        raise KMLError(f"--omniglot-side must be an integer of at least 16, got {omniglot_side!r}")
+    conversion = _Conversion(on_corrupt, crop, omniglot_side, aircraft_banner, cleanup, workers, force, keep_going)
     names = resolve_datasets(datasets)
     variants = resolve_variants(names, split_variant)
-    root = Path(root)
     mirrors = list(mirrors) if mirrors is not None else mirrors_from_env()
-    for value in (checksums or {}).values():
-        parse_checksum(value)  # a malformed one is refused before anything runs, not when (if ever) it is used
-    rows, used = [], set()
+    fetching = _Fetching(Path(root), mirrors, dict(checksums or {}), progress, retries, backoff, timeout, force)
+    rows, used = _prepare_all(names, variants, fetching, conversion)
+    _warn_unused_checksums(sorted(set(checksums or {}) - used), rows)
+    return rows
+
+
+def _prepare_all(
+    names: Sequence[str], variants: Mapping[str, str], fetching: _Fetching, conversion: _Conversion
+) -> tuple[list[SummaryRow], set[str]]:
+    """Prepare the datasets in turn; also return the names of the checksums that were consulted."""
+    rows: list[SummaryRow] = []
+    used: set[str] = set()
     for name in names:
         started = time.time()
-        options = {
-            "variant": variants[name],
-            **({"crop": bool(crop)} if name == "aircraft" else {}),
-            **({"keep_banner": True} if name == "aircraft" and aircraft_banner and not crop else {}),
-            **({"omniglot_side": int(omniglot_side)} if name == "omniglot" and omniglot_side != 28 else {}),
-        }
-        ctx = Context(
-            name,
-            root,
-            variants[name],
-            mirrors,
-            dict(checksums or {}),
-            {
-                "crop": bool(crop),
-                "omniglot_side": int(omniglot_side),
-                "keep_banner": bool(aircraft_banner) and not crop,
-            },
-            progress,
-            retries,
-            backoff,
-            timeout,
-            force,
-        )
+        options = conversion.cache_options(name, variants[name])
+        ctx = fetching.context(name, variants[name], conversion.source_options())
         try:
-            rows.append(_prepare_one(ctx, options, force, on_corrupt, cleanup, workers))
+            rows.append(_prepare_one(ctx, options, conversion))
         except KMLError as error:
-            if not keep_going:
+            if not conversion.keep_going:
                 raise
             rows.append(
                 SummaryRow(
@@ -279,8 +339,7 @@ def prepare(
             )
         finally:
             used |= ctx.checksums_used
-    _warn_unused_checksums(sorted(set(checksums or {}) - used), rows)
-    return rows
+    return rows, used
 
 
 def _warn_unused_checksums(unused: Sequence[str], rows: Sequence[SummaryRow]) -> None:
