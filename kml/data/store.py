@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kml.data.arrays import images_first, label_indices, names_of_labels
+from kml.data.splits import (
+    DEFAULT_SPLIT_FRACTIONS,
+    DEFAULT_SPLIT_SEED,
+    SPLITS,
+    check_fractions,
+    normalised_fractions,
+    split_by_class,
+    split_classes,
+)
 from kml.errors import KMLError, setting
 
 __all__ = [
@@ -54,10 +63,6 @@ __all__ = [
 FORMAT_VERSION = 1
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "val", "test")
-# The class split of CUB, Aircraft, folder modes and split_by_class: 70 / 15 / 15 % after a seeded shuffle.
-DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
-DEFAULT_SPLIT_SEED = 123
 
 
 # manifest info entries that report one split's conversion outcome, not how the cache was made
@@ -213,17 +218,17 @@ class ImageStore:
         :func:`split_by_class` cuts the arrays by class, one part per split.
         """
         where = f"store {mode}/{split}"
-        array = _images_first(images, channels_last, where)
+        array = images_first(images, channels_last, where)
         if len(array) == 0:
             raise KMLError(f"{where}: no images")
-        label_tensor, values = _label_indices(labels, len(array), where)
+        label_tensor, values = label_indices(labels, len(array), where)
         if values is None:  # integer labels: their distinct values, sorted
             distinct, counts = torch.unique(label_tensor, return_counts=True)
             values = [int(v) for v in distinct]
         else:
             counts = torch.bincount(label_tensor, minlength=len(values))
         order = torch.argsort(label_tensor, stable=True)
-        names = _names_of_labels(class_names, values, where)
+        names = names_of_labels(class_names, values, where)
         offsets = torch.zeros(len(values) + 1, dtype=torch.int64)
         offsets[1:] = counts.cumsum(0)
         grouped = array.index_select(0, order).contiguous()
@@ -388,187 +393,6 @@ class ImageStore:
             )
         except KMLError as error:  # offsets that do not fit the images
             raise KMLError(f"corrupt cache {directory}: {error}; {rebuild}") from None
-
-
-def check_fractions(fractions: Sequence[float | str], what: str = "split fractions") -> tuple[float, float, float]:
-    """Three non-negative finite numbers (train, val, test) with a positive sum, as floats; else a one-line error."""
-    try:
-        values: tuple[float, ...] = tuple(float(f) for f in fractions)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(f) and f >= 0 for f in values) or sum(values) <= 0:
-        shown = list(fractions) if isinstance(fractions, (list, tuple)) else fractions
-        raise KMLError(f"{what} must be three non-negative numbers (train, val, test) with a positive sum; got {shown}")
-    return values[0], values[1], values[2]
-
-
-def normalised_fractions(fractions: Sequence[float | str], what: str = "split fractions") -> tuple[float, float, float]:
-    """:func:`check_fractions`, scaled to sum to 1 and rounded to 6 decimals: ``80/10/10`` and ``0.8/0.1/0.1``
-    are one split (and one cache)."""
-    values = check_fractions(fractions, what)
-    total = sum(values)
-    train, val, test = (round(f / total, 6) for f in values)
-    return train, val, test
-
-
-def split_classes(
-    names: Sequence[Hashable],
-    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = DEFAULT_SPLIT_SEED,
-) -> dict[str, list[Hashable]]:
-    """Cut classes into train / val / test: ``names`` in the order given, shuffled with
-    ``numpy.random.RandomState(seed)``, then ``int(f / sum(fractions) * n)`` classes for train and for val and the
-    rest for test (the published MMAML conversion scripts' rule; fractions need not sum to 1)."""
-    fractions = check_fractions(fractions)
-    order = list(names)
-    np.random.RandomState(seed).shuffle(order)  # type: ignore[arg-type]
-    total = sum(fractions)
-    n_train, n_val = (int(f / total * len(order)) for f in fractions[:2])
-    return {"train": order[:n_train], "val": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
-
-
-def split_by_class(
-    images: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor | Sequence[Hashable],
-    fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
-    seed: int = DEFAULT_SPLIT_SEED,
-) -> dict[str, tuple[Any, Any]]:
-    """Split a labelled dataset by class into ``{"train": (images, labels), "val": ..., "test": ...}``.
-
-    Few-shot models are tested on classes never seen in training, so whole classes, not images, go to each
-    split: the distinct labels (integers or any hashable values, as :meth:`ImageStore.from_arrays` takes them)
-    are sorted, shuffled with ``numpy.random.RandomState(seed)`` and cut by ``fractions`` with
-    :func:`split_classes`, the rule (and with the defaults, 70 / 15 / 15 % and seed 123, the split) of a
-    ``folder:PATH`` mode of class folders with the same names. Each part keeps the input's type (numpy array,
-    tensor, list) and the images' order; a split that gets no class is empty. Then, per split::
-
-        stores = {split: ImageStore.from_arrays(x, y, mode="mine", split=split)
-                  for split, (x, y) in split_by_class(images, labels).items()}
-    """
-    count = len(images)
-    if isinstance(labels, (np.ndarray, torch.Tensor)):
-        items = labels.tolist() if labels.ndim == 1 else None
-    else:
-        items = list(labels)
-    if items is None or len(items) != count:
-        shape = list(labels.shape) if isinstance(labels, (np.ndarray, torch.Tensor)) else [len(items or [])]
-        raise KMLError(f"split_by_class: need one label per image ({count}), got labels of shape {shape}")
-    try:
-        values = _sorted_values(set(items))
-    except TypeError as error:
-        raise KMLError(f"split_by_class: labels must be hashable (a string, a number, a tuple), got {error}") from None
-    part = {value: split for split, chosen in split_classes(values, fractions, seed).items() for value in chosen}
-    out: dict[str, tuple[Any, Any]] = {}
-    for split in SPLITS:
-        index = np.array([i for i, item in enumerate(items) if part[item] == split], dtype=np.int64)
-        out[split] = (_take(images, index), _take(labels, index))
-    return out
-
-
-def _take(values: Any, index: np.ndarray) -> Any:
-    """``values`` at the positions ``index``, of the same kind (numpy array, tensor, list)."""
-    if isinstance(values, torch.Tensor):
-        return values[torch.from_numpy(index).to(values.device)]
-    if isinstance(values, np.ndarray):
-        return values[index]
-    return [values[i] for i in index]
-
-
-def _images_first(images: np.ndarray | torch.Tensor, channels_last: bool | None, where: str) -> torch.Tensor:
-    """uint8 images in any of :meth:`ImageStore.from_arrays`' layouts -> ``[n, C, H, W]`` on the CPU (C = 1 or 3)."""
-    array = (
-        images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-    )
-    if array.dtype != torch.uint8:
-        raise KMLError(
-            f"{where}: images are {array.dtype}, expected uint8 0..255 (e.g. (x * 255).round().astype(np.uint8))"
-        )
-    if array.dim() == 3:
-        array = array.unsqueeze(1)
-    if array.dim() != 4:
-        raise KMLError(
-            f"{where}: images must be [num_images, H, W, C], [num_images, C, H, W] or [num_images, H, W], got {list(array.shape)}"
-        )
-    if channels_last is None:
-        first, last = array.shape[1] in (1, 3), array.shape[3] in (1, 3)
-        if first == last:
-            raise KMLError(
-                f"{where}: cannot tell the channel axis of images {list(array.shape)}; pass channels_last=True or False"
-            )
-        channels_last = last
-    if channels_last:
-        array = array.permute(0, 3, 1, 2)
-    if array.shape[1] not in (1, 3):
-        raise KMLError(f"{where}: images have {array.shape[1]} channels, expected 1 or 3 (shape {list(array.shape)})")
-    return array
-
-
-def _label_indices(
-    labels: np.ndarray | torch.Tensor | Sequence[Hashable], count: int, where: str
-) -> tuple[torch.Tensor, list[Hashable] | None]:
-    """``count`` labels as int64 ``[count]`` on the CPU, and the distinct values they index.
-
-    Integer labels come back as they are, with ``None`` for the values (their sorted distinct values are the
-    classes); any other hashable labels come back as indices into their sorted distinct values.
-    """
-    if isinstance(labels, torch.Tensor):
-        items: Any = labels
-    elif isinstance(labels, np.ndarray):
-        items = labels if labels.dtype.kind in "iubfc" else labels.tolist()  # strings, objects: Python values
-    else:
-        items = list(labels)  # not np.asarray: it would turn a list of tuples into a 2-D array
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in items) and items:
-            items = np.asarray(items, dtype=np.int64)
-        elif any(isinstance(v, (float, np.floating, bool, np.bool_)) for v in items):
-            items = np.asarray(items)  # refused below, with its dtype
-    if isinstance(items, (np.ndarray, torch.Tensor)):
-        tensor = torch.as_tensor(items)
-        if tensor.dim() != 1 or len(tensor) != count:
-            raise KMLError(f"{where}: need one label per image ({count}), got labels of shape {list(tensor.shape)}")
-        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-            raise KMLError(f"{where}: labels must be integers or other hashable values, got {tensor.dtype}")
-        return tensor.cpu().long(), None
-    if len(items) != count:
-        raise KMLError(f"{where}: need one label per image ({count}), got {len(items)} labels")
-    try:
-        values = _sorted_values(set(items))
-    except TypeError as error:  # e.g. a list as a label
-        raise KMLError(f"{where}: labels must be hashable (a string, a number, a tuple), got {error}") from None
-    index = {value: position for position, value in enumerate(values)}
-    return torch.tensor([index[item] for item in items], dtype=torch.int64), values
-
-
-def _sorted_values(values: Iterable[Hashable]) -> list[Hashable]:
-    """Distinct label values in order: sorted when they compare, else by type name, then text."""
-    values = list(values)
-    try:
-        return sorted(values)  # type: ignore[type-var]
-    except TypeError:
-        return sorted(values, key=lambda value: (type(value).__name__, repr(value)))
-
-
-def _label_text(value: Hashable) -> str:
-    """A class name from a label value: its text, a tuple's parts joined by ``/``."""
-    if isinstance(value, tuple):
-        return "/".join(_label_text(part) for part in value)
-    return str(value.item() if isinstance(value, np.generic) else value)
-
-
-def _names_of_labels(
-    class_names: Mapping[Hashable, str] | Sequence[str] | None, values: Sequence[Hashable], where: str
-) -> list[str]:
-    """One class name per distinct label value (in class order): given in label order, by label, or the values as text."""
-    if class_names is None:
-        return [_label_text(v) for v in values]
-    if isinstance(class_names, Mapping):
-        missing = [v for v in values if v not in class_names]
-        if missing:
-            raise KMLError(f"{where}: class_names has no name for label(s) {missing[:5]}")
-        return [str(class_names[v]) for v in values]
-    names = [str(name) for name in class_names]
-    if len(names) != len(values):
-        raise KMLError(f"{where}: {len(names)} class names for {len(values)} distinct labels")
-    return names
 
 
 def _manifest_problem(manifest: Any) -> str | None:
