@@ -26,7 +26,7 @@ from typing import Protocol, cast
 
 import torch
 from torch import nn
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
 from kml.algorithms.functional import ModelCalls, Params, subset
 from kml.errors import KMLError
@@ -188,8 +188,6 @@ class PackedExecution(VmapExecution):
         generator = cast(nn.Module, self.calls.model.generator)
 
         def one(shared: Params, own: Params, embedding: torch.Tensor) -> Modulation:
-            from torch.func import functional_call
-
             return functional_call(generator, {**shared, **own}, (embedding,))
 
         return vmap(one, in_dims=(None, 0, 0))(subset(shared, "generator."), subset(per_task, "generator."), embedding)

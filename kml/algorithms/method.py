@@ -4,7 +4,7 @@ parameters each task uses."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -93,7 +93,9 @@ class MetaMethod(nn.Module):
     def running(self) -> Iterator[Execution]:
         """The execution for this call, with every model's BatchNorm in the learner's mode."""
         execution = choose_execution(self.model, self.backend)
-        with _all(batch_norm_mode(m, self.batch_norm) for m in self.models):
+        with ExitStack() as modes:
+            for model in self.models:
+                modes.enter_context(batch_norm_mode(model, self.batch_norm))
             yield execution
 
     def float_episode(self, episode: Episode) -> Episode:
@@ -147,16 +149,6 @@ class MetaMethod(nn.Module):
             classes=torch.arange(ways, device=device).expand(tasks, ways),
             mode_names=(),
         )
-
-
-@contextmanager
-def _all(contexts: Iterator[Any]) -> Iterator[None]:
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:
-        for context in contexts:
-            stack.enter_context(context)
-        yield
 
 
 def _upgrade_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
