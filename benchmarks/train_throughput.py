@@ -32,6 +32,7 @@ from kml.config.run import RunConfig
 from kml.data.modes import load_stores
 from kml.evaluation import evaluate
 from kml.runtime import check_bf16, tune_cpu_allocator
+from kml.runtime.flops import count_flops
 from kml.training.trainer import Trainer
 
 
@@ -100,6 +101,12 @@ def kml_throughput(args, root: Path, train_dir: Path, algorithm: str, compile: b
     return args.steps * args.meta_batch / (time.perf_counter() - start), trainer
 
 
+def gflop_per_step(trainer: Trainer) -> float:
+    """The FLOPs of one more training step of ``trainer`` (kml.runtime.flops; after the timing, it steps once)."""
+    episode = trainer.sampler.sample()
+    return count_flops(lambda: trainer.train_step(episode)).total / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed outer steps")
@@ -125,8 +132,9 @@ def main() -> None:
         tmp = Path(tmp)
         store = load_stores([args.mode], "train", tmp / "data", side=args.side)[0]
         reference = reference_throughput(store, args, tmp / "jpeg")
-        protonet, _ = kml_throughput(args, tmp / "data", tmp / "runs", "protonet", args.compile)
+        protonet, protonet_trainer = kml_throughput(args, tmp / "data", tmp / "runs", "protonet", args.compile)
         maml, trainer = kml_throughput(args, tmp / "data", tmp / "runs", "maml")
+        work = {"protonet": gflop_per_step(protonet_trainer), "maml": gflop_per_step(trainer)}
         test = load_stores([args.mode], "test", tmp / "data", side=args.side, device=args.device)
         start = time.perf_counter()
         evaluate(
@@ -147,10 +155,20 @@ def main() -> None:
         f"{args.meta_batch}, {args.channels} channels, device {args.device}, torch {torch.__version__}, "
         f"kml bf16 {args.bf16}, ProtoNet compiled {args.compile}, allocator tuned {tuned}"
     )
-    print(f"{'training loop':<46}{'tasks/s':>10}")
-    print(f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}")
-    print(f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}")
-    print(f"{f'kml KML+MAML, {args.inner_steps} inner steps (end to end)':<46}{maml:>10.1f}")
+    per_task = {name: gflop / args.meta_batch for name, gflop in work.items()}
+    print(f"{'training loop':<46}{'tasks/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}")
+    print(
+        f"{'published-style KML+ProtoNet (loop, DataLoader)':<46}{reference:>10.1f}{work['protonet']:>12.1f}"
+        f"{reference * per_task['protonet']:>10.1f}"
+    )
+    print(
+        f"{'kml KML+ProtoNet (kml-train loop, end to end)':<46}{protonet:>10.1f}{work['protonet']:>12.1f}"
+        f"{protonet * per_task['protonet']:>10.1f}"
+    )
+    print(
+        f"{f'kml KML+MAML, {args.inner_steps} inner steps (end to end)':<46}{maml:>10.1f}{work['maml']:>12.1f}"
+        f"{maml * per_task['maml']:>10.1f}"
+    )
     print(f"ratio kml / published-style (KML+ProtoNet): {protonet / reference:.1f}x")
     print(f"evaluation, KML+MAML: {eval_rate:.1f} episodes/s")
     hours = lambda steps, rate: steps * args.meta_batch / rate / 3600  # noqa: E731

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kml.config.checks import EVAL_NUMBERS, check_values
-from kml.data.sampler import EpisodeSampler
+from kml.data.sampler import EpisodeSampler, random_block_labels
 from kml.data.store import ImageStore
 from kml.errors import KMLError, setting
 from kml.runtime import autocast
@@ -34,6 +34,8 @@ __all__ = [
     "episode_seed",
     "evaluate",
     "ModeResult",
+    "RELEASED_PROTOCOLS",
+    "released_protocol",
     "report_name",
     "run_report",
     "run_reports",
@@ -93,6 +95,7 @@ def evaluate(
     progress: bool = True,
     mode_indices: Sequence[int] | None = None,
     mode_names: Sequence[str] | None = None,
+    shuffle_block_labels: bool = False,
 ) -> list[ModeResult]:
     """Evaluate ``learner`` on ``episodes`` seeded tasks per store; the same arguments give the same numbers.
 
@@ -104,6 +107,8 @@ def evaluate(
     per-mode inner rates their rate) is ``mode_indices[i]`` for ``stores[i]``, by default its position;
     ``mode_names`` are the names those indices refer to (by default the stores' modes).
     ``tasks_per_batch`` only sets how many tasks run together: the episodes, hence the numbers, do not depend on it.
+    ``shuffle_block_labels``: the same images, with each task's class blocks labelled in a random order (the released
+    loaders' layout, which ``released_refinement`` pairs by position).
     """
     check_values(
         {"episodes": episodes, "tasks_per_batch": tasks_per_batch, "seed": seed, "inner_steps": inner_steps},
@@ -133,13 +138,18 @@ def evaluate(
             ]
             classes, rows = torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])
             turns = torch.cat([d[2] for d in draws]) if sampler.rotate else None
+            # drawn after the images, so that the episodes' images are the same either way
+            labels = random_block_labels(episodes, ways, sampler.generator) if shuffle_block_labels else None
             accuracies, losses = [], []
             bar = tqdm(total=episodes, desc=f"eval {store.mode}", leave=False, disable=not progress)
             for start in range(0, episodes, tasks_per_batch):
                 tasks = slice(start, min(start + tasks_per_batch, episodes))
                 count = tasks.stop - start
                 episode = sampler.episode_from_rows(
-                    classes[tasks], rows[tasks], None if turns is None else turns[tasks]
+                    classes[tasks],
+                    rows[tasks],
+                    None if turns is None else turns[tasks],
+                    None if labels is None else labels[tasks],
                 ).to_float()
                 with autocast(episode.device, bf16):
                     # a learner without an inner loop need not take inner_steps: it is passed only when asked for
@@ -175,6 +185,69 @@ def average(results: Sequence[ModeResult]) -> ModeResult:
         sum(r.loss for r in results) / n,
         sum(r.episodes for r in results),
     )
+
+
+# The released codes' test summaries, computed from the same fixed episodes (kml-eval --released-protocol).
+RELEASED_PROTOCOLS = ("mmaml", "kml")
+# The released KML code prints a summary every log_interval = 100 meta-batches (scripts/trainer.py line 239).
+KML_WINDOW_BATCHES = 100
+
+
+def released_ci95(values: torch.Tensor) -> float:
+    """``np.std(values) * 1.96 / sqrt(n)``: both released codes' interval, population std (ddof 0)."""
+    values = values.double()
+    return 1.96 * float(values.std(unbiased=False)) / math.sqrt(values.numel())
+
+
+def mixed_stream(results: Sequence[ModeResult], meta_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each mode's episodes interleaved as the released test loader mixes its meta-batches: slot ``g`` takes the next
+    episode of mode ``(g + meta_batch) % M`` (its start index advances by the meta-batch, mod M, every batch).
+
+    Returns the accuracies ``[M*E]`` (percent) and each one's mode index ``[M*E]`` (E: the fewest episodes of a mode).
+    """
+    modes, episodes = len(results), min(len(r.episode_accuracy) for r in results)
+    table = torch.tensor([r.episode_accuracy[:episodes] for r in results], dtype=torch.float64)  # [M, E]
+    mode = (torch.arange(modes * episodes) + meta_batch) % modes
+    turn = torch.arange(modes * episodes) // modes  # the g-th slot of a mode is its (g // M)-th episode
+    return table[mode, turn], mode
+
+
+def released_protocol(results: Sequence[ModeResult], protocol: str, meta_batch: int = 10) -> dict[str, Any]:
+    """The released codes' test summary of kml's fixed episodes (``results`` from :func:`evaluate`, one per mode).
+
+    ``"mmaml"`` (``maml/trainer.py`` lines 92-132): the mean over meta-batches of ``meta_batch`` mixed tasks of
+    each batch's mean accuracy, the interval from :func:`released_ci95` of those batch means.
+    ``"kml"`` (``scripts/trainer.py`` lines 239-267): windows of 100 meta-batches (1000 tasks at meta-batch 10),
+    each with every mode's mean and :func:`released_ci95` over its tasks in the window.
+    The released tests also pick their tasks with replacement; here every task is one of the fixed episodes.
+    """
+    if protocol not in RELEASED_PROTOCOLS:
+        raise KMLError(f"unknown released protocol {protocol!r}; choose one of {', '.join(RELEASED_PROTOCOLS)}")
+    accuracy, mode = mixed_stream(results, meta_batch)
+    if protocol == "mmaml":
+        batches = accuracy[: len(accuracy) // meta_batch * meta_batch].view(-1, meta_batch).mean(dim=1)
+        if not len(batches):
+            raise KMLError(f"the mmaml protocol needs at least one meta-batch of {meta_batch} tasks")
+        return {
+            "protocol": "mmaml",
+            "meta_batch": meta_batch,
+            "batches": len(batches),
+            "accuracy": float(batches.mean()),
+            "ci95": released_ci95(batches),
+        }
+    size = KML_WINDOW_BATCHES * meta_batch
+    windows = []
+    for start in range(0, len(accuracy) - size + 1, size):
+        part, part_mode = accuracy[start : start + size], mode[start : start + size]
+        per_mode = {
+            r.mode: {"accuracy": float(part[part_mode == m].mean()), "ci95": released_ci95(part[part_mode == m])}
+            for m, r in enumerate(results)
+            if bool((part_mode == m).any())
+        }
+        windows.append({"tasks": size, "accuracy": float(part.mean()), "ci95": released_ci95(part), "modes": per_mode})
+    if not windows:
+        raise KMLError(f"the kml protocol's window is {size} tasks; evaluate at least that many in all")
+    return {"protocol": "kml", "meta_batch": meta_batch, "windows": windows}
 
 
 def ways_refusal(learner: LearnerConfig) -> str | None:
@@ -262,9 +335,14 @@ def run_reports(
     device: str = "cpu",
     data: Any = None,
     progress: bool = True,
+    released: str | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`run_report` for each ``(ways, shots)`` of ``setups`` (``None``: the run's), the images loaded once;
-    each report is the one :func:`run_report` gives alone. Every setup is checked before any is evaluated."""
+    each report is the one :func:`run_report` gives alone. Every setup is checked before any is evaluated.
+    ``released``: add the released codes' summary of the same episodes (:func:`released_protocol`, at the run's
+    meta-batch) as ``released_protocol``."""
+    if released is not None and released not in RELEASED_PROTOCOLS:
+        raise KMLError(f"unknown released protocol {released!r}; choose one of {', '.join(RELEASED_PROTOCOLS)}")
     from kml.data.modes import ROTATED_BY_DEFAULT
     from kml.runtime import bf16_native
 
@@ -293,6 +371,7 @@ def run_reports(
             progress=progress,
             mode_indices=mode_indices,
             mode_names=mode_names,
+            shuffle_block_labels=config.learner.released_refinement,
         )
         reports.append(
             {
@@ -310,6 +389,8 @@ def run_reports(
                 "episode_accuracy": {r.mode: r.episode_accuracy for r in results},  # per episode, paired comparisons
             }
         )
+        if released is not None:
+            reports[-1]["released_protocol"] = released_protocol(results, released, config.meta_batch or 10)
     return reports
 
 
@@ -326,6 +407,8 @@ def report_name(report: dict[str, Any], checkpoint: str | os.PathLike, run_modes
         name += f"_inner{report['inner_steps']}"
     if report.get("precision") == "bf16":
         name += "_bf16"
+    if report.get("released_protocol"):
+        name += f"_released-{report['released_protocol']['protocol']}"
     modes = [r["mode"] for r in report["results"] if r["mode"] != "average"]
     if modes != list(run_modes):
         named = "+".join(re.sub(r"[^A-Za-z0-9.-]+", "_", mode.replace("folder:", "")) for mode in modes)

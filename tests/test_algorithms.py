@@ -55,8 +55,11 @@ def recipe_method(name: str, **extra) -> dict:
     return {**settings, **extra}
 
 
-# Every recipe, plus variants where its inner clamp binds and where modes differ in rates and step counts.
-METHODS.update({f"recipe-{name}": recipe_method(name) for name in RECIPES})
+# Every recipe (a learner once: "-as-released" MAML recipes differ only in their run's quirks), plus variants where its
+# inner clamp binds and where modes differ in rates and step counts.
+for _name in RECIPES:
+    if recipe_method(_name) not in METHODS.values():
+        METHODS[f"recipe-{_name}"] = recipe_method(_name)
 METHODS.update(
     {
         "recipe-mmaml-clamp-binds": recipe_method("mmaml", inner_grad_clamp=1e-3),
@@ -127,7 +130,10 @@ def test_batched_path_equals_reference_loop(method, batching, episode):
 
 
 @pytest.mark.parametrize("batching", ["packed", "vmap"])
-@pytest.mark.parametrize("method", ["kml-maml", "kml-protonet", "recipe-mmaml", "recipe-kml-protonet-released"])
+@pytest.mark.parametrize(
+    "method",
+    ["kml-maml", "kml-protonet", "recipe-mmaml", "recipe-kml-protonet-released", "recipe-kml-protonet-as-released"],
+)
 def test_batched_path_equals_reference_in_eval_under_no_grad(method, batching, episode):
     learner = tiny_learner(device=episode.device, **METHODS[method]).eval()
     learner.backend = batching

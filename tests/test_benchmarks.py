@@ -14,9 +14,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 CASES = {
     "sampler.py": ["tasks/s"],
-    "learner.py": ["ratio", "peak MiB"],
+    "learner.py": ["ratio", "peak MiB", "GFLOP/s", "% att."],
+    "layer_forms.py": ["packed (grouped conv, fused norm)", "shared conv only"],
     "generic_learner.py": ["packed / generic", "resnet12"],
-    "train_throughput.py": ["ratio kml / published-style", "episodes/s"],
+    "train_throughput.py": ["ratio kml / published-style", "episodes/s", "GFLOP/s"],
     "sweep.py": ["tasks/s", "peak"],
     "multimodal_synthetic.py": ["held-out accuracy", "mean transference Z"],
     "memory.py": ["peak MiB", "checkpointed", "both"],

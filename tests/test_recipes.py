@@ -96,6 +96,21 @@ def test_released_kml_network_is_the_published_one():
     assert count(model) == 1_141_243
 
 
+def test_protonet_is_the_released_vanilla_conv_model():
+    """KML-Classification scripts/models/conv_net.py ConvModel (--vanilla-model): stride-2 convs, affine BatchNorm,
+    flattened features, Xavier-uniform conv kernels with zero biases (its weight_init), BatchNorm at 1 and 0."""
+    torch.manual_seed(0)
+    model = published_learner("protonet")
+    assert model.encoder is None and model.generator is None
+    assert shapes(model.backbone) == {**CONVS, **AFFINE_NORMS} and model.backbone.feature_dim == 256 * 6 * 6
+    for i in range(1, 5):
+        conv, norm = getattr(model.backbone, f"conv{i}"), getattr(model.backbone, f"norm{i}")
+        fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * conv.weight[0, 0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier_uniform_'s bound
+        assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+        assert not conv.bias.any() and torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+
+
 def test_published_initialisation_is_pytorch_default_and_not_the_identity():
     torch.manual_seed(0)
     model = published_learner("kml-protonet-released")
@@ -124,7 +139,10 @@ def test_inner_clamp_is_element_wise():
 @pytest.mark.parametrize(
     ("name", "ways", "expected", "meta_batch", "steps"),
     [
+        # kml's timing (halved after 10000 updates); the released code halves one step early (released_lr_timing)
         ("kml-protonet-released", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
+        ("kml-protonet-as-released", 5, [1e-3, 5e-4, 5e-4, 1.25e-4], 10, 30000),
+        ("protonet-as-released", 5, [1e-3, 5e-4, 5e-4, 1.25e-4], 10, 30000),
         ("kml-maml", 5, [1e-3, 1e-3, 5e-4, 2.5e-4], 10, 30000),
         ("mmaml", 5, [1e-3] * 4, 10, 60000),
         ("maml", 5, [1e-3] * 4, 10, 60000),
@@ -282,8 +300,8 @@ def tiny_recipe_args(tmp_path: Path, name: str) -> list[str]:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_every_recipe_trains_and_evaluates(name, tmp_path):
     argv = tiny_recipe_args(tmp_path, name)
-    if (
-        name == "multi-maml"
+    if name.startswith(
+        "multi-maml"
     ):  # its per-mode meta-batch (4 per mode) and per-mode step counts are the recipe's: keep them
         for flag in ("--meta-batch", "--inner-steps", "--eval-inner-steps"):
             at = argv.index(flag)
@@ -298,7 +316,7 @@ def test_every_recipe_trains_and_evaluates(name, tmp_path):
         value = resolved[key]
         recorded = config["learner"][key] if key in LEARNER_FIELDS else config[key]
         assert recorded == value or key in config["recipe_overrides"], key
-    if name == "multi-maml":
+    if name.startswith("multi-maml"):
         assert config["learner"]["mode_inner_lr"] == [0.01] * 3 and config["learner"]["mode_inner_steps"] == [5] * 3
     assert (
         eval_cli.main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--episodes", "3", "--no-progress"]) == 0

@@ -35,7 +35,13 @@ def build_learner(config: LearnerConfig) -> MetaMethod:
     ]
     learner: MetaMethod
     if config.algorithm == "protonet":
-        learner = ProtoNet(models, refine=config.proto_refine, batch_norm=config.batch_norm)
+        learner = ProtoNet(
+            models,
+            refine=config.proto_refine,
+            batch_norm=config.batch_norm,
+            released_query_modulation=config.released_query_modulation,
+            released_refinement=config.released_refinement and config.proto_refine,
+        )
     else:
         learner = MAML(
             models,

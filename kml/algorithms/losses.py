@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kml.errors import KMLError
 from kml.models.encoder import one_hot
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "prototypes",
     "prototypical_loss",
     "refine_prototypes",
+    "refine_prototypes_as_released",
     "squared_distances",
 ]
 
@@ -80,6 +82,31 @@ def refine_prototypes(
     total = hard.transpose(-1, -2) @ support_features + soft.transpose(-1, -2) @ query_features
     count = hard.sum(dim=-2) + soft.sum(dim=-2)
     return total / count.unsqueeze(-1)
+
+
+def refine_prototypes_as_released(
+    prototypes: torch.Tensor, support_features: torch.Tensor, query_features: torch.Tensor
+) -> torch.Tensor:
+    """The released KML code's refinement step (``scripts/trainer.py`` lines 166-168 and 123-134), kept to
+    reproduce its numbers: ``p_j = (sum of the first K-1 images of support block j + sum_q w_qj f_q) / (K + sum_q w_qj)``.
+
+    The support ``[..., N*K, D]`` is read as N consecutive blocks of K images and block j is paired with prototype
+    row j whatever its labels (the released loader lays blocks out by first appearance of their label); each
+    block's last image is dropped but still counted in the ``K`` of the denominator, so 1-shot ignores the support.
+    ``prototypes [..., N, D]``, ``query_features [..., M, D]`` -> ``[..., N, D]``.
+    """
+    ways = prototypes.shape[-2]
+    if support_features.shape[-2] % ways:
+        raise KMLError(
+            f"the released refinement reads the support as {ways} blocks of K images; "
+            f"{support_features.shape[-2]} support images do not split so"
+        )
+    blocks = support_features.unflatten(-2, (ways, -1))  # [..., N, K, D]
+    shots = blocks.shape[-2]
+    kept = blocks[..., : shots - 1, :].sum(dim=-2)  # [..., N, D]: the released slice j*K:(j+1)*K-1
+    soft = torch.softmax(distance_logits(query_features, prototypes), dim=-1)  # [..., M, N]
+    total = kept + soft.transpose(-1, -2) @ query_features
+    return total / (shots + soft.sum(dim=-2)).unsqueeze(-1)
 
 
 def prototypical_loss(

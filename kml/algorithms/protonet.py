@@ -18,7 +18,14 @@ from torch import nn
 
 from kml.algorithms.backends import Execution
 from kml.algorithms.contract import LearnerOutput
-from kml.algorithms.losses import accuracy, cross_entropy, distance_logits, prototypes, refine_prototypes
+from kml.algorithms.losses import (
+    accuracy,
+    cross_entropy,
+    distance_logits,
+    prototypes,
+    refine_prototypes,
+    refine_prototypes_as_released,
+)
 from kml.algorithms.method import MetaMethod
 from kml.data.episode import Episode
 from kml.errors import KMLError, setting
@@ -35,6 +42,10 @@ class ProtoNet(MetaMethod):
         refine: one transductive soft k-means step on the prototypes (kml's default recipe and the released
             KML code refine; Snell et al. do not: ``False``).
         batch_norm, backend: as :class:`~kml.algorithms.maml.MAML`.
+        released_query_modulation: modulate the query pass from the query images' own encoding, as the released
+            KML code does (``scripts/trainer.py`` lines 176-186); kml modulates both passes from the support set.
+        released_refinement: the released code's refinement step (:func:`~kml.algorithms.losses.refine_prototypes_as_released`:
+            drops each support block's last image and pairs blocks with prototypes by position); needs ``refine``.
 
     The number of classes comes from each episode, so one model serves any N at test time.
     """
@@ -48,14 +59,32 @@ class ProtoNet(MetaMethod):
         *,
         batch_norm: str = "transductive",
         backend: str = "auto",
+        released_query_modulation: bool = False,
+        released_refinement: bool = False,
     ) -> None:
         super().__init__(model, batch_norm, backend)
-        if not isinstance(refine, bool):
-            raise KMLError(f"ProtoNet: {setting('refine')} must be true or false, got {refine!r}")
+        for name, flag in (
+            ("refine", refine),
+            ("released_query_modulation", released_query_modulation),
+            ("released_refinement", released_refinement),
+        ):
+            if not isinstance(flag, bool):
+                raise KMLError(f"ProtoNet: {setting(name)} must be true or false, got {flag!r}")
+        if released_refinement and not refine:
+            raise KMLError(
+                f"ProtoNet: {setting('released_refinement')} is a form of the refinement; turn {setting('refine')} on"
+            )
         self.refine = refine
+        self.released_query_modulation = released_query_modulation
+        self.released_refinement = released_refinement
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "refine": self.refine}
+        return {
+            **super().settings(),
+            "refine": self.refine,
+            "released_query_modulation": self.released_query_modulation,
+            "released_refinement": self.released_refinement,
+        }
 
     def inner_parameter_names(self) -> list[str]:
         """The feature extractor's parameters (ProtoNet adapts nothing per task; the transference analyzer's
@@ -66,10 +95,15 @@ class ProtoNet(MetaMethod):
         """Query logits ``[T, M, N]``: ``-squared distance`` to the (refined) prototypes, up to a per-query constant."""
         shared, per_task = execution.prepare(*self.task_parameters(episode), episode.num_tasks)
         modulation = execution.modulation(shared, per_task, episode.support_x, episode.support_y)
+        query_modulation = modulation
+        if self.released_query_modulation:  # the released code encodes the query images for their own pass
+            query_modulation = execution.modulation(shared, per_task, episode.query_x, episode.query_y)
         support = execution.network(shared, per_task, episode.support_x, modulation).flatten(2)  # [T, N*K, D]
-        query = execution.network(shared, per_task, episode.query_x, modulation).flatten(2)  # [T, M, D]
+        query = execution.network(shared, per_task, episode.query_x, query_modulation).flatten(2)  # [T, M, D]
         centres = prototypes(support, episode.support_y, episode.ways)
-        if self.refine:
+        if self.refine and self.released_refinement:
+            centres = refine_prototypes_as_released(centres, support, query)
+        elif self.refine:
             centres = refine_prototypes(centres, support, episode.support_y, query)
         return distance_logits(query, centres)
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from kml.algorithms.maml import MAML
     from kml.algorithms.protonet import ProtoNet
 
-__all__ = ["maml_loop", "protonet_loop"]
+__all__ = ["maml_loop", "protonet_loop", "released_refinement"]
 
 
 def _task_model(learner: MAML | ProtoNet, mode: int) -> tuple[int, Params]:
@@ -81,11 +81,31 @@ def protonet_loop(learner: ProtoNet, episode: Episode) -> LearnerOutput:
         support_x, support_y = episode.support_x[t], episode.support_y[t]
         with batch_norm_mode(model, learner.batch_norm):
             modulation = calls.modulation(params, support_x, support_y)
+            query_modulation = modulation
+            if learner.released_query_modulation:
+                query_modulation = calls.modulation(params, episode.query_x[t], episode.query_y[t])
             network = subset(params, calls.network_prefix)
             support = calls(network, support_x, modulation).flatten(1)
-            query = calls(network, episode.query_x[t], modulation).flatten(1)
-        loss, acc = prototypical_loss(support, support_y, query, episode.query_y[t], episode.ways, learner.refine)
+            query = calls(network, episode.query_x[t], query_modulation).flatten(1)
+        if learner.refine and learner.released_refinement:
+            centres = released_refinement(support, support_y, query, episode.ways)
+            logits = -((query.unsqueeze(1) - centres.unsqueeze(0)) ** 2).sum(-1)
+            loss, acc = cross_entropy(logits, episode.query_y[t]), accuracy(logits, episode.query_y[t])
+        else:
+            loss, acc = prototypical_loss(support, support_y, query, episode.query_y[t], episode.ways, learner.refine)
         losses.append(loss)
         accuracies.append(acc)
     task_loss = torch.stack(losses)
     return LearnerOutput(task_loss.mean(), task_loss, torch.stack(accuracies).detach())
+
+
+def released_refinement(support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, ways: int) -> torch.Tensor:
+    """One task's prototypes ``[N, D]`` as the released KML code refines them, written as its loops are
+    (``scripts/trainer.py`` ``_calculate_proto``, the ``features_sum`` slice, ``_update_proto``): support ``[N*K, D]``
+    by label, block j's first K-1 images by position, query ``[M, D]`` softly by squared distance."""
+    shots = support.shape[0] // ways
+    centres = torch.stack([support[support_y == c].mean(dim=0) for c in range(ways)])  # [N, D]
+    kept = [support[j * shots : (j + 1) * shots - 1].sum(dim=0) for j in range(ways)]
+    weights = torch.softmax(-((query.unsqueeze(1) - centres.unsqueeze(0)) ** 2).sum(-1), dim=1)  # [M, N]
+    rows = [(kept[j] + (weights[:, j : j + 1] * query).sum(dim=0)) / (shots + weights[:, j].sum()) for j in range(ways)]
+    return torch.stack(rows)

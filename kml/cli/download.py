@@ -55,8 +55,8 @@ def _add_source_arguments(parser: ArgumentParser, datasets: Sequence[str], mirro
         "--split",
         default=None,
         metavar="VARIANT",
-        help="class split variant, e.g. 'vinyals' (Omniglot 1200/100/323) or 'omniglot=vinyals'; "
-        "default: the published split of each dataset",
+        help="class split variant, e.g. 'vinyals' (Omniglot 1200/100/323), 'omniglot=released' (the released "
+        "MMAML/KML 1100/0/523, sorted) or 'omniglot=lake'; default: the published split of each dataset",
     )
     parser.add_argument(
         "--mirror",
@@ -100,6 +100,18 @@ def _add_conversion_arguments(parser: ArgumentParser) -> None:
         "--aircraft-banner",
         action="store_true",
         help="aircraft with --no-crop: keep the 20-pixel copyright banner too, as the released MMAML/KML converters",
+    )
+    parser.add_argument(
+        "--aircraft-misfile",
+        action="store_true",
+        help="aircraft: file the images as the released MMAML converter does (F/A-18 lands in no split: 70/15/14)",
+    )
+    parser.add_argument(
+        "--fc100-colours",
+        choices=("clean", "released"),
+        default="clean",
+        help="fc100: the archive's bytes at 32 px (default) or as the released loader sees them (ToPILImage of a "
+        "0..255 float: x*255 mod 256, then Lanczos to 84)",
     )
     parser.add_argument(
         "--omniglot-side",
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None, prog: str = "kml-download") -> int:
         crop=not args.no_crop,
         omniglot_side=args.omniglot_side,
         aircraft_banner=args.aircraft_banner,
+        fc100_colours=args.fc100_colours,
+        aircraft_misfile=args.aircraft_misfile,
         cleanup=args.cleanup,
         progress=not args.quiet,
         workers=args.workers,

@@ -61,6 +61,12 @@ def build_parser() -> ArgumentParser:
         help="JSON report path (default: beside the checkpoint, named by the evaluation's settings); with several "
         "--setups, each report is this name with _NwKs added",
     )
+    parser.add_argument(
+        "--released-protocol",
+        choices=("mmaml", "kml"),
+        help="also summarise the same episodes as a released code's test did: mmaml (mean of mixed meta-batch means, "
+        "interval from their ddof-0 std) or kml (per-mode means over windows of 100 meta-batches)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -131,6 +137,21 @@ def _print_reports(reports: list[dict]) -> None:
     print(_shown(pd.DataFrame(rows)).to_string(index=False, formatters=formatters))
 
 
+def _print_released(summary: dict | None) -> None:
+    """The released protocol's summary in one line per number, as the released code would print it."""
+    if summary is None:
+        return
+    if summary["protocol"] == "mmaml":
+        print(
+            f"released mmaml protocol: {summary['accuracy']:.2f} ± {summary['ci95']:.2f} over {summary['batches']} "
+            f"mixed meta-batches of {summary['meta_batch']}"
+        )
+        return
+    for number, window in enumerate(summary["windows"], start=1):
+        modes = " ".join(f"{m}: {v['accuracy']:.2f}±{v['ci95']:.2f}" for m, v in window["modes"].items())
+        print(f"released kml protocol, window {number} ({window['tasks']} tasks): {modes}")
+
+
 @exit_on_kml_error
 def main(argv: list[str] | None = None) -> int:
     configure_threads()  # before torch loads OpenMP: a short spin, threads from the CPU affinity
@@ -171,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         data=state.get("data"),
         progress=args.progress,
+        released=args.released_protocol,
     )
     reports = [{"checkpoint": str(checkpoint), "step": step, **report} for report in reports]
     paths = [_report_path(r, output, checkpoint, list(config.modes), len(reports) > 1) for r in reports]
     for report, path in zip(reports, paths):
         write_report(report, path)
     _print_reports(reports)
+    for report in reports:
+        _print_released(report.get("released_protocol"))
     for path in paths:
         print(f"written: {path} and {path.with_suffix('.csv')}")
     return 0

@@ -1,7 +1,8 @@
 """kml-train: meta-train a learner on one or several modes.
 
 kml-train --modes synthetic                               # the no-download demo (README: the demo)
-kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML with its released code's settings
+kml-train --recipe mmaml --modes omniglot miniimagenet FC100   # MMAML's released network and schedule (fixed)
+kml-train --recipe mmaml-as-released --modes omniglot miniimagenet FC100   # ... with its training quirks too
 kml-train --modes omniglot miniimagenet FC100 --shots 5   # published 3-mode setup (KML + MAML)
 kml-train --modes omniglot miniimagenet --algorithm protonet --modulation film
 kml-train --network my_pkg.nets:ResNet18 --network-args '{"num_classes": 0}' --algorithm protonet --modulation kml
@@ -28,6 +29,7 @@ __all__ = [
     "count_or_all",
     "LEARNER_FLAGS",
     "main",
+    "QUIRK_HELP",
     "RUN_FLAGS",
     "SWITCHES",
 ]
@@ -115,6 +117,14 @@ CHOICE_HELP = {
     "batch_norm": "BatchNorm statistics: each support and query set's own (MAML's convention) or the network's "
     "running statistics, never updated (inductive; needs a --network that keeps them)",
 }
+# The released codes' quirks (kml.config.run.RELEASED_QUIRKS), each a switch recorded in config.json.
+QUIRK_HELP = {
+    "released_query_modulation": "released KML quirk: modulate ProtoNet's query pass from the query images",
+    "released_refinement": "released KML quirk: the refinement drops each class's last support image, pairs by position",
+    "released_sampling": "released quirk: each mode draws meta-batch tasks, every slot picks one with replacement",
+    "released_lr_timing": "released KML quirk: each rate halving one step early (before 1-based step 10000)",
+    "released_checkpoint": "released quirk: the final checkpoint holds steps-1 updates (saved before the last); no best.pt",
+}
 SWITCHES = {
     "multi_maml": ("learner", "one set of meta-parameters per mode, told the mode (oracle baseline)"),
     "first_order": ("learner", "first-order MAML (no second derivatives)"),
@@ -129,6 +139,11 @@ SWITCHES = {
         "MAML: recompute each inner step in the backward pass instead of storing it (less memory, more compute)",
     ),
     "compile": ("run", "torch.compile the learner (ProtoNet or first-order MAML; minutes of compiling)"),
+    "allow_data_departure": (
+        "run",
+        "let a published --recipe train on caches made otherwise than its published data (e.g. Omniglot at 28 px); "
+        "config.json records each departure in data_departures",
+    ),
 }
 
 
@@ -213,6 +228,8 @@ def _add_presets_and_run_control(parser: ArgumentParser) -> None:
         action="store_false",
         help="ProtoNet without the transductive prototype refinement",
     )
+    for name, text in QUIRK_HELP.items():  # on in the "-as-released" recipes; --no-NAME turns one off
+        parser.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, help=text)
     parser.add_argument(
         "--config", metavar="FILE", help="JSON or YAML file of flag values; flags given here override it"
     )

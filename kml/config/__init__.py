@@ -4,7 +4,8 @@
 * :mod:`kml.config.run`: :class:`RunConfig`, a training run (``config.json`` in a run folder);
 * :mod:`kml.config.recipes`: each published method's complete settings (``kml-train --recipe NAME``);
 * :mod:`kml.config.checks`: every setting a user types, checked once (messages name fields in Python, flags
-  on a command line).
+  on a command line);
+* :mod:`kml.config.data_checks`: a published recipe's data, checked against the caches a new run opens.
 
 ``RunConfig`` and the recipes load on first use, so ``import kml.config`` stays light.
 """

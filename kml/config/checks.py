@@ -264,6 +264,11 @@ def check_learner_combinations(learner: Any) -> None:
                 f"{', '.join(maml_only)} only apply to MAML's inner loop, which {setting('algorithm', 'protonet')} "
                 f"does not have; drop {'it' if len(maml_only) == 1 else 'them'}"
             )
+    if getattr(learner, "released_query_modulation", False) and learner.encoder_uses_labels:
+        raise KMLError(
+            f"{setting('released_query_modulation')} encodes the query images, whose labels a task encoder may not "
+            f"read: drop {setting('encoder_uses_labels')} (the released KML encoder reads no labels)"
+        )
     if learner.modulation == "none" and learner.encoder_uses_labels:
         raise KMLError(
             f"{setting('encoder_uses_labels')} needs a task encoder; {setting('modulation', 'none')} has none: drop it "
@@ -285,6 +290,8 @@ _NEEDS = {
     "base_channels": "kml's own networks, not a named network",
     "head": "kml's own networks, not a named network",
     "batchnorm_affine": "kml's own networks, not a named network",
+    "released_query_modulation": "ProtoNet with a task encoder",
+    "released_refinement": "ProtoNet's refinement (proto_refine)",
 }
 
 
@@ -297,6 +304,8 @@ def inert_settings(learner: Any) -> list[str]:
         "KML modulation": learner.modulation != "none",  # not refused with FiLM: 0.1 config files set both
         "a task encoder": learner.modulation != "none",
         "kml's own networks, not a named network": getattr(learner, "network", None) is None,
+        "ProtoNet with a task encoder": learner.algorithm == "protonet" and learner.modulation != "none",
+        "ProtoNet's refinement (proto_refine)": learner.algorithm == "protonet" and learner.proto_refine,
     }
     return [name for name, need in _NEEDS.items() if not acts[need] and getattr(learner, name) != defaults[name]]
 
@@ -334,6 +343,11 @@ def check_run_combinations(config: Any, new_run: bool = True) -> None:
         raise KMLError(
             f"{setting('activation_checkpointing')} works on the packed path of the 4-block backbones; ResNet-12 runs "
             f"the vmap path: use {setting('task_chunk')} to bound memory instead"
+        )
+    if getattr(config, "released_lr_timing", False) and config.lr_schedule != "halve":
+        raise KMLError(
+            f"{setting('released_lr_timing')} moves the halvings of {setting('lr_schedule', 'halve')}; "
+            f"{setting('lr_schedule', config.lr_schedule)} has none: drop it"
         )
     weights = setting("weights")
     if config.weights is not None and config.policy == "alternate":

@@ -21,7 +21,7 @@ KML + ProtoNet (released) ``algorithm="protonet", modulation="kml", kml_form="ba
 The published networks differ from kml's defaults in more than the method switch (head,
 BatchNorm, encoder layer, initialisation, inner clamp): :mod:`kml.config.recipes` holds each published
 method's complete settings (``kml-train --recipe NAME``), and the guide's Fidelity section
-(docs/guide/methods.md) lists every difference.
+(docs/guide/methods.md) lists the known differences.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ BOOL_FIELDS = (
     "proto_refine",
     "identity_init",
     "batchnorm_affine",
+    "released_query_modulation",
+    "released_refinement",
 )
 
 # MAML's inner-loop settings at "off": what a saved ProtoNet config holds of them is read as this.
@@ -163,6 +165,11 @@ class LearnerConfig:
             it (:func:`kml.modulate`) with kml's task encoder. ``backbone``, ``base_channels``, ``head`` and
             ``batchnorm_affine`` then do not apply.
         network_args: keyword arguments of ``network`` (JSON values).
+        released_query_modulation: a quirk of the released KML code, kept to reproduce its numbers (ProtoNet with
+            a task encoder): the query pass is modulated from the query images' own encoding, not the support's.
+        released_refinement: a quirk of the released KML code (ProtoNet's refinement): each support block's last
+            image is dropped (1-shot ignores the support) and blocks pair with prototypes by position; kml-train's
+            sampler and kml-eval then label each task's class blocks in a random order, as the released loaders do.
     """
 
     algorithm: str = "maml"
@@ -198,6 +205,9 @@ class LearnerConfig:
     batch_norm: str = "transductive"
     network: str | None = None
     network_args: dict[str, Any] | None = None
+    # Quirks of the released KML code (kml.config.recipes' "-as-released" recipes); off: kml's fixes.
+    released_query_modulation: bool = False
+    released_refinement: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in FIELD_CHOICES.items():

@@ -1,4 +1,4 @@
-"""Named, versioned recipes: each published method as its authors ran it, and kml's own choices.
+"""Named, versioned recipes: each published method as intended and as released, and kml's own choices.
 
 A recipe is a frozen preset of ``kml-train`` flag values (the fields of
 :class:`~kml.config.run.RunConfig` and :class:`~kml.config.LearnerConfig`).
@@ -21,8 +21,17 @@ Facts the published recipes follow (DESIGN.md section 3, the released code):
 * Released KML (sutd-visual-computing-group/KML-Classification): ProtoNet on the backbone with affine
   BatchNorm and flattened features; encoder as MMAML's, then 12 ``Linear(128, d)`` giving ``(v, u, db)``
   per conv; ``W' = W * outer(v, u).view(W.shape)``, ``b' = b + db``; Adam 1e-3 halved every 10000 steps,
-  30000 steps of 10 tasks; transductive prototype refinement. kml keeps its three fixes: modulation from
-  the support set only, every support image in the refinement, sorted splits.
+  30000 steps of 10 tasks; transductive prototype refinement. Its ProtoNet (``--vanilla-model``) is
+  ``scripts/models/conv_net.py``'s ``ConvModel``: the same backbone (affine BatchNorm, flattened features,
+  Xavier-uniform kernels, zero biases) without modulation.
+
+The plain recipes keep kml's fixes; the ``-as-released`` recipes turn on every quirk of the released code, each a
+named switch (:data:`kml.config.run.RELEASED_QUIRKS`) recorded in ``config.json``, so a run per switch measures
+each fix: ``released_query_modulation`` (KML's query pass encoded from the query images),
+``released_refinement`` (the refinement drops each class's last support image and pairs blocks by position),
+``released_sampling`` (meta-batch tasks picked with replacement), ``released_lr_timing`` (KML's halving one step
+early) and ``released_checkpoint`` (the final checkpoint holds steps - 1 updates). kml's refinement fix applies to
+every ProtoNet recipe (``protonet``, ``multi-protonet``, ``mprotonet`` too).
 """
 
 from __future__ import annotations
@@ -97,6 +106,13 @@ _KML_RELEASED: dict[str, Any] = {
     **_KML_SCHEDULE,
 }
 
+# The released training loops' quirks (kml's fixes are the defaults): with-replacement meta-batch picks and the final
+# checkpoint saved before the last update (both released codes); the KML code also halves its rate one step early.
+_RELEASED_LOOP: dict[str, Any] = {"released_sampling": True, "released_checkpoint": True}
+_KML_RELEASED_LOOP: dict[str, Any] = {**_RELEASED_LOOP, "released_lr_timing": True}
+# The released KML ProtoNet's quirks: its refinement (drop-last, by position) and, with KML, the query-pass encoding.
+_KML_RELEASED_PROTONET: dict[str, Any] = {**_KML_RELEASED_LOOP, "released_refinement": True}
+
 # kml's own defaults, written out so that a later change of a default does not change the recipe.
 _KML_OWN: dict[str, Any] = {
     "backbone": "published",
@@ -153,7 +169,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "mmaml",
             1,
-            "MMAML (FiLM) as its released code: avg-pooled head, non-affine BatchNorm, clamp 20, 60000 constant-lr steps",
+            "MMAML (FiLM), its released network and schedule: avg-pooled head, non-affine BatchNorm, clamp 20, 60000 "
+            "constant-lr steps (kml's sampling and checkpoint; mmaml-as-released: the released ones)",
             {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "modulation": "film"},
             by_ways={20: _MMAML_20WAY},
             published="MMAML (Vuorio et al. 2019), shaohua0116/MMAML-Classification, --mmaml-model True",
@@ -184,16 +201,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "kml-protonet-released",
             1,
-            "the released KML code (ProtoNet + bare KML, its factor split) with kml's three fixes",
+            "the released KML code (ProtoNet + bare KML, its factor split) with kml's fixes (kml-protonet-as-released: "
+            "without them)",
             {**_KML_RELEASED, "modulation": "kml", "kml_form": "bare", "factor_split": "published"},
             published="KML (Abdollahzadeh et al. 2021), sutd-visual-computing-group/KML-Classification",
         ),
         Recipe(
             "protonet",
             1,
-            "the KML paper's ProtoNet row: the released KML setup without modulation",
+            "the KML paper's ProtoNet row: the released KML code's --vanilla-model (ConvModel), kml's refinement",
             {**_KML_RELEASED, "modulation": "none"},
-            published="KML paper, ProtoNet row (released code's --vanilla-model; its conv_net.py is not in the repository)",
+            # the recipe's values match scripts/models/conv_net.py's ConvModel (affine BatchNorm, flattened features,
+            # Xavier-uniform kernels, zero biases): this text once said that file was missing; the values never changed
+            published="KML paper, ProtoNet row: released KML code's --vanilla-model (scripts/models/conv_net.py ConvModel)",
         ),
         Recipe(
             "multi-protonet",
@@ -208,6 +228,62 @@ RECIPES: dict[str, Recipe] = {
             "the KML paper's MProtoNet row: ProtoNet with MMAML's FiLM encoder and generators",
             {**_KML_RELEASED, "modulation": "film", "batchnorm_affine": False},
             published="KML paper, MProtoNet (FiLM) row (no released code; MMAML's FiLM network assumed)",
+        ),
+        Recipe(
+            "mmaml-as-released",
+            1,
+            "mmaml with the released training loop's quirks: with-replacement task picks, final checkpoint before "
+            "the last update",
+            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "modulation": "film", **_RELEASED_LOOP},
+            by_ways={20: _MMAML_20WAY},
+            published="MMAML as its released code ran, quirks included (shaohua0116/MMAML-Classification)",
+        ),
+        Recipe(
+            "maml-as-released",
+            1,
+            "maml with the released training loop's quirks (with-replacement task picks, checkpoint before the last update)",
+            {**_MMAML_NETWORK, **_MMAML_SCHEDULE, "modulation": "none", **_RELEASED_LOOP},
+            by_ways={20: _MMAML_20WAY},
+            published="MMAML's MAML baseline as its released code ran, quirks included",
+        ),
+        Recipe(
+            "multi-maml-as-released",
+            1,
+            "multi-maml with the released quirks: each mode's 4 tasks picked with replacement among 4, as a separate "
+            "released run picks; checkpoint before the last update",
+            {
+                **{k: v for k, v in _MMAML_SCHEDULE.items() if k != "meta_batch"},
+                **_MMAML_NETWORK,
+                "modulation": "none",
+                "multi_maml": True,
+                "steps": 80000,
+                **_RELEASED_LOOP,
+            },
+            mode_inner={5: {"omniglot": (0.4, 1), "*": (0.01, 5)}, 20: {"omniglot": (0.1, 5), "*": (0.01, 5)}},
+            tasks_per_mode=4,
+            published="MMAML README's Multi-MAML commands as the released code ran them, quirks included",
+        ),
+        Recipe(
+            "kml-protonet-as-released",
+            1,
+            "the released KML code as its authors ran it: kml-protonet-released with every released quirk "
+            "(query-pass modulation, refinement, sampling, rate timing, checkpoint)",
+            {
+                **_KML_RELEASED,
+                "modulation": "kml",
+                "kml_form": "bare",
+                "factor_split": "published",
+                **_KML_RELEASED_PROTONET,
+                "released_query_modulation": True,
+            },
+            published="KML (Abdollahzadeh et al. 2021) as its released code ran, quirks included",
+        ),
+        Recipe(
+            "protonet-as-released",
+            1,
+            "protonet as the released KML code's --vanilla-model ran: its refinement, sampling, rate timing, checkpoint",
+            {**_KML_RELEASED, "modulation": "none", **_KML_RELEASED_PROTONET},
+            published="KML paper, ProtoNet row, as the released code's --vanilla-model ran (scripts/models/conv_net.py)",
         ),
         Recipe(
             "kml-maml",

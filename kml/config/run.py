@@ -21,6 +21,7 @@ __all__ = [
     "learning_rate_at",
     "LR_SCHEDULES",
     "PUBLISHED_STEPS",
+    "RELEASED_QUIRKS",
     "RunConfig",
     "SYNTHETIC_DEMO",
 ]
@@ -28,6 +29,10 @@ __all__ = [
 # Published KML defaults (its main.py): 5-way, 15 queries, meta-batch 10, 30000 outer steps,
 # Adam 1e-3 halved every 10000 steps, checkpoint every 1000 steps.
 PUBLISHED_STEPS = 30000
+# The released-code quirks a run can switch on (each a RunConfig or LearnerConfig field, recorded in config.json).
+RUN_QUIRKS = ("released_sampling", "released_lr_timing", "released_checkpoint")
+LEARNER_QUIRKS = ("released_query_modulation", "released_refinement")
+RELEASED_QUIRKS = (*LEARNER_QUIRKS, *RUN_QUIRKS)
 # Outer learning-rate schedules: KML's halving (every lr_halve_every steps) or MMAML's constant rate.
 LR_SCHEDULES = ("halve", "constant")
 # What RunConfig.resolved fills in when not given: the published run for datasets (validation cadence kml's),
@@ -81,6 +86,17 @@ class RunConfig:
     # The kml.config.recipes preset the run started from ("name@version") and the recipe values it changed.
     recipe: str | None = None
     recipe_overrides: list[str] | None = None
+    # A published recipe refuses caches made otherwise than its data (kml.config.data_checks) unless this is set;
+    # the departures it let through are recorded.
+    allow_data_departure: bool = False
+    data_departures: list[str] | None = None
+    # Quirks of the released MMAML/KML training loops (the "-as-released" recipes); off: kml's own choices.
+    # released_sampling: each mode draws meta_batch tasks and every slot picks one with replacement (duplicates);
+    # released_lr_timing: the halving is due one step early (before 1-based update i with i % lr_halve_every == 0);
+    # released_checkpoint: the final checkpoint holds steps - 1 updates (saved before the last), no best.pt.
+    released_sampling: bool = False
+    released_lr_timing: bool = False
+    released_checkpoint: bool = False
     learner: LearnerConfig = field(default_factory=LearnerConfig)
 
     def __post_init__(self) -> None:
@@ -95,7 +111,10 @@ class RunConfig:
                 f"unknown {setting('lr_schedule')} {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
             )
         check_fields(self)  # every numeric field: type, finiteness, range (kml.config.checks)
-        check_bools(self, ("rotate_omniglot", "bf16", "compile", "activation_checkpointing"))
+        check_bools(
+            self,
+            ("rotate_omniglot", "bf16", "compile", "activation_checkpointing", "allow_data_departure", *RUN_QUIRKS),
+        )
         check_device(self.device)
         if self.run_name is not None:
             check_run_name(self.run_name)
@@ -162,6 +181,10 @@ class RunConfig:
 
 
 def learning_rate_at(config: RunConfig, step: int) -> float:
-    """The outer learning rate used by outer step ``step`` (0-based) under ``config``'s schedule."""
+    """The outer learning rate used by outer step ``step`` (0-based) under ``config``'s schedule.
+
+    ``released_lr_timing``: the released KML code halves before 1-based update i when ``i % lr_halve_every == 0``,
+    so 0-based step ``s`` has ``lr * 0.5 ** ((s + 1) // lr_halve_every)`` (5e-4 at step 9999).
+    """
     gamma = 0.5 if config.lr_schedule == "halve" else 1.0
-    return config.lr * gamma ** (step // config.lr_halve_every)
+    return config.lr * gamma ** ((step + int(config.released_lr_timing)) // config.lr_halve_every)

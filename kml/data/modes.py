@@ -45,6 +45,7 @@ __all__ = [
     "expand_modes",
     "FOLDER_PREFIX",
     "FolderMode",
+    "has_split",
     "known_modes",
     "load_store",
     "load_stores",
@@ -259,12 +260,34 @@ def load_store(mode: str, split: str, root: str | os.PathLike = "data", progress
     if mode == "synthetic":
         raise KMLError("'synthetic' names several modes; expand it with expand_modes first")
     directory = cache_dir(root, mode, split)
+    if not has_split(mode, split, root):
+        raise KMLError(
+            f"the {mode} cache under {root} has no {split} classes (its split has none, e.g. --split "
+            f"omniglot=released); use another split, or convert it again: kml-download --datasets {mode} --root "
+            f"{root} --split ..."
+        )
     if not (directory / "manifest.json").is_file():
         raise KMLError(
             f"no cache for mode {mode!r} split {split!r} under {directory}; "
             f"run: kml-download --datasets {mode} --root {root}"
         )
     return ImageStore.load(directory, rebuild=f"rebuild it: kml-download --datasets {mode} --root {root} --force")
+
+
+def has_split(mode: str, split: str, root: str | os.PathLike = "data") -> bool:
+    """False only where a dataset's complete cache was converted without ``split`` (``kml-download --split
+    omniglot=released`` has no meta-val classes); otherwise :func:`load_store` finds the split or says how to
+    make it."""
+    try:
+        mode = canonical_mode(mode)
+    except KMLError:
+        return True
+    if mode not in DATASET_MODES or (cache_dir(root, mode, split) / "manifest.json").is_file():
+        return True
+    from kml.data.sources.cache import read_marker  # here: kml.data.sources imports this module
+
+    splits = (read_marker(cache_dir(root, mode, split).parent) or {}).get("splits")
+    return not isinstance(splits, dict) or split in splits
 
 
 def load_stores(

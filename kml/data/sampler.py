@@ -19,7 +19,7 @@ from kml.data.episode import Episode
 from kml.data.store import ImageStore
 from kml.errors import KMLError
 
-__all__ = ["assemble_episode", "EpisodeSampler", "MIXTURE_POLICIES", "MixtureSampler"]
+__all__ = ["assemble_episode", "EpisodeSampler", "MIXTURE_POLICIES", "MixtureSampler", "random_block_labels"]
 
 MIXTURE_POLICIES = ("mixed", "random", "per-batch", "alternate")
 
@@ -53,6 +53,7 @@ def assemble_episode(
     mode_names: tuple[str, ...],
     dtype: torch.dtype = torch.float32,
     store_rows: torch.Tensor | None = None,
+    block_labels: torch.Tensor | None = None,
 ) -> Episode:
     """Build an :class:`Episode` from drawn store rows with one gather each for support and query.
 
@@ -60,10 +61,15 @@ def assemble_episode(
     ``turns`` ``[T, N, 1]`` quarter turns or None; ``mode`` ``[T]``. ``store_rows`` (default ``rows``)
     are the same images as rows of each task's own mode store, recorded as the episode's
     ``support_index``/``query_index`` (a mixture gathers from all modes' images joined into one tensor).
+    ``block_labels`` ``[T, N]``: the label of each class block, a permutation per task (default: block n has label
+    n); ``classes`` stays indexed by label.
     """
     tasks, ways, per_class = rows.shape
     labels = torch.arange(ways, device=rows.device).view(1, ways, 1)
     store_rows = rows if store_rows is None else store_rows
+    if block_labels is not None:  # label block_labels[t, n] stands for the class of block n
+        labels = block_labels.view(tasks, ways, 1)
+        classes = torch.empty_like(classes).scatter_(1, block_labels, classes)
     return Episode(
         support_x=_gather(images, rows[:, :, :shots], turns, dtype),
         support_y=labels.expand(tasks, ways, shots).reshape(tasks, -1),
@@ -76,6 +82,11 @@ def assemble_episode(
         query_index=store_rows[:, :, shots:].reshape(tasks, -1),
         turns=None if turns is None else turns.reshape(tasks, ways),
     )
+
+
+def random_block_labels(tasks: int, ways: int, generator: torch.Generator) -> torch.Tensor:
+    """``[T, N]``: a uniformly random permutation of the labels ``0..N-1`` per task (the class blocks' labels)."""
+    return torch.rand(tasks, ways, generator=generator, device=generator.device).argsort(dim=1)
 
 
 class EpisodeSampler:
@@ -148,10 +159,27 @@ class EpisodeSampler:
         tasks = self.meta_batch if num_tasks is None else int(num_tasks)
         return self.episode_from_rows(*self.draw_rows(tasks, self.generator if generator is None else generator))
 
-    def episode_from_rows(self, classes: torch.Tensor, rows: torch.Tensor, turns: torch.Tensor | None) -> Episode:
-        """The :class:`Episode` of tasks drawn by :meth:`draw_rows` (``classes [T, N]``, ``rows [T, N, K+Q]``)."""
+    def episode_from_rows(
+        self,
+        classes: torch.Tensor,
+        rows: torch.Tensor,
+        turns: torch.Tensor | None,
+        block_labels: torch.Tensor | None = None,
+    ) -> Episode:
+        """The :class:`Episode` of tasks drawn by :meth:`draw_rows` (``classes [T, N]``, ``rows [T, N, K+Q]``;
+        ``block_labels [T, N]`` as :func:`assemble_episode` takes them)."""
         mode = torch.full((len(classes),), self.mode_index, dtype=torch.int64, device=self.device)
-        return assemble_episode(self.store.images, classes, rows, turns, mode, self.shots, self.mode_names, self.dtype)
+        return assemble_episode(
+            self.store.images,
+            classes,
+            rows,
+            turns,
+            mode,
+            self.shots,
+            self.mode_names,
+            self.dtype,
+            block_labels=block_labels,
+        )
 
     def draw_rows(
         self, tasks: int, generator: torch.Generator
@@ -243,6 +271,14 @@ class MixtureSampler:
     task's mode as an index into ``mode_names``. The mode plan uses a CPU
     generator and the image draws use the device generator, both seeded from
     ``seed`` and both saved by :meth:`state_dict`.
+
+    ``replacement_pool`` (the released MMAML and KML codes, ``maml/datasets/multimodal_few_shot.py``): each mode
+    draws this many tasks and every slot of the meta-batch picks one of its mode's with replacement, so a
+    meta-batch may hold the same task twice (expected distinct tasks of 10 with a pool of 10: 8.19 for 2 modes,
+    8.86 for 3, 9.5 for 5). ``None`` (kml): every task is drawn afresh.
+
+    ``shuffle_block_labels`` (the released loaders' layout, ``released_refinement``): the support and query are still
+    laid out in class blocks, but the blocks' labels are a random permutation per task, not ``0..N-1`` in order.
     """
 
     def __init__(
@@ -257,8 +293,14 @@ class MixtureSampler:
         rotate: Sequence[bool] | bool = False,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        replacement_pool: int | None = None,
+        shuffle_block_labels: bool = False,
     ) -> None:
         names = _check_mixture(stores, policy, weights)
+        if replacement_pool is not None and int(replacement_pool) < 1:
+            raise KMLError(f"replacement_pool must be at least 1 task per mode, got {replacement_pool}")
+        self.replacement_pool = None if replacement_pool is None else int(replacement_pool)
+        self.shuffle_block_labels = bool(shuffle_block_labels)
         rotate = [rotate] * len(stores) if isinstance(rotate, bool) else list(rotate)
         self.mode_names = names
         self.meta_batch = int(meta_batch)
@@ -307,21 +349,40 @@ class MixtureSampler:
             chosen = self.step % modes
         return [tasks if m == chosen else 0 for m in range(modes)]
 
+    def pool_picks(self, count: int) -> torch.Tensor:
+        """``[count]``: for each of a mode's slots, the first slot that picked the same one of ``replacement_pool``
+        tasks (``randint`` with replacement, as the released codes pick; advances the plan generator)."""
+        assert self.replacement_pool is not None
+        picks = torch.randint(self.replacement_pool, (count,), generator=self.plan_generator)
+        same = picks.unsqueeze(0) == picks.unsqueeze(1)  # [count, count]
+        return same.int().argmax(dim=1)  # argmax of a boolean row: its first True
+
     def sample(self) -> Episode:
         """Draw the next meta-batch of ``meta_batch`` tasks."""
         counts = self.mode_counts()
         self.step += 1
         classes, rows, store_rows, turns, modes = [], [], [], [], []
+        sources: list[torch.Tensor] = []  # per mode, which of its drawn tasks each slot holds
         for index, (sampler, count) in enumerate(zip(self.samplers, counts)):
             if not count:
                 continue
             mode_classes, mode_rows, mode_turns = sampler.draw_rows(count, self.generator)
+            source = torch.arange(count, device=mode_rows.device)
+            if self.replacement_pool is not None:  # slots that pick the same pool task share it
+                source = self.pool_picks(count).to(mode_rows.device)
+                mode_classes, mode_rows = mode_classes[source], mode_rows[source]
+                mode_turns = None if mode_turns is None else mode_turns[source]
+            sources.append(source)
             classes.append(mode_classes)
             store_rows.append(mode_rows)
             rows.append(mode_rows + self.row_base[index])
             if self.rotate_any:
                 turns.append(mode_turns if mode_turns is not None else torch.zeros_like(mode_rows[:, :, :1]))
             modes.append(torch.full((count,), index, dtype=torch.int64, device=mode_rows.device))
+        block_labels = None
+        if self.shuffle_block_labels:  # drawn after every mode's images: the same images as without
+            ways = self.samplers[0].ways
+            block_labels = torch.cat([random_block_labels(len(s), ways, self.generator)[s] for s in sources])
         return assemble_episode(
             self.images,
             torch.cat(classes),
@@ -332,6 +393,7 @@ class MixtureSampler:
             self.mode_names,
             self.dtype,
             torch.cat(store_rows),
+            block_labels,
         )
 
     def __iter__(self) -> Iterator[Episode]:

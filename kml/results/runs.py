@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kml.config.learner import upgrade_field_names
 from kml.errors import KMLError
+from kml.files import write_json
+
+if TYPE_CHECKING:
+    from kml.training.distributed import DistInfo
+    from kml.training.trainer import Trainer
 
 __all__ = [
     "episode_rows",
@@ -164,9 +169,23 @@ def inert_common(method: Method, common: Mapping[str, Any], modes: list[str], wa
     return set(inert_settings(learner)) & set(common) - set(method.overrides)
 
 
-def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], progress: bool) -> tuple[str, int]:
+def train(
+    run: Run,
+    modes: list[str],
+    steps: int,
+    common: Mapping[str, Any],
+    progress: bool,
+    *,
+    device: str | None = None,
+    dist_info: DistInfo | None = None,
+    started: Callable[[Trainer], None] | None = None,
+) -> tuple[str, int]:
     """Make sure ``run`` is trained to ``steps``; returns what was done (trained, resumed, reused) and the step
-    of its last checkpoint now."""
+    of its last checkpoint now.
+
+    ``device`` (a job's own GPU) is not one of the run's settings: a resume may move it. ``dist_info``: the ranks of
+    a DDP run (every rank calls this). ``started`` is given the trainer before it trains (a job's preemption hook).
+    """
     left_out = inert_common(run.method, common, modes, run.setup.ways)
     values = {
         **{k: v for k, v in common.items() if k not in left_out},
@@ -188,13 +207,20 @@ def train(run: Run, modes: list[str], steps: int, common: Mapping[str, Any], pro
     if step == steps:
         return "reused", step
     location = {"train_dir": str(run.folder.parent), "run_name": run.folder.name}
+    location |= {"device": device} if device else {}
     if step is not None:
-        _train(run, {"steps": steps, **location}, progress, resume=True)
+        _train(run, {"steps": steps, **location}, progress, resume=True, dist_info=dist_info, started=started)
         return "resumed", steps
-    run.folder.parent.mkdir(parents=True, exist_ok=True)
-    request.write_text(json.dumps({**values, "steps": steps}, indent=2))
     overwrite = run.folder.exists()  # killed before its first checkpoint
-    _train(run, {"recipe": run.method.recipe, **location}, progress, overwrite=overwrite, request=request)
+    if dist_info is None or dist_info.is_main:
+        run.folder.parent.mkdir(parents=True, exist_ok=True)
+        write_json(request, {**values, "steps": steps})
+    if dist_info is not None:
+        from kml.training.distributed import barrier
+
+        barrier(dist_info)  # the other ranks read the request file the main one wrote
+    new = {"recipe": run.method.recipe, **location}
+    _train(run, new, progress, overwrite=overwrite, request=request, dist_info=dist_info, started=started)
     return "trained", steps
 
 
@@ -232,6 +258,8 @@ def _train(
     resume: bool = False,
     overwrite: bool = False,
     request: Path | None = None,
+    dist_info: DistInfo | None = None,
+    started: Callable[[Trainer], None] | None = None,
 ) -> None:
     """Train ``run`` as kml-train does with ``values`` and those of ``request`` (a new run), or ``resume`` it; a stop
     is :class:`TrainingStopped`."""
@@ -243,8 +271,14 @@ def _train(
         if request is not None:  # read as kml-train reads a config file
             values = {**check_values(json.loads(request.read_text()), where=f"config file {request}"), **values}
         trainer = launch.start(
-            launch.checked_values(values, resume), resume=resume, overwrite=overwrite, progress=progress
+            launch.checked_values(values, resume),
+            resume=resume,
+            overwrite=overwrite,
+            dist_info=dist_info,
+            progress=progress,
         )
+        if started is not None:
+            started(trainer)
         trainer.fit()
         status = 130 if trainer.interrupted else 0  # kml-train's exit status
     except KMLError as error:
@@ -259,9 +293,11 @@ def _train(
         raise TrainingStopped(message, cause)
 
 
-def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool) -> dict[str, Any]:
+def evaluate(
+    run: Run, step: int, episodes: int, eval_seed: int, progress: bool, device: str | None = None
+) -> dict[str, Any]:
     """The run's ``kml-eval`` report on meta-test episodes, reused when episodes, seed and ``step`` (that of
-    its last checkpoint, as :func:`train` returns it) match."""
+    its last checkpoint, as :func:`train` returns it) match; on ``device`` (default: a GPU when there is one)."""
     if run.evaluation.is_file():
         report, problem = _read_json(run.evaluation)
         problem = problem or _report_problem(report)
@@ -273,7 +309,7 @@ def evaluate(run: Run, step: int, episodes: int, eval_seed: int, progress: bool)
     from kml.training.checkpoint import checkpoint_step, load_learner
     from kml.training.distributed import DistInfo, resolve_device
 
-    device = resolve_device("auto", DistInfo())
+    device = resolve_device(device or "auto", DistInfo())
     learner, config, state = load_learner(run.checkpoint, device)
     found = checkpoint_step(state, run.checkpoint)
     report = run_report(

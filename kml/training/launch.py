@@ -19,9 +19,10 @@ import torch
 
 from kml.algorithms import build_learner
 from kml.config.checks import check_device, check_run_combinations, check_run_name, check_values
+from kml.config.data_checks import check_recipe_data
 from kml.config.learner import LearnerConfig
 from kml.config.run import RunConfig
-from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, load_stores, mode_label
+from kml.data.modes import ROTATED_BY_DEFAULT, expand_modes, has_split, load_stores, mode_label
 from kml.data.sampler import MixtureSampler
 from kml.errors import KMLError, setting
 from kml.files import resume_words
@@ -178,7 +179,17 @@ def _sampler(config: RunConfig, stores: list) -> MixtureSampler:
         rotate,
         config.seed,
         dtype=torch.uint8,
+        replacement_pool=_replacement_pool(config),
+        shuffle_block_labels=config.learner.released_refinement,  # the released layout its pairing acts on
     )
+
+
+def _replacement_pool(config: RunConfig) -> int | None:
+    """``released_sampling``: the released codes pick with replacement among ``meta_batch`` tasks per mode; a
+    Multi-MAML run stands for one released run per mode, each of meta-batch ``meta_batch / modes``."""
+    if not config.released_sampling:
+        return None
+    return max(1, config.meta_batch // len(config.modes)) if config.learner.multi_maml else config.meta_batch
 
 
 def _learner(config: RunConfig, device: str) -> torch.nn.Module:
@@ -211,6 +222,8 @@ def build_trainer(
     """
     config = config.resolved()
     check_run_combinations(config, new_run)
+    if new_run:  # a published recipe refuses other data, or records the departures it was allowed
+        config = dataclasses.replace(config, data_departures=check_recipe_data(config))
     info = dist_info or DistInfo()
     device = _device(config, info)
     torch.manual_seed(config.seed)  # the learner's initialisation
@@ -220,7 +233,10 @@ def build_trainer(
             config.modes, "train", config.data_root, config.image_size, 3, device, progress=progress
         )
         side = train_stores[0].image_shape[1]
-        val_stores = load_stores(config.modes, "val", config.data_root, side, 3, device, progress=progress)
+        val_modes = [m for m in config.modes if has_split(m, "val", config.data_root)]  # omniglot=released: no val
+        val_stores = (
+            load_stores(val_modes, "val", config.data_root, side, 3, device, progress=progress) if val_modes else []
+        )
     learner_config = dataclasses.replace(config.learner, image_size=side, in_channels=3)
     config = dataclasses.replace(config, image_size=side, learner=learner_config)
     sampler = _sampler(config, train_stores)

@@ -54,14 +54,19 @@ LOOP_SETTINGS = (
     "meta_batch",
     "transference_every",
     "transference_batches",
+    "released_checkpoint",
 )
 # The other RunConfig fields of kml-train: a trainer's parts decide them (what a TypeError says of them).
 PART_SETTINGS = {
-    **dict.fromkeys(("lr", "lr_halve_every", "lr_schedule"), "the optimizer's and scheduler's"),
-    **dict.fromkeys(("modes", "policy", "weights", "rotate_omniglot", "image_size", "data_root"), "the sampler's"),
+    **dict.fromkeys(("lr", "lr_halve_every", "lr_schedule", "released_lr_timing"), "the optimizer's and scheduler's"),
+    **dict.fromkeys(
+        ("modes", "policy", "weights", "rotate_omniglot", "image_size", "data_root", "released_sampling"),
+        "the sampler's",
+    ),
     **dict.fromkeys(("train_dir", "run_name"), "run_dir's"),
     "device": "the device argument's",
     "learner": "the learner's",
+    **dict.fromkeys(("allow_data_departure", "data_departures"), "kml-train's recipe data check's"),
 }
 
 

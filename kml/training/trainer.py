@@ -354,6 +354,11 @@ class Trainer:
     def _handle_signal(self, signum: int, frame: Any) -> None:  # noqa: ARG002
         self._stop_signal = signum
 
+    def request_stop(self, signum: int) -> None:
+        """Stop after the current step with ``last.pt`` saved, as SIGINT and SIGTERM do: for a signal the trainer
+        does not catch itself (a scheduler's preemption signal, caught by the job that runs :meth:`fit`)."""
+        self._handle_signal(signum, None)
+
     def _should_stop(self) -> bool:
         # Under torchrun all ranks must leave after the same step, or the others wait forever in the next all-reduce.
         return self._stop_agreed if self.dist.enabled else self._stop_signal is not None
@@ -407,7 +412,11 @@ class Trainer:
         episode = None
         try:
             episode = self.sampler.sample()
-            self.train_step(episode)
+            if self.config.released_checkpoint and self.step == self.config.steps - 1:
+                # the released codes save before each update, so their final checkpoint lacks the last one
+                self.logger.info("released_checkpoint: step %d's update is not applied", self.step + 1)
+            else:
+                self.train_step(episode)
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not recovery.is_out_of_memory(error):
                 raise
@@ -427,7 +436,7 @@ class Trainer:
         if self.val_stores and (self.step % config.val_every == 0 or self.step == config.steps):
             if self.dist.is_main:
                 accuracy = self.validate()
-                best = accuracy > self.best_val
+                best = accuracy > self.best_val and not config.released_checkpoint  # released: no best model
                 if best:
                     self.best_val = accuracy
                     self.save("best.pt")

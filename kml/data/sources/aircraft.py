@@ -19,6 +19,21 @@ photo is kept except the 20-pixel copyright banner at the bottom, which the
 dataset's README asks users to remove; ``keep_banner`` (``--no-crop
 --aircraft-banner``) keeps it too, as the released MMAML/KML converters resize
 the whole photo. Then squashed to 84 x 84 RGB.
+
+``misfile=True`` (``kml-download --aircraft-misfile``) files the images as
+the released MMAML converter does (``get_dataset_script/proc_aircraft.py``
+of MMAML-Classification, which KML's README also uses): it names each
+image's folder after its variant with ``/`` made ``-`` (line 52) and then
+looks that name up among the split's variant names, which keep their ``/``
+(line 53); no split matches, ``argmax`` of all-False is 0, so the image is
+moved to ``train/<name>`` (lines 55-57). A variant with a slash in its name
+(``F-16A/B``, ``F/A-18``) survives only where its own split is train (its
+folder exists there). With the published shuffle F-16A/B is in train and
+F/A-18 in test: each F/A-18 image is renamed onto one *file*
+``train/F-A-18``, overwriting the one before, which the loader's
+``glob(class + '/*')`` reads as a class without images, while the test
+folder ``test/F-A-18`` stays empty. So F/A-18 is in no split: 70 / 15 / 14
+classes. kml's default files every variant where its split puts it.
 No published checksum of the archive is known to kml: the computed md5 is
 recorded in the manifest. Reuses learn2learn's ``<root>/fgvc_aircraft/`` and
 torchvision's ``<root>/fgvc-aircraft-2013b/`` when present.
@@ -28,6 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,6 +60,7 @@ __all__ = [
     "FRACTIONS",
     "LICENCE",
     "NAME",
+    "released_filing",
     "RESOURCES",
     "SEED",
     "SIDE",
@@ -91,18 +108,30 @@ def build(ctx: Context) -> ConversionPlan:
     boxes = _boxes(data) if crop else {}
     fractions, seed = VARIANTS[ctx.variant]
     cuts = split_by_fractions(variants, fractions, seed)
+    info: dict[str, Any] = {
+        "split_rule": SPLIT_RULES[ctx.variant],
+        "crop": _crop_note(crop, banner),
+        "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
+        f"Lanczos resize (squash) to {SIDE}x{SIDE}",
+    }
+    if ctx.options.get("misfile", False):
+        cuts, lost = released_filing(cuts)
+        info["misfiled"] = lost  # only on this option's caches: a default cache's record is as before
+        info["split_rule"] += f"; as the released converter's filing: {', '.join(lost) or 'no variant'} in no split"
     splits = {split: [ClassPlan(name, sorted(images[name])) for name in names] for split, names in cuts.items()}
     return ConversionPlan(
         splits,
         decode=_decoder(data, crop, banner, boxes),
         describe=lambda image: f"{DATA}/images/{image}.jpg",
-        info={
-            "split_rule": SPLIT_RULES[ctx.variant],
-            "crop": _crop_note(crop, banner),
-            "preprocessing": f"RGB, {'cropped to the bounding box, ' if crop else ''}"
-            f"Lanczos resize (squash) to {SIDE}x{SIDE}",
-        },
+        info=info,
     )
+
+
+def released_filing(cuts: dict[str, list[str]]) -> tuple[dict[str, list[str]], list[str]]:
+    """The split as the released converter files it, and the variants it loses: a variant whose name holds a
+    ``/`` is moved to train, where it has a folder only if train is its split (see the module's docstring)."""
+    lost = [name for split, names in cuts.items() if split != "train" for name in names if "/" in name]
+    return {split: [name for name in names if name not in lost] for split, names in cuts.items()}, lost
 
 
 def _obtain(ctx: Context, crop: bool) -> Path:

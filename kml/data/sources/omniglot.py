@@ -14,6 +14,13 @@ their path ``images_background/...`` then ``images_evaluation/...``):
   code has no meta-val; kml carves it from the end of the published
   meta-train: train = folders 1-1000, val = 1001-1100, test = 1101-1623 (the
   published meta-test size and rule).
+- ``released``: the released MMAML/KML split itself, 1100 / 0 / 523: the
+  first 1100 folders for meta-train, no meta-val (a run validates on its
+  other modes only), the last 523 for meta-test. The released code takes the
+  first 1100 of an unsorted ``glob`` (``maml/datasets/omniglot.py`` lines 38-42
+  of MMAML-Classification, ``scripts/datasets/omniglot.py`` of
+  KML-Classification), whose order is the file system's: no one can
+  reproduce that order, so kml cuts the same counts from the sorted folders.
 - ``vinyals``: the common 1200 / 100 / 323 split (Vinyals et al. 2016) on the
   same sorted order.
 - ``lake``: by alphabet, as Omniglot's authors split it: the background
@@ -83,7 +90,7 @@ RESOURCES = (
 TOP_FOLDERS = ("images_background", "images_evaluation")
 NUM_CHARACTERS = 1623
 # variant -> (train, val, test) character counts on the sorted folder list
-VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323), "lake": None}
+VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323), "lake": None, "released": (1100, 0, 523)}
 LAKE_VAL_FRACTION = 0.1
 SPLIT_RULES = {
     "lake": "by alphabet: train = images_background alphabets sorted by name except the last 10% (at least one), "
@@ -92,6 +99,8 @@ SPLIT_RULES = {
     "(the published meta-train is the first 1100), test = last 523 (the published meta-test)",
     "vinyals": "1623 character folders of both archives sorted by path; "
     "train = first 1200, val = next 100, test = last 323",
+    "released": "1623 character folders of both archives sorted by path (the released code's glob is unsorted); "
+    "train = first 1100, no val, test = last 523 (the released MMAML/KML split)",
 }
 
 

@@ -130,10 +130,14 @@ class _Conversion:
     workers: int | None
     force: bool
     keep_going: bool
+    fc100_colours: str = "clean"
+    aircraft_misfile: bool = False
 
     def __post_init__(self) -> None:
         if self.on_corrupt not in ON_CORRUPT:
             raise KMLError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        if self.fc100_colours not in fc100.COLOURS:
+            raise KMLError(f"--fc100-colours must be one of {', '.join(fc100.COLOURS)}, got {self.fc100_colours!r}")
         side = self.omniglot_side
         if isinstance(side, bool) or not isinstance(side, int) or side < 16:
             raise KMLError(f"--omniglot-side must be an integer of at least 16, got {side!r}")
@@ -145,6 +149,9 @@ class _Conversion:
             **({"crop": bool(self.crop)} if name == "aircraft" else {}),
             **({"keep_banner": True} if name == "aircraft" and self.aircraft_banner and not self.crop else {}),
             **({"omniglot_side": int(self.omniglot_side)} if name == "omniglot" and self.omniglot_side != 28 else {}),
+            # the released codes' data quirks, recorded only when asked: a default cache's options are as before
+            **({"colours": self.fc100_colours} if name == "fc100" and self.fc100_colours != "clean" else {}),
+            **({"misfile": True} if name == "aircraft" and self.aircraft_misfile else {}),
         }
 
     def source_options(self) -> dict[str, Any]:
@@ -153,6 +160,8 @@ class _Conversion:
             "crop": bool(self.crop),
             "omniglot_side": int(self.omniglot_side),
             "keep_banner": bool(self.aircraft_banner) and not self.crop,
+            "fc100_colours": self.fc100_colours,
+            "misfile": bool(self.aircraft_misfile),
         }
 
 
@@ -276,6 +285,8 @@ def prepare(
     backoff: float = 1.0,
     timeout: float = 60.0,
     keep_going: bool = False,
+    fc100_colours: str = "clean",
+    aircraft_misfile: bool = False,
 ) -> list[SummaryRow]:
     """Download (or find), verify, extract and convert ``datasets`` into ``<root>/cache/``.
 
@@ -285,7 +296,8 @@ def prepare(
         force: convert again even when a complete cache with the same options exists
             (archives are re-verified and re-extracted; downloads are kept).
         split_variant: ``"vinyals"`` (applies to every listed dataset that offers it) or
-            ``"omniglot=vinyals,..."``; default: each dataset's published split.
+            ``"omniglot=vinyals,..."`` (Omniglot also ``lake`` and ``released``, the released code's 1100 / 0 / 523);
+            default: each dataset's published split.
         mirrors: base URLs that replace the built-in download locations, tried in order
             (``<base>/<archive name>``); default from ``KML_MIRROR``.
         checksums: ``{archive name: "md5:..."}`` overriding the built-in checksums
@@ -294,6 +306,10 @@ def prepare(
         crop: crop aircraft photos to their bounding box.
         omniglot_side: stored Omniglot side (28; 84 as the published mixtures: Lanczos from 105).
         aircraft_banner: with ``crop=False``, keep the photos' copyright banner (the released converters do).
+        fc100_colours: ``"clean"`` (the archive's bytes) or ``"released"`` (as the released loader's ``ToPILImage``
+            wraps them, then Lanczos to 84; :mod:`kml.data.sources.fc100`).
+        aircraft_misfile: file the aircraft images as the released converter does (F/A-18 in no split;
+            :mod:`kml.data.sources.aircraft`).
         cleanup: delete ``raw/<name>/extracted/`` (what kml extracted) after converting; archives
             and folders placed by hand are kept.
         progress: tqdm bars.
@@ -307,7 +323,18 @@ def prepare(
     Returns:
         One :class:`SummaryRow` per dataset (status ``converted`` or ``cached``).
     """
-    conversion = _Conversion(on_corrupt, crop, omniglot_side, aircraft_banner, cleanup, workers, force, keep_going)
+    conversion = _Conversion(
+        on_corrupt,
+        crop,
+        omniglot_side,
+        aircraft_banner,
+        cleanup,
+        workers,
+        force,
+        keep_going,
+        fc100_colours,
+        aircraft_misfile,
+    )
     names = resolve_datasets(datasets)
     variants = resolve_variants(names, split_variant)
     mirrors = list(mirrors) if mirrors is not None else mirrors_from_env()
