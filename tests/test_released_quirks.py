@@ -11,12 +11,14 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from kml.algorithms import build_learner
 from kml.algorithms.losses import refine_prototypes, refine_prototypes_as_released
 from kml.algorithms.reference import released_refinement
+from kml.cli import results as results_cli
 from kml.cli import train as train_cli
 from kml.config import LearnerConfig
 from kml.config.checks import check_run_combinations
@@ -323,3 +325,39 @@ def test_as_released_recipes_are_their_fixed_recipe_plus_the_quirks(name, on):
     # one kml-results row per fix: the recipe with one switch off, recorded as an override
     values = recipe_values(name, {"modes": ["synthetic"], sorted(on)[0]: False})
     assert values["recipe_overrides"] == [sorted(on)[0]]
+
+
+def test_kml_results_rows_as_released_as_intended_and_one_fix(tmp_path, capsys):
+    """kml-results makes one row per switch: the released code as released, as intended (kml's fixes), and as
+    released with one fix; each run's config.json records its switches."""
+    tiny = [
+        "image_size=16",
+        "base_channels=4",
+        "encoder_channels=4",
+        "meta_batch=3",
+        "queries=2",
+        "val_every=2",
+        "val_episodes=2",
+        "checkpoint_every=2",
+        "allow_data_departure=true",
+    ]
+    methods = [
+        "as-released=kml-protonet-as-released",
+        "as-intended=kml-protonet-released",
+        "fix-query=kml-protonet-as-released,released_query_modulation=false",
+    ]
+    out = tmp_path / "out"
+    argv = ["--methods", *methods, "--seeds", "0", "--steps", "2", "--episodes", "3", "--out", str(out)]
+    argv += ["--data-root", str(tmp_path / "data"), "--no-progress", "--set", *tiny]
+    assert results_cli.main(argv) == 0
+    assert capsys.readouterr().out.count("trained, step 2") == 3
+    summary = pd.read_csv(out / "results.csv")
+    assert set(summary["method"]) == {"as-released", "as-intended", "fix-query"}
+
+    def switches(label: str) -> dict[str, bool]:
+        config = json.loads((out / "runs" / "5w1s" / label / "seed0" / "config.json").read_text())
+        return {name: config.get(name, config.get("learner", {}).get(name)) for name in RELEASED_QUIRKS}
+
+    assert all(switches("as-released").values())
+    assert not any(switches("as-intended").values())
+    assert switches("fix-query") == {**switches("as-released"), "released_query_modulation": False}
