@@ -116,13 +116,19 @@ class _ConvRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.found = found
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is aten.convolution.default:
             x, w, _bias, stride, padding, dilation, transposed, _output_padding, groups = args
             if not transposed:
                 shape = ConvShape(
-                    *(tuple(t.shape) for t in (x, w, out)), *map(tuple, (stride, padding, dilation)), groups
+                    input_shape=tuple(x.shape),
+                    weight_shape=tuple(w.shape),
+                    output_shape=tuple(out.shape),
+                    stride=tuple(stride),
+                    padding=tuple(padding),
+                    dilation=tuple(dilation),
+                    groups=int(groups),
                 )
                 self.found[shape] += 1
         return out
