@@ -218,6 +218,21 @@ def test_released_sampling_repeats_whole_tasks_and_keeps_the_mode_counts(synthet
     )
 
 
+def test_a_restarted_sampler_draws_the_first_batches_again_with_the_quirks(synthetic_stores):
+    """What the transference recorder samples from: the training sampler from its start, quirks included."""
+    sampler = MixtureSampler(
+        synthetic_stores["train"], 3, 1, 2, meta_batch=10, seed=0, replacement_pool=10, shuffle_block_labels=True
+    )
+    first = [sampler.sample() for _ in range(2)]
+    again = sampler.restarted()
+    for episode in first:
+        repeat = again.sample()
+        assert torch.equal(episode.support_index, repeat.support_index)
+        assert torch.equal(episode.support_y, repeat.support_y) and torch.equal(episode.classes, repeat.classes)
+    assert again.replacement_pool == 10 and again.shuffle_block_labels
+    assert sampler.step == 2  # the original is not advanced
+
+
 # ----------------------------------------------------------------------------- the rate-halving timing
 def test_released_rate_timing_halves_one_step_early():
     kml = RunConfig(lr=1e-3, lr_halve_every=10000)

@@ -297,6 +297,21 @@ class MixtureSampler:
         shuffle_block_labels: bool = False,
     ) -> None:
         names = _check_mixture(stores, policy, weights)
+        # what restarted() builds again: every argument, so a copy never drifts from the original's settings
+        self._arguments = dict(
+            stores=list(stores),
+            ways=ways,
+            shots=shots,
+            queries=queries,
+            meta_batch=meta_batch,
+            policy=policy,
+            weights=weights,
+            rotate=rotate,
+            seed=seed,
+            dtype=dtype,
+            replacement_pool=replacement_pool,
+            shuffle_block_labels=shuffle_block_labels,
+        )
         if replacement_pool is not None and int(replacement_pool) < 1:
             raise KMLError(f"replacement_pool must be at least 1 task per mode, got {replacement_pool}")
         self.replacement_pool = None if replacement_pool is None else int(replacement_pool)
@@ -322,6 +337,10 @@ class MixtureSampler:
     @property
     def num_modes(self) -> int:
         return len(self.samplers)
+
+    def restarted(self) -> MixtureSampler:
+        """A sampler with this one's stores and settings, at its first meta-batch (its own generators)."""
+        return MixtureSampler(**self._arguments)
 
     def mode_counts(self) -> list[int]:
         """How many tasks of the next meta-batch each mode gets (advances the plan generator)."""

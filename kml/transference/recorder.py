@@ -60,18 +60,8 @@ class TransferenceRecorder:
     @classmethod
     def from_trainer(cls, trainer: Any, lookahead: str = "optimizer") -> TransferenceRecorder:
         config = trainer.config
-        sampler = MixtureSampler(
-            [s.store for s in trainer.sampler.samplers],
-            config.ways,
-            config.shots,
-            config.queries,
-            config.meta_batch,
-            config.policy,
-            config.weights,
-            trainer.rotate,
-            config.seed,
-            dtype=trainer.sampler.dtype,
-        )
+        # the training sampler's draws from the start (its quirks included), without advancing the trainer's
+        sampler = trainer.sampler.restarted()
         return cls(
             sampler,
             trainer.run_dir / "transference.csv",
