@@ -4,7 +4,9 @@ Each policy runs a KML+MAML meta-training step (default: the issue's Omniglot-si
 28 px, meta-batch 10, 5 second-order inner steps) in a fresh process: alone, then two such processes
 side by side ("pair"), then next to a pure-Python busy loop ("beside a busy loop"). Workers start
 timing together, after their warm-up, and time steps for ``--seconds``. Prints s/step per scenario (both
-processes of the pair) and the ratio to solo (the pair's mean).
+processes of the pair) and the ratio to solo (the pair's mean). ``--rounds R`` repeats the policies R times,
+each round in a rotated order (solo figures drift between runs by more than the policies differ), and ends with
+each policy's medians; ``--scenarios solo`` times only the solo step.
 
 Policies: ``kml`` (what kml's entry points set: kml.runtime.configure_threads), ``torch`` (torch's and
 libgomp's defaults), ``passive`` (OMP_WAIT_POLICY=PASSIVE), ``spin:N`` (GOMP_SPINCOUNT=N), ``threads:N``
@@ -12,6 +14,7 @@ libgomp's defaults), ``passive`` (OMP_WAIT_POLICY=PASSIVE), ``spin:N`` (GOMP_SPI
 
     python benchmarks/shared_cpu.py                        # kml vs torch's defaults
     python benchmarks/shared_cpu.py --policies torch passive spin:1000 spin:10000 spin:100000 kml
+    python benchmarks/shared_cpu.py --policies torch kml spin:1000 --scenarios solo --rounds 5
     python benchmarks/shared_cpu.py --smoke
 """
 
@@ -20,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 
-SCENARIOS = ("solo", "pair", "beside a busy loop")
+from kml.runtime.threads import cpu_vendor, spin_count
 
 
 def policy_environment(policy: str) -> dict[str, str]:
@@ -113,6 +117,53 @@ def run_together(commands: list[tuple[list[str], dict[str, str]]], busy_loop: bo
     return results
 
 
+def measure_policy(policy: str, setup: list[str], scenarios: list[str]) -> dict[str, float]:
+    """Time ``scenarios`` under ``policy``, print the row, return s/step per scenario (the pair's mean)."""
+    env = policy_environment(policy)
+    argv = [sys.executable, os.path.abspath(__file__), *setup, "--worker"]
+    row: dict[str, float] = {}
+    threads = each = ""
+    if "solo" in scenarios:
+        solo = run_together([(argv, env)], busy_loop=False)[0]
+        row["solo"], threads = solo["seconds_per_step"], solo["threads"]
+    if "pair" in scenarios:
+        pair = run_together([(argv, env), (argv, env)], busy_loop=False)
+        row["pair"] = sum(r["seconds_per_step"] for r in pair) / len(pair)
+        each = " / ".join(f"{r['seconds_per_step']:.3f}" for r in pair)
+        threads = pair[0]["threads"]
+    if "busy" in scenarios:
+        busy = run_together([(argv, env)], busy_loop=True)[0]
+        row["busy"], threads = busy["seconds_per_step"], busy["threads"]
+    print(
+        f"{policy:<14}{threads:>8}{_seconds(row, 'solo'):>13}{each:>20}{_ratio(row, 'pair'):>11}"
+        f"{_seconds(row, 'busy'):>13}{_ratio(row, 'busy'):>11}",
+        flush=True,
+    )
+    return row
+
+
+def _seconds(row: dict[str, float], scenario: str) -> str:
+    return f"{row[scenario]:.3f}" if scenario in row else "-"
+
+
+def _ratio(row: dict[str, float], scenario: str) -> str:
+    return f"{row[scenario] / row['solo']:.2f}x" if scenario in row and "solo" in row else "-"
+
+
+def print_medians(figures: dict[str, dict[str, list[float]]]) -> None:
+    """Each policy's median s/step per scenario, pair and busy over solo, solo over torch's defaults' solo."""
+    medians = {policy: {k: statistics.median(v) for k, v in rows.items()} for policy, rows in figures.items()}
+    torch_solo = medians.get("torch", {}).get("solo")
+    print("medians over rounds")
+    print(f"{'policy':<14}{'solo s/step':>13}{'pair s/step':>13}{'pair/solo':>11}{'busy/solo':>11}{'solo/torch':>12}")
+    for policy, row in medians.items():
+        versus_torch = f"{row['solo'] / torch_solo:.3f}x" if torch_solo and "solo" in row else "-"
+        print(
+            f"{policy:<14}{_seconds(row, 'solo'):>13}{_seconds(row, 'pair'):>13}{_ratio(row, 'pair'):>11}"
+            f"{_ratio(row, 'busy'):>11}{versus_torch:>12}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", nargs="+", default=["torch", "kml"])
@@ -124,6 +175,14 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per worker and scenario")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the policies, rotating their order")
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=["solo", "pair", "busy"],
+        choices=["solo", "pair", "busy"],
+        help="what to time",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny configuration for CI (figures meaningless)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,30 +191,28 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    setup = [a for a in sys.argv[1:] if a not in args.policies and a != "--policies"]
+    setup = [
+        f"--{name.replace('_', '-')}={getattr(args, name)}"
+        for name in ("ways", "shots", "queries", "side", "meta_batch", "channels", "inner_steps", "seconds")
+    ]
     print(
         f"KML+MAML {args.ways}w{args.shots}s{args.queries}q side={args.side} meta-batch={args.meta_batch} "
-        f"channels={args.channels} inner-steps={args.inner_steps}, cpus={len(os.sched_getaffinity(0))}"
+        f"channels={args.channels} inner-steps={args.inner_steps}, cpus={len(os.sched_getaffinity(0))}, "
+        f"vendor={cpu_vendor() or 'unknown'} (kml's GOMP_SPINCOUNT={spin_count()})"
     )
     print(
         f"{'policy':<14}{'threads':>8}{'solo s/step':>13}{'pair s/step (each)':>20}{'pair/solo':>11}"
         f"{'busy s/step':>13}{'busy/solo':>11}"
     )
-    for policy in args.policies:
-        env = policy_environment(policy)
-        argv = [sys.executable, os.path.abspath(__file__), *setup, "--worker"]
-        solo = run_together([(argv, env)], busy_loop=False)[0]
-        pair = run_together([(argv, env), (argv, env)], busy_loop=False)
-        busy = run_together([(argv, env)], busy_loop=True)[0]
-        solo_s = solo["seconds_per_step"]
-        pair_s = sum(r["seconds_per_step"] for r in pair) / len(pair)
-        busy_s = busy["seconds_per_step"]
-        each = " / ".join(f"{r['seconds_per_step']:.3f}" for r in pair)
-        print(
-            f"{policy:<14}{solo['threads']:>8}{solo_s:>13.3f}{each:>20}{pair_s / solo_s:>10.2f}x"
-            f"{busy_s:>13.3f}{busy_s / solo_s:>10.2f}x",
-            flush=True,
-        )
+    figures: dict[str, dict[str, list[float]]] = {policy: {} for policy in args.policies}
+    for round_index in range(args.rounds):
+        shift = round_index % len(args.policies)
+        for policy in args.policies[shift:] + args.policies[:shift]:
+            row = measure_policy(policy, setup, args.scenarios)
+            for scenario, seconds in row.items():
+                figures[policy].setdefault(scenario, []).append(seconds)
+    if args.rounds > 1:
+        print_medians(figures)
 
 
 if __name__ == "__main__":

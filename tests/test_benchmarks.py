@@ -23,6 +23,7 @@ CASES = {
     "memory.py": ["peak MiB", "checkpointed", "both"],
     "shared_cpu.py": ["pair/solo", "busy/solo"],
     "run_all.py": ["| learner (ok)", "| memory (ok)", "total"],
+    "released_codes.py": ["released omniglot: 1623 character folders", "kml / released", "mmaml-as-released"],
 }
 
 

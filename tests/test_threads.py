@@ -9,13 +9,26 @@ import sys
 
 import pytest
 
-from kml.runtime.threads import SPIN_COUNT, configure_threads, thread_count
+from kml.runtime.threads import SPIN_COUNT, SPIN_COUNTS, configure_threads, cpu_vendor, spin_count, thread_count
 
 
 def test_default_policy_is_a_short_spin_and_one_thread_per_available_cpu():
     environ: dict[str, str] = {}
     chosen = configure_threads(environ)
-    assert chosen == environ == {"OMP_NUM_THREADS": str(thread_count({})), "GOMP_SPINCOUNT": str(SPIN_COUNT)}
+    assert chosen == environ == {"OMP_NUM_THREADS": str(thread_count({})), "GOMP_SPINCOUNT": str(spin_count())}
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "vendor", "spins"),
+    [
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n", "GenuineIntel", SPIN_COUNTS["GenuineIntel"]),
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n", "AuthenticAMD", SPIN_COUNTS["AuthenticAMD"]),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n", "", SPIN_COUNT),  # arm64: no vendor_id
+    ],
+)
+def test_the_spin_is_chosen_by_cpu_vendor(cpuinfo, vendor, spins):
+    assert cpu_vendor(cpuinfo) == vendor
+    assert spin_count(cpu_vendor(cpuinfo)) == spins
 
 
 def test_user_choices_win_and_the_switch_turns_it_off():
@@ -59,7 +72,7 @@ def test_threads_follow_the_cpu_affinity_in_a_fresh_process():
         "from kml.runtime import configure_threads; configure_threads()\n"
         "import torch; print(json.dumps([torch.get_num_threads(), os.environ['GOMP_SPINCOUNT']]))"
     )
-    assert run_python(code) == [1, str(SPIN_COUNT)]
+    assert run_python(code) == [1, str(spin_count())]
 
 
 def test_entry_points_do_not_import_torch_before_configuring_threads():
@@ -79,4 +92,4 @@ def test_kml_eval_runs_with_the_policy_in_its_environment(tmp_path):
         "try:\n    evaluate.main(['--checkpoint', 'missing.pt'])\nexcept SystemExit:\n    pass\n"
         "print(json.dumps(os.environ.get('GOMP_SPINCOUNT')))"
     )
-    assert run_python(code) == str(SPIN_COUNT)
+    assert run_python(code) == str(spin_count())

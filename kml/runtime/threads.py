@@ -5,8 +5,9 @@ threads busy-wait for up to ``GOMP_SPINCOUNT`` iterations before sleeping. Alone
 is what makes MAML's long chain of small operations fast; next to another CPU-heavy process the
 spinning threads of one steal the cores the other needs at every region, and both slow down many
 times over (benchmarks/shared_cpu.py and benchmarks/README.md have the figures). kml's entry points
-therefore start with :func:`configure_threads`, which sets a short spin and a thread count from the
-CPUs this process may run on, before torch starts its pool.
+therefore start with :func:`configure_threads`, which sets a short spin (by CPU vendor: a spin is counted in
+iterations, and the count that shares the cores fairly without slowing a process alone was measured per CPU
+type) and a thread count from the CPUs this process may run on, before torch starts its pool.
 
 ``KML_THREADS=torch`` leaves everything as torch and OpenMP would set it; ``KML_NUM_THREADS=N`` sets
 the thread count; ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` set by the user are kept.
@@ -18,11 +19,41 @@ import os
 import sys
 from collections.abc import MutableMapping
 
-__all__ = ["available_cpus", "configure_threads", "SPIN_COUNT", "thread_count"]
+__all__ = [
+    "available_cpus",
+    "configure_threads",
+    "cpu_vendor",
+    "SPIN_COUNT",
+    "SPIN_COUNTS",
+    "spin_count",
+    "thread_count",
+]
 
-# Spins before an idle libgomp thread sleeps (the libgomp default is 300000): chosen by measurement in
-# benchmarks/shared_cpu.py (benchmarks/README.md, "Sharing the CPU").
+# Spins before an idle libgomp thread sleeps (the libgomp default is 300000), by the vendor id of /proc/cpuinfo:
+# chosen by measurement in benchmarks/shared_cpu.py (benchmarks/README.md, "Sharing the CPU").
+SPIN_COUNTS = {"GenuineIntel": 3000, "AuthenticAMD": 1500}
+# Any other CPU: the count measured first (Intel).
 SPIN_COUNT = 3000
+
+
+def cpu_vendor(cpuinfo: str | None = None) -> str:
+    """The CPU's vendor id (``"GenuineIntel"``, ``"AuthenticAMD"``) from ``/proc/cpuinfo``; ``""`` where unknown."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as file:
+                cpuinfo = file.read(65536)
+        except OSError:  # not Linux
+            return ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "vendor_id":
+            return value.strip()
+    return ""
+
+
+def spin_count(vendor: str | None = None) -> int:
+    """The ``GOMP_SPINCOUNT`` kml sets on a CPU of ``vendor`` (default: this machine's)."""
+    return SPIN_COUNTS.get(cpu_vendor() if vendor is None else vendor, SPIN_COUNT)
 
 
 def available_cpus() -> int:
@@ -65,7 +96,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None) -> dict[s
     threads = str(thread_count(environ))
     chosen = {"OMP_NUM_THREADS": threads}
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        chosen["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        chosen["GOMP_SPINCOUNT"] = str(spin_count())
     environ.update(chosen)
     if environ is os.environ and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(threads))

@@ -90,7 +90,13 @@ RESOURCES = (
 TOP_FOLDERS = ("images_background", "images_evaluation")
 NUM_CHARACTERS = 1623
 # variant -> (train, val, test) character counts on the sorted folder list
-VARIANTS = {"published": (1000, 100, 523), "vinyals": (1200, 100, 323), "lake": None, "released": (1100, 0, 523)}
+# character counts (train, val, test) of each split by count; "lake" splits by alphabet instead
+VARIANTS: dict[str, tuple[int, int, int] | None] = {
+    "published": (1000, 100, 523),
+    "vinyals": (1200, 100, 323),
+    "lake": None,
+    "released": (1100, 0, 523),
+}
 LAKE_VAL_FRACTION = 0.1
 SPLIT_RULES = {
     "lake": "by alphabet: train = images_background alphabets sorted by name except the last 10% (at least one), "
@@ -180,7 +186,9 @@ def build(ctx: Context) -> ConversionPlan:
             f"the archives are incomplete (delete {folder} and rerun)"
         )
     else:
-        n_train, n_val, _ = VARIANTS[ctx.variant]
+        counts = VARIANTS[ctx.variant]
+        assert counts is not None  # only "lake" has none, handled above
+        n_train, n_val, _ = counts
         cuts = {
             "train": characters[:n_train],
             "val": characters[n_train : n_train + n_val],
