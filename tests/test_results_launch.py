@@ -95,8 +95,18 @@ def test_two_tasks_per_run_are_one_ddp_run_with_the_single_process_numbers(tmp_p
     pd.testing.assert_frame_equal(inline, ours, check_exact=True)
 
 
-def test_a_failed_job_is_reported_with_its_error_and_the_others_finish(tmp_path, capsys):
+def test_a_misspelt_setting_is_refused_before_any_run_trains_or_is_queued(tmp_path, capsys):
     methods = ["protonet", "broken=protonet,no_such_setting=1"]
+    for launcher in ("inline", "local"):
+        with pytest.raises(SystemExit) as stopped:
+            results_cli.main(argv(tmp_path, launcher, methods, "--launcher", launcher))
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err == "error: broken 5w1s seed 0: unknown settings ['no_such_setting']\n"
+        assert not (tmp_path / launcher / "runs").exists() and not (tmp_path / launcher / "jobs").exists()
+
+
+def test_a_failed_job_is_reported_with_its_error_and_the_others_finish(tmp_path, capsys):
+    methods = ["protonet", "broken=protonet,data_root=/dev/null/data"]  # settings fine, fails when it loads data
     args = argv(tmp_path, "out", methods, "--launcher", "local", "--jobs", "2", "--poll", "0.2")
     with pytest.raises(SystemExit):
         results_cli.main(args)
@@ -104,7 +114,7 @@ def test_a_failed_job_is_reported_with_its_error_and_the_others_finish(tmp_path,
     assert "1 of 2 runs failed" in captured.err
     lines = captured.out.splitlines()
     broken = next(i for i, line in enumerate(lines) if line.startswith("5w1s broken seed0"))
-    assert "failed" in lines[broken] and "no_such_setting" in lines[broken + 1]
+    assert "failed" in lines[broken] and "/dev/null/data" in lines[broken + 1]
     assert any(line.startswith("5w1s protonet seed0") and " done " in line for line in lines)
     assert not (tmp_path / "out" / "results.md").exists()  # the table waits for every run
     # a rerun submits only the failed run

@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         print(_status_table(todo, steps, args, out))
         return 0
+    from kml.results.runs import check_settings
+
+    for run in todo:  # every run's settings before the first trains or is queued
+        check_settings(run, modes, steps[run.folder], common)
     if launch is None:
         rows = _run_inline(todo, steps, modes, common, args, out)
     else:

@@ -169,6 +169,34 @@ def inert_common(method: Method, common: Mapping[str, Any], modes: list[str], wa
     return set(inert_settings(learner)) & set(common) - set(method.overrides)
 
 
+def _run_values(run: Run, modes: list[str], common: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """The settings ``run`` trains with (its request file records them), and the common ones left out as inert."""
+    left_out = inert_common(run.method, common, modes, run.setup.ways)
+    values = {
+        **{k: v for k, v in common.items() if k not in left_out},
+        **run.method.overrides,
+        "modes": modes,
+        "ways": run.setup.ways,
+        "shots": run.setup.shots,
+        "seed": run.seed,
+    }
+    return values, left_out
+
+
+def check_settings(run: Run, modes: list[str], steps: int, common: Mapping[str, Any]) -> None:
+    """Refuse, with kml-train's one-line error naming the run, settings that ``run`` would be refused with when it
+    starts: checked before anything trains or is queued (a misspelt override would otherwise fail in its job)."""
+    from kml.config.checks import check_values
+    from kml.training import launch
+
+    values, _ = _run_values(run, modes, common)
+    try:
+        checked = check_values({**values, "steps": steps}, where=f"method {run.method.label}")
+        launch.config_from_values(launch.checked_values({**checked, "recipe": run.method.recipe}))
+    except KMLError as error:
+        raise KMLError(f"{run.method.label} {run.setup.tag} seed {run.seed}: {error}") from None
+
+
 def train(
     run: Run,
     modes: list[str],
@@ -186,15 +214,7 @@ def train(
     ``device`` (a job's own GPU) is not one of the run's settings: a resume may move it. ``dist_info``: the ranks of
     a DDP run (every rank calls this). ``started`` is given the trainer before it trains (a job's preemption hook).
     """
-    left_out = inert_common(run.method, common, modes, run.setup.ways)
-    values = {
-        **{k: v for k, v in common.items() if k not in left_out},
-        **run.method.overrides,
-        "modes": modes,
-        "ways": run.setup.ways,
-        "shots": run.setup.shots,
-        "seed": run.seed,
-    }
+    values, left_out = _run_values(run, modes, common)
     request = run.folder.parent / f"{run.folder.name}.request.json"
     step = _trained_step(run)
     if step is not None:  # a run made before: only with the same settings (the step budget may grow)
