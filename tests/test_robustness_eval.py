@@ -247,9 +247,14 @@ def test_fewer_steps_than_a_run_has_are_refused(results_run, capsys):
 
 
 def test_kml_results_failure_before_the_run_folder_points_to_the_error(tmp_path, capsys):
-    argv = ["--methods", "kml-maml", "--seeds", "0", "--steps", "1", "--out", str(tmp_path), "--set", "lr=-1"]
+    argv = ["--methods", "kml-maml", "--seeds", "0", "--steps", "1", "--out", str(tmp_path)]
+    # a setting kml-train refuses: one line naming the run, before anything is made
+    err = one_line_error(capsys, [*argv, "--set", "lr=-1"], results_cli)
+    assert err == "error: kml-maml 5w1s seed 0: lr must be a finite number > 0, got -1"
+    assert not (tmp_path / "runs").exists()
+    # a failure when the run starts, before its folder exists: the last line points to the error above
     with pytest.raises(SystemExit):
-        results_cli.main(argv)
+        results_cli.main([*argv, "--data-root", "/dev/null/data"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "see the error above and rerun" in last and "log.txt" not in last
     assert "--seeds must be an integer from 0 to 4294967295, got -1" in one_line_error(

@@ -190,11 +190,12 @@ def check_settings(run: Run, modes: list[str], steps: int, common: Mapping[str, 
     from kml.training import launch
 
     values, _ = _run_values(run, modes, common)
+    label = f"{run.method.label} {run.setup.tag} seed {run.seed}"
+    checked = check_values({**values, "steps": steps}, where=label)  # "<label>: lr must be ..."
     try:
-        checked = check_values({**values, "steps": steps}, where=f"method {run.method.label}")
         launch.config_from_values(launch.checked_values({**checked, "recipe": run.method.recipe}))
     except KMLError as error:
-        raise KMLError(f"{run.method.label} {run.setup.tag} seed {run.seed}: {error}") from None
+        raise KMLError(f"{label}: {error}") from None
 
 
 def train(
