@@ -155,12 +155,15 @@ def test_schedules(name, ways, expected, meta_batch, steps):
     config = RunConfig(**{k: v for k, v in values.items() if k not in LEARNER_FIELDS})
     assert (config.meta_batch, config.steps) == (meta_batch, steps)
     assert [learning_rate_at(config, s) for s in (0, 9999, 10000, 29999)] == pytest.approx(expected, rel=0, abs=0)
-    # the scheduler the trainer builds follows it, stepped once per outer step
-    small = dataclasses.replace(config, lr_halve_every=3)
+    assert_scheduler_follows_the_schedule(dataclasses.replace(config, lr_halve_every=3))
+
+
+def assert_scheduler_follows_the_schedule(config: RunConfig, steps: int = 8) -> None:
+    """The scheduler the trainer builds gives ``learning_rate_at(config, step)``, stepped once per outer step."""
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
-    scheduler = build_scheduler(optimizer, small)
-    for step in range(8):
-        assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate_at(small, step), rel=1e-12)
+    scheduler = build_scheduler(optimizer, config)
+    for step in range(steps):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate_at(config, step), rel=1e-12)
         optimizer.step()
         scheduler.step()
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_recipes import assert_scheduler_follows_the_schedule
 
 from kml.algorithms import build_learner
 from kml.algorithms.losses import refine_prototypes, refine_prototypes_as_released
@@ -28,7 +29,6 @@ from kml.data.episode import Episode
 from kml.data.sampler import MixtureSampler
 from kml.errors import KMLError
 from kml.evaluation import ModeResult, evaluate, released_ci95, released_protocol
-from kml.training.schedule import build_scheduler
 
 F64 = torch.float64
 
@@ -241,14 +241,8 @@ def test_released_rate_timing_halves_one_step_early():
     assert [learning_rate_at(kml, s) for s in steps] == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
     # released scripts/trainer.py: `if i % 10000 == 0: lr *= 0.5` before update i, i counted from 1
     assert [learning_rate_at(released, s) for s in steps] == [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 1.25e-4]
-    for every in (1, 3):  # the scheduler the trainer builds follows it, stepped once per outer step
-        small = dataclasses.replace(released, lr_halve_every=every)
-        optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=small.lr)
-        scheduler = build_scheduler(optimizer, small)
-        for step in range(8):
-            assert optimizer.param_groups[0]["lr"] == pytest.approx(learning_rate_at(small, step), rel=1e-12)
-            optimizer.step()
-            scheduler.step()
+    for every in (1, 3):  # the scheduler the trainer builds follows it
+        assert_scheduler_follows_the_schedule(dataclasses.replace(released, lr_halve_every=every))
     with pytest.raises(KMLError, match="released_lr_timing"):
         check_run_combinations(RunConfig(lr_schedule="constant", released_lr_timing=True))
 

@@ -15,24 +15,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_results import TINY as RESULTS_TINY
 
 from kml.cli import results as results_cli
 
 pytest.importorskip("submitit")
 
-TINY = [
-    "image_size=16",
-    "base_channels=4",
-    "encoder_channels=4",
-    "meta_batch=2",
-    "queries=2",
-    "inner_steps=1",
-    "eval_inner_steps=1",
-    "val_every=3",
-    "val_episodes=3",
-    "checkpoint_every=3",
-    "encoder_hidden=8",
-]
+# the grid tests' tiny settings, with an even meta-batch: two DDP ranks split it
+TINY = [*(setting for setting in RESULTS_TINY if not setting.startswith("meta_batch=")), "meta_batch=2"]
 
 
 def argv(tmp_path: Path, out: str, methods: list[str], *more: str, steps: int = 3, common=TINY) -> list[str]:
